@@ -1,0 +1,6 @@
+"""The one exception type of the data layer."""
+from __future__ import annotations
+
+
+class DataError(ValueError):
+    """Bad data configuration or input; the message is one line naming the parameter or file."""
