@@ -1,0 +1,108 @@
+"""Load a causal LM and its tokenizer by Hugging Face id, local directory or GGUF file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.models.adapters import ArchitectureError, check_config
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ModelError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: `kind` is 'gguf', 'dir' or 'hub'."""
+
+    kind: str
+    path: str
+    gguf_file: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> "ModelSource":
+        p = Path(spec).expanduser()
+        if spec.endswith(".gguf"):
+            if not p.is_file():
+                raise ModelError(f"model GGUF file not found: {spec} (params: model)")
+            return cls("gguf", str(p.parent), p.name)
+        if p.exists():
+            if not (p / "config.json").is_file():
+                raise ModelError(f"model directory has no config.json: {spec} (params: model)")
+            return cls("dir", str(p))
+        if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or not spec.strip():
+            raise ModelError(f"model path not found: {spec!r} (params: model)")
+        return cls("hub", spec)
+
+    def load_kwargs(self) -> dict[str, Any]:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ModelError(f"unknown dtype '{name}' (params: dtype); known: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_config(spec: str, *, trust_remote_code: bool = False):
+    """Load and validate only the config (cheap): run before any weights are read."""
+    from transformers import AutoConfig
+
+    src = ModelSource.parse(spec)
+    try:
+        config = AutoConfig.from_pretrained(src.path, trust_remote_code=trust_remote_code, **src.load_kwargs())
+    except OSError as e:
+        offline = " and the Hugging Face hub is offline (HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise ModelError(f"model '{spec}' could not be found locally{offline} (params: model): {e}") from None
+    try:
+        check_config(config)
+    except ArchitectureError as e:
+        raise ModelError(str(e)) from None
+    return config
+
+
+def load_model(spec: str, *, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False,
+               attn_implementation: str | None = None) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = ModelSource.parse(spec)
+    torch_dtype = parse_dtype(dtype)
+    load_config(spec, trust_remote_code=trust_remote_code)
+    kw = dict(trust_remote_code=trust_remote_code, **src.load_kwargs())
+    tokenizer = AutoTokenizer.from_pretrained(src.path, **kw)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch_dtype, **kw, **extra)
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+_VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "_commit_hash", "dtype", "torch_dtype",
+                         "quantization_config", "architectures", "use_cache", "_attn_implementation_autoset")
+
+
+def fingerprint(model: nn.Module, *, samples: int = 4096) -> str:
+    """Content hash of a model: architecture config plus a strided sample of every tensor.
+
+    Stable across dtype casts of fp32 weights is not promised: the sample is read in float32.
+    """
+    cfg = json.loads(model.config.to_json_string(use_diff=False))
+    for k in _VOLATILE_CONFIG_KEYS:
+        cfg.pop(k, None)
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
+    for name, t in sorted(model.state_dict().items()):
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // samples)
+        h.update(f"{name}:{tuple(t.shape)}".encode())
+        h.update(flat[::step][:samples].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny randomly initialised decoders built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    OPTConfig,
+)
+
+VOCAB = 96
+
+
+def tiny_config(kind: str):
+    if kind == "llama":  # grouped-query attention: 4 query heads share 2 kv heads
+        return LlamaConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+            tie_word_embeddings=False,
+        )
+    if kind == "opt":
+        return OPTConfig(
+            vocab_size=VOCAB, hidden_size=32, ffn_dim=40, num_hidden_layers=3, num_attention_heads=4,
+            max_position_embeddings=128, word_embed_proj_dim=32, do_layer_norm_before=True,
+        )
+    if kind == "gemma":  # multi-query attention, GeGLU
+        return Gemma3TextConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=1, head_dim=8, max_position_embeddings=128,
+            sliding_window=16, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        )
+    raise KeyError(kind)
+
+
+def tiny_model(kind: str, seed: int = 0):
+    torch.manual_seed(seed)
+    config = tiny_config(kind)
+    config._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    # Random init with larger weights so that activations and gradients are far from zero.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.2)
+    return model.float().eval()
+
+
+ARCHS = ("llama", "opt", "gemma")
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def model(arch):
+    return tiny_model(arch)
