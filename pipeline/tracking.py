@@ -1,0 +1,100 @@
+"""MLflow tracking, imported lazily so that the library and the GPU path never need mlflow.
+
+One run per stage, nested under a parent run per pipeline execution. The parent is found or
+created by the `SHADOWLLM_PIPELINE_RUN` tag (default: the git commit + the DVC lock state), so all
+stages of one `dvc repro` share a parent.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+EXPERIMENT = "shadowllm"
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+class _NullRun:
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def log_artifact(self, path: str | Path) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+
+
+class _Run(_NullRun):
+    def __init__(self, mlflow):
+        self.mlflow = mlflow
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        flat = {k: str(v)[:6000] for k, v in _flatten(params).items()}
+        self.mlflow.log_params(flat)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        clean = {k: float(v) for k, v in _flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if clean:
+            self.mlflow.log_metrics(clean, step=step)
+
+    def log_artifact(self, path: str | Path) -> None:
+        p = Path(path)
+        if p.is_dir():
+            self.mlflow.log_artifacts(str(p), artifact_path=p.name)
+        elif p.is_file():
+            self.mlflow.log_artifact(str(p))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.mlflow.set_tags(tags)
+
+
+@contextmanager
+def stage_run(stage: str, *, tags: dict[str, str] | None = None) -> Iterator[_NullRun]:
+    """An MLflow run for one DVC stage, nested under the pipeline run.
+
+    Disabled (a no-op object) when SHADOWLLM_TRACKING=0 or mlflow is not installed."""
+    if os.environ.get("SHADOWLLM_TRACKING", "1") == "0":
+        yield _NullRun()
+        return
+    try:
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        import mlflow
+    except ImportError:
+        yield _NullRun()
+        return
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    mlflow.set_experiment(EXPERIMENT)
+    commit = _git_commit()
+    pipeline_id = os.environ.get("SHADOWLLM_PIPELINE_RUN", commit)
+    found = mlflow.search_runs(filter_string=f"tags.shadowllm_pipeline = '{pipeline_id}' and tags.shadowllm_role = 'pipeline'",
+                               max_results=1, output_format="list")
+    if found:
+        mlflow.start_run(run_id=found[0].info.run_id)
+    else:
+        mlflow.start_run(run_name=f"pipeline {pipeline_id[:10]}",
+                                  tags={"shadowllm_pipeline": pipeline_id, "shadowllm_role": "pipeline", "git_commit": commit})
+    try:
+        with mlflow.start_run(run_name=stage, nested=True,
+                              tags={"dvc_stage": stage, "git_commit": commit, "shadowllm_role": "stage",
+                                    **(tags or {})}):
+            yield _Run(mlflow)
+    finally:
+        mlflow.end_run()  # the parent; the nested run ended with its `with`
