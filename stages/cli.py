@@ -4,6 +4,7 @@ so `shadowllm --help` and the GPU benchmark never import the heavy optional pack
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 import click
 
