@@ -217,6 +217,9 @@ def _render(spec: TaskSpec, row: dict[str, Any], index: int, origin: str) -> Exa
         raise
     except Exception as e:  # noqa: BLE001 - jinja/KeyError/ValueError from a bad row or template
         raise DataError(f"{where}: cannot render prompt: {type(e).__name__}: {e}") from None
+    for value in (*(choices if isinstance(choices, (list, tuple)) else ()), gold):
+        if isinstance(value, jinja2.Undefined):  # StrictUndefined only raises when used
+            raise DataError(f"{where}: cannot render prompt: {value._undefined_message}")
     if isinstance(choices, (str, jinja2.Undefined)) or not isinstance(choices, (list, tuple)) or not choices:
         raise DataError(f"{where}: choices must render to a non-empty list, got {choices!r}")
     if not all(isinstance(c, str) for c in choices):
