@@ -1,0 +1,138 @@
+"""Torch reference implementations of the engine's kernels (CPU smoke path and GPU test oracle).
+
+Each function has the same signature and the same in-place semantics as its Triton twin in
+`kernels_triton.py`; the engine calls whichever backend it was given.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .sel import Sel, rows_of
+from .weights import Linear
+
+
+def _stats(xf: torch.Tensor, norm: str, eps: float):
+    if norm == "rms":
+        return (None, torch.rsqrt(xf.pow(2).mean(1, keepdim=True) + eps))
+    if norm == "ln":
+        mu = xf.mean(1, keepdim=True)
+        var = xf.pow(2).mean(1, keepdim=True) - mu * mu
+        return (mu, torch.rsqrt(var + eps))
+    if norm == "minmax":
+        mn, mx = xf.amin(1, keepdim=True), xf.amax(1, keepdim=True)
+        return (mn, 1.0 / (mx - mn + eps))
+    if norm == "none":
+        return (None, None)
+    raise ValueError(f"unknown norm {norm!r}")
+
+
+def _finish(acc, lin: Linear, rows, norm, st):
+    shift, scale = st
+    if norm in ("ln", "minmax"):
+        acc = acc - shift * lin.rowsum[rows][None, :]
+    if scale is not None:
+        acc = acc * scale
+    if lin.bias is not None:
+        acc = acc + lin.bias[rows][None, :]
+    return acc
+
+
+def row_gemv(x: torch.Tensor, lin: Linear, out: torch.Tensor, *, lin2: Linear | None = None, norm: str = "none",
+             eps: float = 1e-5, act: str = "none", sel: Sel) -> None:
+    """out[:, j] = act(norm(x) · W[row_j]) for the selected rows (see sel.py for the output layout)."""
+    xf = x.float()
+    st = _stats(xf, norm, eps)
+    rows = rows_of(sel, lin.w.shape[0], x.device)
+    v = _finish(xf @ lin.w[rows].float().T, lin, rows, norm, st)
+    if act == "relu":
+        v = torch.relu(v)
+    elif act == "silu_gate":
+        v2 = _finish(xf @ lin2.w[rows].float().T, lin2, rows, norm, st)
+        v = torch.nn.functional.silu(v) * v2
+    elif act != "none":
+        raise ValueError(f"unknown act {act!r}")
+    cols = torch.arange(rows.numel(), device=x.device) if sel.kind == "index" else rows
+    out[:, cols] = v.to(out.dtype)
+
+
+def col_gemv_add(h: torch.Tensor, lin: Linear, out: torch.Tensor, *, sel: Sel) -> None:
+    """out += h_sel · W^T[rows] (+ bias), W^T stored [rows, N]; out is the fp32 residual stream."""
+    rows = rows_of(sel, lin.w.shape[0], h.device)
+    hcols = torch.arange(rows.numel(), device=h.device) if sel.kind == "index" else rows
+    acc = h[:, hcols].float() @ lin.w[rows].float()
+    if lin.bias is not None:
+        acc = acc + lin.bias[None, :]
+    out += acc
+
+
+def rope_tables(max_pos: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = theta ** (-torch.arange(0, head_dim // 2, dtype=torch.float64, device=device) * 2.0 / head_dim)
+    ang = torch.arange(max_pos, dtype=torch.float64, device=device)[:, None] * inv[None, :]
+    return torch.cos(ang).float().contiguous(), torch.sin(ang).float().contiguous()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on the last dim; cos/sin: [..., d/2] broadcastable."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def attention_decode(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                     head_mask: torch.Tensor, out: torch.Tensor, *, heads: int, kv_heads: int, head_dim: int,
+                     rope: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """One decode step of attention for the kept heads; writes the new k/v at `pos` for kept kv groups.
+
+    qkv [B, (H+2KVH)·d]; caches [B, KVH, T, d]; out [B, H·d] (dropped heads are not written)."""
+    H, KVH, d = heads, kv_heads, head_dim
+    gs = H // KVH
+    p = int(pos.reshape(-1)[0])
+    B = qkv.shape[0]
+    q = qkv[:, : H * d].float().view(B, H, d)
+    k = qkv[:, H * d: (H + KVH) * d].float().view(B, KVH, d)
+    v = qkv[:, (H + KVH) * d:].float().view(B, KVH, d)
+    if rope is not None:
+        cos, sin = rope[0][p], rope[1][p]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    keep = head_mask[:H].to(torch.bool)
+    kv_keep = keep.view(KVH, gs).any(1)
+    for g in torch.nonzero(kv_keep).flatten().tolist():
+        k_cache[:, g, p] = k[:, g].to(k_cache.dtype)
+        v_cache[:, g, p] = v[:, g].to(v_cache.dtype)
+    scale = d ** -0.5
+    for h in torch.nonzero(keep).flatten().tolist():
+        g = h // gs
+        kk = k_cache[:, g, : p + 1].float()
+        vv = v_cache[:, g, : p + 1].float()
+        s = torch.einsum("bd,btd->bt", q[:, h] * scale, kk)
+        o = torch.einsum("bt,btd->bd", torch.softmax(s, -1), vv)
+        out[:, h * d: (h + 1) * d] = o.to(out.dtype)
+
+
+def _topk_union(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """scores [B, n] -> bool [n]: the union over the batch of each row's top-k."""
+    m = torch.zeros(scores.shape[1], dtype=torch.bool, device=scores.device)
+    idx = torch.topk(scores.float(), k, dim=1).indices
+    m[idx.flatten()] = True
+    return m
+
+
+def select_heads(scores: torch.Tensor, k: int, qkv_mask: torch.Tensor, *, out_row0: int, kv_heads: int,
+                 union: torch.Tensor | None = None) -> None:
+    """scores [B, R, H] -> qkv_mask rows out_row0…out_row0+R-1 = [head keep | kv keep | kv keep] (int32)."""
+    B, R, H = scores.shape
+    for r in range(R):
+        m = _topk_union(scores[:, r], k)
+        kv = m.view(kv_heads, H // kv_heads).any(1)
+        qkv_mask[out_row0 + r] = torch.cat([m, kv, kv]).to(qkv_mask.dtype)
+
+
+def select_neurons(scores: torch.Tensor, k: int, idx: torch.Tensor, count: torch.Tensor, *, out_row0: int,
+                   union: torch.Tensor | None = None) -> None:
+    """scores [B, R, F] -> idx[out_row0 + r, :count] = ascending kept neurons (union over the batch)."""
+    B, R, F = scores.shape
+    for r in range(R):
+        nz = torch.nonzero(_topk_union(scores[:, r], k)).flatten()
+        idx[out_row0 + r, : nz.numel()] = nz.to(idx.dtype)
+        count[out_row0 + r] = nz.numel()

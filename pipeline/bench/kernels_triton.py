@@ -1,0 +1,394 @@
+"""Triton kernels of the decode engine (GPU path). Same API as `kernels_ref`.
+
+- `_row_kernel`: gather-GEMV over kept *rows* (q/k/v of kept heads, gate+up or fc1 of kept neurons, predictor
+  layers, LM head). The pre-norm (RMSNorm, LayerNorm, or the predictors' min-max scaling) is fused: its
+  statistics are accumulated in the same pass that streams the weights (γ folded into W, see weights.py).
+  Gated MLPs read gate and up rows in the same program and apply silu(g)·u (one kernel for the whole block).
+- `_col_kernel`: gather-GEMV over kept *columns* of o and down/fc2 (stored transposed, so kept rows of W^T),
+  split over the kept rows with fp32 atomic adds straight into the residual stream (residual add fused).
+- `_attn_kernel`: decode attention for the kept heads, RoPE and the KV-cache write fused.
+- `_select_kernel` / `_compact_kernel`: exact top-k per layer by bisection on the float bit pattern (no sort),
+  union over the batch, and index compaction, all on the device (graph-capturable, fixed grids).
+Every loop has a static trip count and every data-dependent bound is a mask, so the kernels also run under
+TRITON_INTERPRET=1 on a CPU.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+import torch
+
+from .sel import Sel
+from .weights import Linear
+
+_NORM = {"none": 0, "rms": 1, "ln": 2, "minmax": 3}
+_ACT = {"none": 0, "relu": 1, "silu_gate": 2}
+_SEL = {"dense": 0, "units": 1, "index": 2}
+
+# Tile choices; run_all may overwrite them from the micro-benchmark sweep.
+CONFIG = {
+    "row": {"BN": 16, "BK": 512, "warps": 4},        # batch 1
+    "row_dot": {"BN": 32, "BK": 256, "warps": 4},    # batch 2..16 (tensor cores, M padded to 16)
+    "col": {"BN": 256, "BK": 32, "KPP": 256, "warps": 4},
+    "col_dot": {"BN": 128, "BK": 64, "KPP": 256, "warps": 4},
+    "attn": {"BT": 64, "warps": 4},
+}
+
+
+@triton.jit
+def _row_kernel(x_ptr, stride_xb, B, K,
+                w_ptr, b_ptr, c_ptr, w2_ptr, b2_ptr, c2_ptr,
+                out_ptr, stride_ob, N,
+                mask_ptr, idx_ptr, count_ptr, eps,
+                G: tl.constexpr, SEL: tl.constexpr, NORM: tl.constexpr, ACT: tl.constexpr,
+                HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid = tl.program_id(0)
+    r0 = pid * BN
+    offs_n = r0 + tl.arange(0, BN)
+    if SEL == 1:
+        keep = tl.load(mask_ptr + r0 // G)
+        if keep == 0:
+            return
+        nmask = offs_n < N
+        rows = offs_n
+    elif SEL == 2:
+        cnt = tl.load(count_ptr)
+        if r0 >= cnt:
+            return
+        nmask = offs_n < cnt
+        rows = tl.load(idx_ptr + offs_n, mask=nmask, other=0)
+    else:
+        nmask = offs_n < N
+        rows = offs_n
+    rows64 = rows.to(tl.int64)
+    offs_b = tl.arange(0, BM)
+    bmask = offs_b < B
+    acc = tl.zeros([BM, BN], tl.float32)
+    acc2 = tl.zeros([BM, BN], tl.float32)
+    s1 = tl.zeros([BM], tl.float32)
+    s2 = tl.zeros([BM], tl.float32)
+    mn = tl.full([BM], float("inf"), tl.float32)
+    mx = tl.full([BM], float("-inf"), tl.float32)
+    for k0 in range(0, K, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        kmask = offs_k < K
+        x = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_k[None, :],
+                    mask=bmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+        wmask = nmask[:, None] & kmask[None, :]
+        w = tl.load(w_ptr + rows64[:, None] * K + offs_k[None, :], mask=wmask, other=0.0)
+        if ACT == 2:
+            w2 = tl.load(w2_ptr + rows64[:, None] * K + offs_k[None, :], mask=wmask, other=0.0)
+        if BM == 1:
+            acc += tl.sum(w.to(tl.float32) * x, axis=1)[None, :]
+            if ACT == 2:
+                acc2 += tl.sum(w2.to(tl.float32) * x, axis=1)[None, :]
+        else:
+            xb = x.to(w.dtype)
+            acc = tl.dot(xb, tl.trans(w), acc)
+            if ACT == 2:
+                acc2 = tl.dot(xb, tl.trans(w2), acc2)
+        if NORM == 1 or NORM == 2:
+            s1 += tl.sum(x, axis=1)
+            s2 += tl.sum(x * x, axis=1)
+        if NORM == 3:
+            mn = tl.minimum(mn, tl.min(tl.where(kmask[None, :], x, float("inf")), axis=1))
+            mx = tl.maximum(mx, tl.max(tl.where(kmask[None, :], x, float("-inf")), axis=1))
+    # epilogue: normalisation, bias, activation
+    if NORM == 1:
+        rstd = 1.0 / tl.sqrt(s2 / K + eps)
+        acc = acc * rstd[:, None]
+        acc2 = acc2 * rstd[:, None]
+    if NORM == 2:
+        mu = s1 / K
+        rstd = 1.0 / tl.sqrt(s2 / K - mu * mu + eps)
+        c = tl.load(c_ptr + rows64, mask=nmask, other=0.0)
+        acc = (acc - mu[:, None] * c[None, :]) * rstd[:, None]
+        if ACT == 2:
+            c2 = tl.load(c2_ptr + rows64, mask=nmask, other=0.0)
+            acc2 = (acc2 - mu[:, None] * c2[None, :]) * rstd[:, None]
+    if NORM == 3:
+        sc = 1.0 / (mx - mn + eps)
+        c = tl.load(c_ptr + rows64, mask=nmask, other=0.0)
+        acc = (acc - mn[:, None] * c[None, :]) * sc[:, None]
+        if ACT == 2:
+            c2 = tl.load(c2_ptr + rows64, mask=nmask, other=0.0)
+            acc2 = (acc2 - mn[:, None] * c2[None, :]) * sc[:, None]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rows64, mask=nmask, other=0.0)[None, :]
+        if ACT == 2:
+            acc2 += tl.load(b2_ptr + rows64, mask=nmask, other=0.0)[None, :]
+    if ACT == 1:
+        acc = tl.maximum(acc, 0.0)
+    if ACT == 2:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc2
+    tl.store(out_ptr + offs_b[:, None] * stride_ob + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=bmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _col_kernel(h_ptr, stride_hb, B, w_ptr, b_ptr, out_ptr, stride_ob, N, R,
+                mask_ptr, idx_ptr, count_ptr,
+                G: tl.constexpr, SEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KPP: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    nmask = offs_n < N
+    offs_b = tl.arange(0, BM)
+    bmask = offs_b < B
+    out_ptrs = out_ptr + offs_b[:, None] * stride_ob + offs_n[None, :]
+    omask = bmask[:, None] & nmask[None, :]
+    if HAS_BIAS:
+        if pid_k == 0:
+            bias = tl.load(b_ptr + offs_n, mask=nmask, other=0.0)
+            tl.atomic_add(out_ptrs, tl.zeros([BM, BN], tl.float32) + bias[None, :], mask=omask, sem="relaxed")
+    k_start = pid_k * KPP
+    lim = R
+    if SEL == 1:
+        keep = tl.load(mask_ptr + k_start // G)
+        if keep == 0:
+            return
+    if SEL == 2:
+        lim = tl.load(count_ptr)
+        if k_start >= lim:
+            return
+    acc = tl.zeros([BM, BN], tl.float32)
+    for k0 in range(0, KPP, BK):
+        offs_k = k_start + k0 + tl.arange(0, BK)
+        kmask = offs_k < lim
+        if SEL == 2:
+            rows = tl.load(idx_ptr + offs_k, mask=kmask, other=0)
+        else:
+            rows = offs_k
+        w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * N + offs_n[None, :],
+                    mask=kmask[:, None] & nmask[None, :], other=0.0)
+        if BM == 1:
+            h = tl.load(h_ptr + offs_k, mask=kmask, other=0.0).to(tl.float32)
+            acc += tl.sum(w.to(tl.float32) * h[:, None], axis=0)[None, :]
+        else:
+            h = tl.load(h_ptr + offs_b[:, None] * stride_hb + offs_k[None, :],
+                        mask=bmask[:, None] & kmask[None, :], other=0.0)
+            acc = tl.dot(h.to(w.dtype), w, acc)
+    tl.atomic_add(out_ptrs, acc, mask=omask, sem="relaxed")
+
+
+@triton.jit
+def _attn_kernel(qkv_ptr, stride_qb, kc_ptr, vc_ptr, pos_ptr, mask_ptr, out_ptr, stride_ob, cos_ptr, sin_ptr,
+                 H, KVH, T, scale,
+                 GS: tl.constexpr, D: tl.constexpr, ROPE: tl.constexpr, BT: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    keep = tl.load(mask_ptr + h)
+    if keep == 0:
+        return
+    g = h // GS
+    pos = tl.load(pos_ptr)
+    offs_d = tl.arange(0, D)
+    base = qkv_ptr + b.to(tl.int64) * stride_qb
+    q = tl.load(base + h * D + offs_d).to(tl.float32)
+    k = tl.load(base + (H + g) * D + offs_d).to(tl.float32)
+    v = tl.load(base + (H + KVH + g) * D + offs_d).to(tl.float32)
+    if ROPE:
+        HALF: tl.constexpr = D // 2
+        partner = (offs_d + HALF) % D
+        sign = tl.where(offs_d < HALF, -1.0, 1.0)
+        fi = offs_d % HALF
+        cs = tl.load(cos_ptr + pos * HALF + fi)
+        sn = tl.load(sin_ptr + pos * HALF + fi)
+        qp = tl.load(base + h * D + partner).to(tl.float32)
+        kp = tl.load(base + (H + g) * D + partner).to(tl.float32)
+        q = q * cs + sign * qp * sn
+        k = k * cs + sign * kp * sn
+    cbase = (b.to(tl.int64) * KVH + g) * T * D
+    tl.store(kc_ptr + cbase + pos * D + offs_d, k.to(kc_ptr.dtype.element_ty))
+    tl.store(vc_ptr + cbase + pos * D + offs_d, v.to(vc_ptr.dtype.element_ty))
+    q = q * scale
+    m = tl.sum(q * k, axis=0)
+    l_sum = m * 0.0 + 1.0
+    acc = v
+    for t0 in range(0, T, BT):
+        offs_t = t0 + tl.arange(0, BT)
+        tmask = offs_t < pos
+        kt = tl.load(kc_ptr + cbase + offs_t[:, None] * D + offs_d[None, :], mask=tmask[:, None], other=0.0)
+        vt = tl.load(vc_ptr + cbase + offs_t[:, None] * D + offs_d[None, :], mask=tmask[:, None], other=0.0)
+        s = tl.sum(kt.to(tl.float32) * q[None, :], axis=1)
+        s = tl.where(tmask, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=0))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new)
+        acc = acc * alpha + tl.sum(p[:, None] * vt.to(tl.float32), axis=0)
+        l_sum = l_sum * alpha + tl.sum(p, axis=0)
+        m = m_new
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * D + offs_d, (acc / l_sum).to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _write_selection(sel, offs, valid, n, out_row, mask_ptr, stride_mr, idx_ptr, stride_ir, count_ptr, KVH,
+                     GS: tl.constexpr, MODE: tl.constexpr, KV_BLOCK: tl.constexpr):
+    sel_i = sel.to(tl.int32)
+    if MODE == 0:   # heads -> [head keep | kv keep | kv keep]
+        row = mask_ptr + out_row * stride_mr
+        tl.store(row + offs, sel_i, mask=valid)
+        g = tl.arange(0, KV_BLOCK)
+        member = ((offs[None, :] // GS) == g[:, None]) & valid[None, :]
+        kv = tl.max(tl.where(member, sel_i[None, :], 0), axis=1)
+        tl.store(row + n + g, kv, mask=g < KVH)
+        tl.store(row + n + KVH + g, kv, mask=g < KVH)
+    else:           # neurons -> ascending index list + count
+        dest = tl.cumsum(sel_i, axis=0) - 1
+        tl.store(idx_ptr + out_row * stride_ir + dest, offs, mask=sel & valid)
+        tl.store(count_ptr + out_row, tl.sum(sel_i, axis=0))
+
+
+@triton.jit
+def _select_kernel(s_ptr, stride_sb, stride_sr, n, k,
+                   mask_ptr, stride_mr, idx_ptr, stride_ir, count_ptr, union_ptr, out_row0, KVH,
+                   GS: tl.constexpr, MODE: tl.constexpr, SINGLE: tl.constexpr, BLOCK: tl.constexpr,
+                   KV_BLOCK: tl.constexpr):
+    r = tl.program_id(0)
+    b = tl.program_id(1)
+    offs = tl.arange(0, BLOCK)
+    valid = offs < n
+    s = tl.load(s_ptr + b.to(tl.int64) * stride_sb + r * stride_sr + offs, mask=valid, other=0.0).to(tl.float32)
+    bits = s.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    key = tl.where(valid, key, -2147483648)
+    lo = tl.full([], -2147483648, tl.int64)
+    hi = tl.full([], 2147483647, tl.int64)
+    for _ in range(32):
+        mid = lo + (hi - lo) // 2
+        c = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0)
+        ge = c >= k
+        lo = tl.where(ge, mid, lo)
+        hi = tl.where(ge, hi, mid)
+    thr = lo.to(tl.int32)
+    gt = key > thr
+    eq = (key == thr) & valid
+    need = k - tl.sum(gt.to(tl.int32), axis=0)
+    rank = tl.cumsum(eq.to(tl.int32), axis=0)
+    sel = gt | (eq & (rank <= need))
+    if SINGLE:
+        _write_selection(sel, offs, valid, n, out_row0 + r, mask_ptr, stride_mr, idx_ptr, stride_ir, count_ptr, KVH,
+                         GS, MODE, KV_BLOCK)
+    else:
+        tl.atomic_or(union_ptr + r * n + offs, sel.to(tl.int32), mask=valid & sel, sem="relaxed")
+
+
+@triton.jit
+def _compact_kernel(union_ptr, n, mask_ptr, stride_mr, idx_ptr, stride_ir, count_ptr, out_row0, KVH,
+                    GS: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr):
+    r = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    valid = offs < n
+    u = tl.load(union_ptr + r * n + offs, mask=valid, other=0)
+    tl.store(union_ptr + r * n + offs, tl.zeros([BLOCK], tl.int32), mask=valid)   # ready for the next step
+    _write_selection(u != 0, offs, valid, n, out_row0 + r, mask_ptr, stride_mr, idx_ptr, stride_ir, count_ptr, KVH,
+                     GS, MODE, KV_BLOCK)
+
+
+# ----------------------------------------------------------------------------------------------- wrappers
+
+def _dummy(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _sel_args(sel: Sel, anchor: torch.Tensor):
+    return (sel.mask if sel.mask is not None else anchor,
+            sel.idx if sel.idx is not None else anchor,
+            sel.count if sel.count is not None else anchor)
+
+
+def row_gemv(x: torch.Tensor, lin: Linear, out: torch.Tensor, *, lin2: Linear | None = None, norm: str = "none",
+             eps: float = 1e-5, act: str = "none", sel: Sel) -> None:
+    B, K = x.shape
+    N = lin.w.shape[0]
+    assert x.stride(1) == 1 and out.stride(1) == 1 and lin.w.is_contiguous() and B <= 16
+    cfg = CONFIG["row"] if B == 1 else CONFIG["row_dot"]
+    BN = cfg["BN"] if B == 1 else max(cfg["BN"], 16)
+    if sel.kind == "units":
+        BN = min(BN, sel.group)
+        assert sel.group % BN == 0 and (B == 1 or BN >= 16), "unit size must be a multiple of the row tile"
+    has_bias = lin.bias is not None
+    if act == "silu_gate":
+        assert (lin2.bias is not None) == has_bias and lin2.w.shape == lin.w.shape
+    w2 = lin2 if lin2 is not None else lin
+    mask, idx, count = _sel_args(sel, x)
+    c = lin.rowsum if lin.rowsum is not None else x
+    b = lin.bias if has_bias else x
+    grid = (triton.cdiv(N, BN),)
+    _row_kernel[grid](x, x.stride(0), B, K,
+                      lin.w, b, c, w2.w, w2.bias if has_bias else x, w2.rowsum if w2.rowsum is not None else x,
+                      out, out.stride(0), N, mask, idx, count, eps,
+                      G=sel.group, SEL=_SEL[sel.kind], NORM=_NORM[norm], ACT=_ACT[act], HAS_BIAS=has_bias,
+                      BM=1 if B == 1 else 16, BN=BN, BK=cfg["BK"], num_warps=cfg["warps"])
+
+
+def col_gemv_add(h: torch.Tensor, lin: Linear, out: torch.Tensor, *, sel: Sel) -> None:
+    B = h.shape[0]
+    R, N = lin.w.shape
+    assert h.stride(1) == 1 and out.stride(1) == 1 and out.dtype == torch.float32 and lin.w.is_contiguous()
+    cfg = CONFIG["col"] if B == 1 else CONFIG["col_dot"]
+    kpp = cfg["KPP"]
+    if sel.kind == "units":
+        kpp = min(kpp, sel.group)
+        assert sel.group % kpp == 0
+    bk = min(cfg["BK"], kpp)
+    mask, idx, count = _sel_args(sel, h)
+    grid = (triton.cdiv(N, cfg["BN"]), triton.cdiv(R, kpp))
+    _col_kernel[grid](h, h.stride(0), B, lin.w, lin.bias if lin.bias is not None else out, out, out.stride(0), N, R,
+                      mask, idx, count, G=sel.group, SEL=_SEL[sel.kind], HAS_BIAS=lin.bias is not None,
+                      BM=1 if B == 1 else 16, BN=cfg["BN"], BK=bk, KPP=kpp, num_warps=cfg["warps"])
+
+
+def rope_tables(max_pos, head_dim, theta, device):
+    from .kernels_ref import rope_tables as _rt
+    return _rt(max_pos, head_dim, theta, device)
+
+
+def attention_decode(qkv, k_cache, v_cache, pos, head_mask, out, *, heads, kv_heads, head_dim, rope) -> None:
+    B = qkv.shape[0]
+    T = k_cache.shape[2]
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    cos, sin = rope if rope is not None else (qkv, qkv)
+    cfg = CONFIG["attn"]
+    _attn_kernel[(B, heads)](qkv, qkv.stride(0), k_cache, v_cache, pos, head_mask, out, out.stride(0), cos, sin,
+                             heads, kv_heads, T, head_dim ** -0.5,
+                             GS=heads // kv_heads, D=head_dim, ROPE=rope is not None, BT=cfg["BT"],
+                             num_warps=cfg["warps"])
+
+
+def _select_warps(block: int) -> int:
+    return 1 if block <= 256 else 4 if block <= 2048 else 8 if block <= 8192 else 16
+
+
+def _select(scores, k, mode, *, mask=None, idx=None, count=None, out_row0, kv_heads=1, union=None):
+    B, R, n = scores.shape
+    assert scores.stride(2) == 1
+    block = triton.next_power_of_2(n)
+    anchor = count if count is not None else mask
+    mask_t = mask if mask is not None else anchor
+    idx_t = idx if idx is not None else anchor
+    count_t = count if count is not None else anchor
+    single = B == 1
+    if not single:
+        assert union is not None and union.numel() >= R * n and union.dtype == torch.int32
+    gs = n // kv_heads if mode == 0 else 1
+    kvb = triton.next_power_of_2(kv_heads) if mode == 0 else 1
+    stride_mr = mask_t.stride(0)
+    stride_ir = idx_t.stride(0)
+    _select_kernel[(R, B)](scores, scores.stride(0), scores.stride(1), n, k,
+                           mask_t, stride_mr, idx_t, stride_ir, count_t, union if union is not None else anchor,
+                           out_row0, kv_heads, GS=gs, MODE=mode, SINGLE=single, BLOCK=block, KV_BLOCK=kvb,
+                           num_warps=_select_warps(block))
+    if not single:
+        _compact_kernel[(R,)](union, n, mask_t, stride_mr, idx_t, stride_ir, count_t, out_row0, kv_heads,
+                              GS=gs, MODE=mode, BLOCK=block, KV_BLOCK=kvb, num_warps=_select_warps(block))
+
+
+def select_heads(scores, k, qkv_mask, *, out_row0, kv_heads, union=None) -> None:
+    _select(scores, k, 0, mask=qkv_mask, out_row0=out_row0, kv_heads=kv_heads, union=union)
+
+
+def select_neurons(scores, k, idx, count, *, out_row0, union=None) -> None:
+    _select(scores, k, 1, idx=idx, count=count, out_row0=out_row0, union=union)

@@ -1,0 +1,81 @@
+"""Sparsity plans: which heads and neurons each layer keeps, in device buffers the kernels read.
+
+- `qkv_mask` [L, H + 2·KVH] int32: kept q heads, then kept kv heads (twice: k and v). A kv head is kept iff any
+  q head of its group is kept (GQA). Row 0 (layer 0) is always all ones: layer 0 stays dense (SPEC §5).
+- `ffn_idx` [L, F] int32 + `ffn_count` [L] int32: ascending kept neurons of each layer.
+The predictors' selection kernels rewrite rows 1…L-1 in place every step; static plans are filled once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .shapes import ModelShape
+
+
+def kept(n: int, sparsity: float) -> int:
+    """Units kept out of n at a given sparsity (at least one)."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    return max(1, n - int(round(sparsity * n)))
+
+
+@dataclass
+class Plan:
+    qkv_mask: torch.Tensor
+    ffn_idx: torch.Tensor
+    ffn_count: torch.Tensor
+    k_heads: int
+    k_neurons: int
+
+    def head_mask(self, layer: int) -> torch.Tensor:
+        return self.qkv_mask[layer]
+
+    def host_masks(self, shape: ModelShape) -> tuple[torch.Tensor, torch.Tensor]:
+        """(head keep [L, H] bool, neuron keep [L, F] bool) on the CPU."""
+        qm = self.qkv_mask.cpu()
+        heads = qm[:, : shape.heads] != 0
+        idx, cnt = self.ffn_idx.cpu(), self.ffn_count.cpu()
+        neurons = torch.zeros(shape.layers, shape.ffn, dtype=torch.bool)
+        for l in range(shape.layers):
+            neurons[l, idx[l, : int(cnt[l])].long()] = True
+        return heads, neurons
+
+
+def dense_plan(shape: ModelShape, device) -> Plan:
+    L, H, KVH, F = shape.layers, shape.heads, shape.kv_heads, shape.ffn
+    return Plan(torch.ones(L, H + 2 * KVH, dtype=torch.int32, device=device),
+                torch.arange(F, dtype=torch.int32, device=device).repeat(L, 1).contiguous(),
+                torch.full((L,), F, dtype=torch.int32, device=device), H, F)
+
+
+def set_layer(plan: Plan, shape: ModelShape, layer: int, heads: torch.Tensor, neurons: torch.Tensor) -> None:
+    """Write one layer's kept heads (bool [H]) and neurons (bool [F]) into the plan."""
+    kv = heads.view(shape.kv_heads, shape.group_size).any(1)
+    plan.qkv_mask[layer] = torch.cat([heads, kv, kv]).to(torch.int32).to(plan.qkv_mask.device)
+    nz = torch.nonzero(neurons).flatten().to(torch.int32)
+    plan.ffn_idx[layer, : nz.numel()] = nz.to(plan.ffn_idx.device)
+    plan.ffn_count[layer] = nz.numel()
+
+
+def static_plan(shape: ModelShape, head_sparsity: float, neuron_sparsity: float, device, seed: int = 0) -> Plan:
+    """Fixed random kept units per layer (≥ 1), layer 0 dense. Latency does not depend on which units."""
+    plan = dense_plan(shape, device)
+    plan.k_heads, plan.k_neurons = kept(shape.heads, head_sparsity), kept(shape.ffn, neuron_sparsity)
+    gen = torch.Generator().manual_seed(seed)
+    for l in range(1, shape.layers):
+        h = torch.zeros(shape.heads, dtype=torch.bool)
+        h[torch.randperm(shape.heads, generator=gen)[: plan.k_heads]] = True
+        n = torch.zeros(shape.ffn, dtype=torch.bool)
+        n[torch.randperm(shape.ffn, generator=gen)[: plan.k_neurons]] = True
+        set_layer(plan, shape, l, h, n)
+    return plan
+
+
+def predicted_plan(shape: ModelShape, head_sparsity: float, neuron_sparsity: float, device) -> Plan:
+    """A plan whose rows 1… are written by the predictors' selection kernels on every step."""
+    plan = dense_plan(shape, device)
+    plan.k_heads, plan.k_neurons = kept(shape.heads, head_sparsity), kept(shape.ffn, neuron_sparsity)
+    return plan
