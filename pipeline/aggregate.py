@@ -1,0 +1,156 @@
+"""Aggregation of per-example importance traces (SPEC §4).
+
+- static importance per criterion: the mean over calibration examples -> heads [L, H], neurons [L, F];
+- predictor targets: each example's scores min-max normalised per layer -> [N, L, U] in [0, 1].
+
+A scores directory holds `static.safetensors` (keys `<criterion>/heads`, `<criterion>/neurons`),
+`targets-<criterion>.safetensors` (keys `heads`, `neurons`; rows in trace order) and `scores.json`
+(the criteria, the trace params_hash, the model id/fingerprint/dims, a hash of the example order).
+Non-finite trace values (e.g. float16 overflow, log|det| of a singular kernel) are clipped to the
+layer's finite range, counted, and the count is stored in the metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from pipeline import criteria as crit
+from pipeline.io import atomic_path, write_json
+from pipeline.traces import Traces
+
+SCORES_SCHEMA = 1
+STATIC_FILE = "static.safetensors"
+META_FILE = "scores.json"
+UNITS = ("heads", "neurons")
+
+
+def target_file(criterion: str) -> str:
+    return f"targets-{criterion}.safetensors"
+
+
+def clean(scores: np.ndarray) -> tuple[np.ndarray, int]:
+    """[N, L, U] -> (copy with non-finite values clipped to each (example, layer)'s finite range, count)."""
+    x = np.asarray(scores, dtype=np.float32)
+    bad = ~np.isfinite(x)
+    n_bad = int(bad.sum())
+    if not n_bad:
+        return x, 0
+    x = x.copy()
+    lo = np.where(bad, np.inf, x).min(-1, keepdims=True)
+    hi = np.where(bad, -np.inf, x).max(-1, keepdims=True)
+    lo = np.where(np.isfinite(lo), lo, 0.0)
+    hi = np.where(np.isfinite(hi), hi, 0.0)
+    fill = np.where(np.isposinf(x), hi, lo)  # +inf -> layer max; -inf and nan -> layer min
+    x[bad] = np.broadcast_to(fill, x.shape)[bad]
+    return x, n_bad
+
+
+def minmax_per_layer(scores: np.ndarray) -> np.ndarray:
+    """[N, L, U] -> per example and layer, (x - min) / (max - min) in [0, 1]; a constant layer -> 0."""
+    x = np.asarray(scores, dtype=np.float32)
+    lo = x.min(-1, keepdims=True)
+    span = x.max(-1, keepdims=True) - lo
+    out = np.zeros_like(x)
+    np.divide(x - lo, span, out=out, where=span > 0)
+    return out
+
+
+def units_of(criterion: str) -> tuple[str, ...]:
+    """The unit pools a criterion scores: heads always, neurons where the criterion defines them."""
+    return UNITS if crit.get(criterion).neurons is not None else ("heads",)
+
+
+def static_scores(traces: Traces, criterion: str) -> dict[str, np.ndarray]:
+    """Mean over examples: {"heads": [L, H], "neurons": [L, F]} (no neurons for heads-only criteria)."""
+    out = {}
+    for unit in units_of(criterion):
+        x, _ = clean(traces.scores(criterion, unit))
+        out[unit] = x.mean(0, dtype=np.float64).astype(np.float32)
+    return out
+
+
+def targets(traces: Traces, criterion: str) -> tuple[dict[str, np.ndarray], int]:
+    """Per-example predictor targets {"heads": [N, L, H], "neurons": [N, L, F]} and the non-finite count."""
+    out, n_bad = {}, 0
+    for unit in units_of(criterion):
+        x, bad = clean(traces.scores(criterion, unit))
+        out[unit], n_bad = minmax_per_layer(x), n_bad + bad
+    return out, n_bad
+
+
+def order_hash(example_ids: list[str]) -> str:
+    """Hash of the example order, so that targets are only ever paired with the features they belong to."""
+    return hashlib.sha256("\n".join(example_ids).encode()).hexdigest()[:16]
+
+
+def scores_meta(traces: Traces, static: list[str], target: list[str], **extra: Any) -> dict[str, Any]:
+    m = traces.meta["model"]
+    return {
+        "schema": SCORES_SCHEMA,
+        "criteria": list(static),
+        "targets": list(target),
+        "trace_params_hash": traces.meta["params_hash"],
+        "model": {"id": m.get("id"), "fingerprint": m["fingerprint"], "dims": m["dims"]},
+        "n_examples": int(traces.meta.get("n_examples", 0)) or len(traces.column("example_id")),
+        "example_order": order_hash([str(i) for i in traces.column("example_id")]),
+        **extra,
+    }
+
+
+def _save(path: Path, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
+                  metadata={"shadowllm": json.dumps(meta, sort_keys=True)})
+
+
+def save_scores(path_dir: str | Path, static: dict[str, dict[str, np.ndarray]],
+                targets: dict[str, dict[str, np.ndarray]], meta: dict[str, Any], *, dtype: str = "float32") -> None:
+    """Write static scores of every criterion, per-example targets of the chosen ones, and the metadata.
+
+    `static` / `targets`: criterion -> {"heads": ..., "neurons": ...}. Each file is written atomically;
+    `scores.json` last, so a directory with it is complete."""
+    d = Path(path_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    meta = dict(meta, criteria=sorted(static), targets=sorted(targets), target_dtype=dtype)
+    _save(d / STATIC_FILE, {f"{c}/{u}": a for c, units in static.items() for u, a in units.items()}, meta)
+    for c, units in targets.items():
+        _save(d / target_file(c), {u: a.astype(dtype) for u, a in units.items()}, meta)
+    write_json(d / META_FILE, meta)
+
+
+def load_meta(path_dir: str | Path) -> dict[str, Any]:
+    p = Path(path_dir) / META_FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"no scores in {path_dir} ({META_FILE} missing; run the aggregate stage first)")
+    return json.loads(p.read_text())
+
+
+def _check_model(meta: dict[str, Any], model_fingerprint: str | None, what: str) -> None:
+    have = meta["model"]["fingerprint"]
+    if model_fingerprint is not None and model_fingerprint != have:
+        raise ValueError(f"{what} were computed for model fingerprint {have}, not for this model ({model_fingerprint})")
+
+
+def load_static(path_dir: str | Path, criterion: str, *, model_fingerprint: str | None = None) -> dict[str, np.ndarray]:
+    """{"heads": [L, H], "neurons": [L, F]} static scores of `criterion` (no neurons for heads-only criteria)."""
+    meta = load_meta(path_dir)
+    _check_model(meta, model_fingerprint, f"static scores in {path_dir}")
+    if criterion not in meta["criteria"]:
+        raise ValueError(f"no static scores for criterion '{criterion}' in {path_dir}; have {', '.join(meta['criteria'])}")
+    data = load_file(str(Path(path_dir) / STATIC_FILE))
+    return {u: data[f"{criterion}/{u}"] for u in UNITS if f"{criterion}/{u}" in data}
+
+
+def load_targets(path_dir: str | Path, criterion: str) -> dict[str, np.ndarray]:
+    """{"heads": [N, L, H], "neurons": [N, L, F]} float32 per-layer min-max targets, rows in trace order."""
+    meta = load_meta(path_dir)
+    if criterion not in meta["targets"]:
+        raise ValueError(f"no predictor targets for criterion '{criterion}' in {path_dir}; have "
+                         f"{', '.join(meta['targets']) or 'none'} (params: aggregate.targets)")
+    return {u: a.astype(np.float32) for u, a in load_file(str(Path(path_dir) / target_file(criterion))).items()}

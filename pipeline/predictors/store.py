@@ -1,0 +1,51 @@
+"""Predictor files: `model.safetensors` (weights) + `config.json` (kind, criterion, widths, dims,
+model fingerprint, trace params_hash, metrics). Loading against another model is refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+
+from pipeline.io import atomic_path, write_json
+from pipeline.predictors.base import Predictor
+from pipeline.predictors.registry import build
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def save_predictor(pred: Predictor, out_dir: str | Path, meta: dict[str, Any]) -> None:
+    """Write weights then config (atomically each; config last). `meta` must hold `model_fingerprint`
+    and should hold `trace_params_hash` and `metrics`; it is merged over the predictor's own config."""
+    if "model_fingerprint" not in meta:
+        raise ValueError("save_predictor: meta needs 'model_fingerprint'")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {**pred.config(), **meta}
+    with atomic_path(out / WEIGHTS) as tmp:
+        state = {k: v.detach().contiguous().cpu() for k, v in pred.state_dict().items()}
+        save_file(state, str(tmp), metadata={"kind": pred.kind, "model_fingerprint": str(meta["model_fingerprint"])})
+    write_json(out / CONFIG, config)
+
+
+def load_config(out_dir: str | Path) -> dict[str, Any]:
+    p = Path(out_dir) / CONFIG
+    if not p.is_file():
+        raise FileNotFoundError(f"no predictor in {out_dir} ({CONFIG} missing; run the train stage first)")
+    return json.loads(p.read_text())
+
+
+def load_predictor(out_dir: str | Path, *, model_fingerprint: str | None = None) -> Predictor:
+    """The predictor saved in `out_dir`, in eval mode on CPU. With `model_fingerprint`, refuse one fit
+    to another model."""
+    cfg = load_config(out_dir)
+    have = cfg.get("model_fingerprint")
+    if model_fingerprint is not None and have != model_fingerprint:
+        raise ValueError(f"predictor {out_dir} was trained for model fingerprint {have}, "
+                         f"not for this model (fingerprint {model_fingerprint})")
+    pred = build(cfg["kind"], cfg["criterion"], cfg["dims"], cfg["widths"])
+    pred.load_state_dict(load_file(str(Path(out_dir) / WEIGHTS)))
+    return pred.eval()
