@@ -37,8 +37,8 @@ class EngineConfig:
     batch: int = 1
     prompt_len: int = 128
     gen_len: int = 128
-    shadowllm: PredictorSpec = field(default_factory=lambda: PredictorSpec(2048, 1024, 0))
-    dejavu: PredictorSpec = field(default_factory=lambda: PredictorSpec(1024, 1024, 0))
+    shadowllm: PredictorSpec = field(default_factory=lambda: PredictorSpec(2048, 1024))
+    dejavu: PredictorSpec = field(default_factory=lambda: PredictorSpec(1024, 1024))
     overlap: bool = True
     eps: float = 1e-5
     seed: int = 0
@@ -98,8 +98,9 @@ class DecodeEngine:
     # ------------------------------------------------------------------ predictors
     def _alloc_pred(self, spec: PredictorSpec, n_h: int, n_f: int, rows: int) -> None:
         B, dev = self.cfg.batch, self.device
-        self.p_hid = torch.zeros(B, spec.head_hidden + spec.neuron_hidden, dtype=self.dtype, device=dev)
-        self.p_mid = torch.zeros(B, spec.neuron_rank, dtype=self.dtype, device=dev) if spec.neuron_rank else None
+        self.p_hid = torch.zeros(B, spec.hidden_heads + spec.hidden_neurons, dtype=self.dtype, device=dev)
+        self.p_hmid = torch.zeros(B, spec.rank_heads, dtype=self.dtype, device=dev) if spec.rank_heads else None
+        self.p_mid = torch.zeros(B, spec.rank_neurons, dtype=self.dtype, device=dev) if spec.rank_neurons else None
         self.s_heads = torch.zeros(B, n_h, dtype=torch.float32, device=dev)
         self.s_neurons = torch.zeros(B, n_f, dtype=torch.float32, device=dev)
         self.union_h = torch.zeros(rows * self.shape.heads, dtype=torch.int32, device=dev)
@@ -107,9 +108,13 @@ class DecodeEngine:
 
     def _run_predictor(self, p: MLPPredictor, x: torch.Tensor, out_row0: int, n_rows: int, skip_first_row: bool):
         k, s, B = self.k, self.shape, self.cfg.batch
-        hh = p.spec.head_hidden
+        hh = p.spec.hidden_heads
         k.row_gemv(x, p.first, self.p_hid, norm="minmax", eps=1e-6, act="relu", sel=DENSE)
-        k.row_gemv(self.p_hid[:, :hh], p.head_out, self.s_heads, sel=DENSE)
+        xh = self.p_hid[:, :hh]
+        if p.head_mid is not None:
+            k.row_gemv(xh, p.head_mid, self.p_hmid, sel=DENSE)
+            xh = self.p_hmid
+        k.row_gemv(xh, p.head_out, self.s_heads, sel=DENSE)
         xin = self.p_hid[:, hh:]
         if p.neuron_mid is not None:
             k.row_gemv(xin, p.neuron_mid, self.p_mid, sel=DENSE)

@@ -253,7 +253,7 @@ def _select_kernel(s_ptr, stride_sb, stride_sr, n, k,
     s = tl.load(s_ptr + b.to(tl.int64) * stride_sb + r * stride_sr + offs, mask=valid, other=0.0).to(tl.float32)
     bits = s.to(tl.int32, bitcast=True)
     key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    key = tl.where(valid, key, -2147483648)
+    key = tl.where(valid, key, tl.full([BLOCK], -2147483648, tl.int32))
     lo = tl.full([], -2147483648, tl.int64)
     hi = tl.full([], 2147483647, tl.int64)
     for _ in range(32):

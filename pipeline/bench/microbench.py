@@ -1,0 +1,126 @@
+"""Kernel-level bandwidth: the gather kernels alone, on the bytes they actually read, against the copy bandwidth.
+
+Each measurement captures `n_sets` launches over distinct weight sets (so L2 never holds the weights) in one
+CUDA graph and times its replays with CUDA events. Also sweeps a few tile shapes and keeps the fastest.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+from . import kernels_triton as KT
+from .plan import kept
+from .sel import DENSE, index, units
+from .shapes import ModelShape
+from .weights import Linear
+
+
+def _time_graph(fn, reps: int = 20, warmup: int = 3) -> float:
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    for _ in range(warmup):
+        g.replay()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+class KernelBench:
+    def __init__(self, shape: ModelShape, *, n_sets: int = 6, batch: int = 1, seed: int = 0):
+        self.s, self.B, self.n = shape, batch, n_sets
+        D, F, H, d = shape.hidden, shape.ffn, shape.heads, shape.head_dim
+        g = torch.Generator(device="cuda").manual_seed(seed)
+
+        def w(n, k):
+            return torch.randn((n, k), generator=g, device="cuda", dtype=torch.bfloat16).mul_(k ** -0.5)
+        self.sets = [dict(w1=Linear(w(F, D)), w3=Linear(w(F, D)), w2T=Linear(w(F, D)),
+                          qkv=Linear(w(shape.qkv_rows, D)), oT=Linear(w(H * d, D))) for _ in range(n_sets)]
+        self.x = torch.randn(batch, D, generator=g, device="cuda")
+        self.h = torch.randn(batch, F, generator=g, device="cuda").to(torch.bfloat16)
+        self.qkv_out = torch.zeros(batch, shape.qkv_rows, device="cuda", dtype=torch.bfloat16)
+        self.attn = torch.randn(batch, H * d, generator=g, device="cuda").to(torch.bfloat16)
+        self.out = torch.zeros(batch, D, device="cuda")
+
+    def _sels(self, sparsity: float):
+        s = self.s
+        kf, kh = kept(s.ffn, sparsity), kept(s.heads, sparsity)
+        gen = torch.Generator().manual_seed(1)
+        idx = torch.zeros(s.ffn, dtype=torch.int32)
+        idx[:kf] = torch.randperm(s.ffn, generator=gen)[:kf].sort().values.to(torch.int32)
+        heads = torch.zeros(s.heads, dtype=torch.bool)
+        heads[torch.randperm(s.heads, generator=gen)[:kh]] = True
+        kv = heads.view(s.kv_heads, s.group_size).any(1)
+        qm = torch.cat([heads, kv, kv]).to(torch.int32).cuda()
+        fsel = index(idx.cuda(), torch.tensor([kf], dtype=torch.int32, device="cuda"))
+        return fsel, units(qm, s.head_dim), kf, int(heads.sum()), int(kv.sum())
+
+    def run(self, kernel: str, sparsity: float) -> dict:
+        """kernel: gateup | down | qkv | o | torch_gateup | torch_down (cuBLAS dense reference)."""
+        s, D = self.s, self.s.hidden
+        fsel, hsel, kf, kh, kkv = self._sels(sparsity)
+        dense = sparsity == 0.0
+        fs = DENSE if dense else fsel
+        hs = DENSE if dense else hsel
+        if kernel == "gateup":
+            fn = lambda: [KT.row_gemv(self.x, st["w1"], self.h, lin2=st["w3"], norm="rms", act="silu_gate", sel=fs)
+                          for st in self.sets]
+            nbytes = 2 * kf * D * 2
+        elif kernel == "down":
+            fn = lambda: [KT.col_gemv_add(self.h, st["w2T"], self.out, sel=fs) for st in self.sets]
+            nbytes = kf * D * 2
+        elif kernel == "qkv":
+            fn = lambda: [KT.row_gemv(self.x, st["qkv"], self.qkv_out, norm="rms", sel=hs) for st in self.sets]
+            nbytes = (kh + 2 * kkv) * s.head_dim * D * 2
+        elif kernel == "o":
+            fn = lambda: [KT.col_gemv_add(self.attn, st["oT"], self.out, sel=hs) for st in self.sets]
+            nbytes = kh * s.head_dim * D * 2
+        elif kernel == "torch_gateup":
+            xb = self.x.to(torch.bfloat16)
+            fn = lambda: [(torch.nn.functional.linear(xb, st["w1"].w), torch.nn.functional.linear(xb, st["w3"].w))
+                          for st in self.sets]
+            nbytes = 2 * s.ffn * D * 2
+        elif kernel == "torch_down":
+            fn = lambda: [torch.matmul(self.h, st["w2T"].w) for st in self.sets]
+            nbytes = s.ffn * D * 2
+        else:
+            raise ValueError(kernel)
+        ms = _time_graph(fn) / self.n
+        return {"kernel": kernel, "sparsity": sparsity, "batch": self.B, "us": ms * 1e3, "bytes": nbytes,
+                "gbps": nbytes / (ms * 1e-3) / 1e9}
+
+
+ROW_CANDIDATES = [dict(BN=16, BK=512, warps=4), dict(BN=8, BK=512, warps=4), dict(BN=32, BK=256, warps=4),
+                  dict(BN=16, BK=1024, warps=8), dict(BN=32, BK=512, warps=8), dict(BN=64, BK=256, warps=8)]
+COL_CANDIDATES = [dict(BN=256, BK=32, KPP=256, warps=4), dict(BN=128, BK=64, KPP=256, warps=4),
+                  dict(BN=512, BK=16, KPP=256, warps=8), dict(BN=256, BK=32, KPP=512, warps=8),
+                  dict(BN=256, BK=16, KPP=128, warps=4), dict(BN=128, BK=32, KPP=128, warps=4)]
+ROW_DOT_CANDIDATES = [dict(BN=32, BK=256, warps=4), dict(BN=64, BK=128, warps=4), dict(BN=16, BK=512, warps=4)]
+COL_DOT_CANDIDATES = [dict(BN=128, BK=64, KPP=256, warps=4), dict(BN=256, BK=64, KPP=256, warps=8),
+                      dict(BN=64, BK=64, KPP=128, warps=4)]
+
+
+def sweep(bench: KernelBench, key: str, kernel: str, candidates: list[dict], sparsities=(0.0, 0.5)) -> dict:
+    """Time each tile candidate on `kernel` (mean GB/s over the sparsities); keep the best in KT.CONFIG."""
+    results = []
+    for cand in candidates:
+        KT.CONFIG[key] = dict(cand)
+        try:
+            gb = statistics.fmean(bench.run(kernel, sp)["gbps"] for sp in sparsities)
+        except Exception as e:  # a tile that does not compile is skipped, not fatal
+            results.append({"config": cand, "gbps": None, "error": repr(e)[:200]})
+            continue
+        results.append({"config": cand, "gbps": gb})
+    best = max((r for r in results if r["gbps"]), key=lambda r: r["gbps"])
+    KT.CONFIG[key] = dict(best["config"])
+    return {"key": key, "kernel": kernel, "best": best, "all": results}

@@ -1,0 +1,222 @@
+"""Benchmark outputs: targets summary, tidy CSV, JSON, a Markdown table and plots, all written atomically."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+COLUMNS = ["model", "mode", "batch", "head_sparsity", "neuron_sparsity", "ms_per_token", "ms_p10", "ms_p90",
+           "tokens_per_s", "achieved_gbps", "bound_ms", "frac_of_bound", "speedup_vs_dense", "speedup_bound",
+           "total_bytes", "predictor_bytes", "predictor_params", "predictor_share", "kept_heads_mean",
+           "kept_neurons_mean", "status"]
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _find(rows, **kw):
+    for r in rows:
+        if r.get("status") == "ok" and all(r.get(k) == v for k, v in kw.items()):
+            return r
+    return None
+
+
+def summarize(rows: list[dict], micro: dict | None, target_model: str = "llama-3-8b") -> dict:
+    """The issue's targets, each with its measured value and pass/fail (None when not measured)."""
+    out: dict = {}
+    dense = _find(rows, model=target_model, mode="dense", batch=1)
+    out["dense_frac_of_bound"] = {"value": dense and dense["frac_of_bound"], "target": 0.80}
+    sh50 = _find(rows, model=target_model, mode="shadowllm", batch=1, head_sparsity=0.5)
+    dj50 = _find(rows, model=target_model, mode="dejavu", batch=1, head_sparsity=0.5)
+    st50 = _find(rows, model=target_model, mode="static", batch=1, head_sparsity=0.5)
+    out["shadowllm50_speedup_vs_dense"] = {"value": sh50 and dense and dense["ms_per_token"] / sh50["ms_per_token"],
+                                           "target": 1.6}
+    out["shadowllm50_speedup_vs_dejavu"] = {"value": sh50 and dj50 and dj50["ms_per_token"] / sh50["ms_per_token"],
+                                            "target": 1.15}
+    out["static50_speedup_vs_dense"] = {"value": st50 and dense and dense["ms_per_token"] / st50["ms_per_token"],
+                                        "target": None}
+    sh0 = _find(rows, model=target_model, mode="shadowllm", batch=1, head_sparsity=0.0)
+    st0 = _find(rows, model=target_model, mode="static", batch=1, head_sparsity=0.0)
+    share = None
+    if sh0 and st0:
+        share = (sh0["ms_per_token"] - st0["ms_per_token"]) / sh0["ms_per_token"]
+    out["shadowllm0_predictor_share"] = {"value": share, "target": 0.05, "lower_is_better": True,
+                                         "note": "(shadowllm@0% − static@0%) / shadowllm@0%: same kernels, predictor added"}
+    if sh0 and dense:
+        out["shadowllm0_over_dense"] = {"value": sh0["ms_per_token"] / dense["ms_per_token"] - 1, "target": None}
+    gather = [r for r in (micro or {}).get("kernels", []) if r.get("sparsity", 0) > 0 and not r["kernel"].startswith("torch")]
+    if gather:
+        worst = min(r["frac_of_copy"] for r in gather)
+        out["gather_kernels_min_frac_of_copy"] = {"value": worst, "target": 0.85,
+                                                  "per_kernel": {f'{r["kernel"]}@{r["sparsity"]}': r["frac_of_copy"]
+                                                                 for r in gather}}
+    for k, v in out.items():
+        t, val = v.get("target"), v.get("value")
+        if t is not None and val is not None:
+            v["met"] = bool(val <= t) if v.get("lower_is_better") else bool(val >= t)
+    return out
+
+
+def to_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items() if k in COLUMNS})
+    return buf.getvalue()
+
+
+def _fmt(v, nd=2):
+    return "–" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+
+
+def to_markdown(results: dict) -> str:
+    rows = [r for r in results["rows"] if r.get("status") == "ok"]
+    copy = results.get("copy", {})
+    lines = [f"# Decode latency, {results.get('device', '?')}", "",
+             f"Copy bandwidth (read+write): **{_fmt(copy.get('copy_gbps'), 0)} GB/s**. Prompt "
+             f"{results['params']['prompt_len']}, generate {results['params']['gen_len']}, bf16, CUDA graphs; "
+             "ms/token = median CUDA-event time of one decode step (one token for each sequence of the batch). "
+             "Sparsity = heads and neurons alike, layer 0 dense. bound = bytes read / copy bandwidth.", ""]
+    lines += ["## Targets", "", "| target | value | goal | met |", "|---|---|---|---|"]
+    for k, v in results.get("summary", {}).items():
+        if v.get("target") is None:
+            continue
+        lines.append(f"| {k} | {_fmt(v.get('value'), 3)} | {'≤' if v.get('lower_is_better') else '≥'} {v['target']} | "
+                     f"{ {True: 'yes', False: '**no**', None: '–'}[v.get('met')] } |")
+    lines += ["", "## Per configuration", "",
+              "| model | mode | batch | sparsity | ms/token | tok/s | GB/s | bound ms | frac of bound | × dense | bound × | "
+              "pred MB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['mode']} | {r['batch']} | {r['head_sparsity']:.0%} | {r['ms_per_token']:.3f} | "
+                     f"{r['tokens_per_s']:.0f} | {r['achieved_gbps']:.0f} | {r['bound_ms']:.3f} | "
+                     f"{r['frac_of_bound']:.2f} | {_fmt(r.get('speedup_vs_dense'))} | {r['speedup_bound']:.2f} | "
+                     f"{r['predictor_bytes'] / 1e6:.0f} |")
+    micro = results.get("micro") or {}
+    if micro.get("kernels"):
+        lines += ["", "## Kernels alone (batch 1, distinct weights per launch)", "",
+                  "| kernel | sparsity | µs | GB/s | frac of copy |", "|---|---|---|---|---|"]
+        for r in micro["kernels"]:
+            lines.append(f"| {r['kernel']} | {r['sparsity']:.0%} | {r['us']:.1f} | {r['gbps']:.0f} | {r['frac_of_copy']:.2f} |")
+    skipped = [r for r in results["rows"] if r.get("status") != "ok"]
+    if skipped:
+        lines += ["", f"Not measured: {len(skipped)} configurations ("
+                  + ", ".join(sorted({r.get('status', '?') for r in skipped})) + ")."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: str | Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ok = [r for r in rows if r.get("status") == "ok"]
+    models = list(dict.fromkeys(r["model"] for r in ok))
+    if not models:
+        return
+    n = len(models)
+    cols = min(4, n)
+    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4.2 * cols, 3.4 * ((n + cols - 1) // cols)),
+                             squeeze=False)
+    for ax, m in zip(axes.flat, models):
+        for mode in ("static", "shadowllm", "dejavu"):
+            pts = sorted((r["head_sparsity"], r["ms_per_token"]) for r in ok
+                         if r["model"] == m and r["mode"] == mode and r["batch"] == 1)
+            if pts:
+                ax.plot([p[0] * 100 for p in pts], [p[1] for p in pts], marker="o", label=mode)
+        d = [r["ms_per_token"] for r in ok if r["model"] == m and r["mode"] == "dense" and r["batch"] == 1]
+        if d:
+            ax.axhline(d[0], color="k", ls="--", lw=1, label="dense")
+        ax.set_title(f"{m}, batch 1")
+        ax.set_xlabel("sparsity (%)")
+        ax.set_ylabel("ms / token")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
+
+
+def plot_batches(rows: list[dict], model: str, path: str | Path) -> bool:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ok = [r for r in rows if r.get("status") == "ok" and r["model"] == model]
+    batches = sorted({r["batch"] for r in ok})
+    if len(batches) < 2:
+        return False
+    fig, axes = plt.subplots(1, len(batches), figsize=(3.6 * len(batches), 3.2), squeeze=False)
+    for ax, b in zip(axes.flat, batches):
+        for mode in ("static", "shadowllm", "dejavu"):
+            pts = sorted((r["head_sparsity"], r["ms_per_token"]) for r in ok if r["mode"] == mode and r["batch"] == b)
+            if pts:
+                ax.plot([p[0] * 100 for p in pts], [p[1] for p in pts], marker="o", label=mode)
+        d = [r["ms_per_token"] for r in ok if r["mode"] == "dense" and r["batch"] == b]
+        if d:
+            ax.axhline(d[0], color="k", ls="--", lw=1, label="dense")
+        ax.set_title(f"{model}, batch {b}")
+        ax.set_xlabel("sparsity (%)")
+        ax.set_ylabel("ms / step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
+    return True
+
+
+def write_all(results: dict, out_dir: str | Path, stem: str) -> list[Path]:
+    out = Path(out_dir)
+    paths = [out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}.csv"]
+    atomic_write(paths[0], json.dumps(results, indent=1, default=str))
+    atomic_write(paths[1], to_markdown(results))
+    atomic_write(paths[2], to_csv(results["rows"]))
+    try:
+        plot(results["rows"], out / f"{stem}_ms_vs_sparsity.png")
+        paths.append(out / f"{stem}_ms_vs_sparsity.png")
+        tm = results.get("summary_model", "llama-3-8b")
+        if plot_batches(results["rows"], tm, out / f"{stem}_batches.png"):
+            paths.append(out / f"{stem}_batches.png")
+    except ImportError:
+        pass  # matplotlib missing: tables still written
+    return paths
+
+
+def short_table(results: dict) -> str:
+    rows = results["rows"]
+    lines = [f"copy bandwidth {results.get('copy', {}).get('copy_gbps', 0):.0f} GB/s",
+             f"{'model':12s} {'B':>2s} {'dense':>7s} {'frac':>5s} | {'st50':>7s} {'sh50':>7s} {'dj50':>7s} | "
+             f"{'sh/dense':>8s} {'sh/dj':>6s} {'sh0%':>7s} {'st0%':>7s}"]
+    keys = list(dict.fromkeys((r["model"], r["batch"]) for r in rows if r.get("status") == "ok"))
+    for m, b in keys:
+        d = _find(rows, model=m, mode="dense", batch=b)
+        st, sh, dj = (_find(rows, model=m, mode=x, batch=b, head_sparsity=0.5) for x in ("static", "shadowllm", "dejavu"))
+        sh0 = _find(rows, model=m, mode="shadowllm", batch=b, head_sparsity=0.0)
+        st0 = _find(rows, model=m, mode="static", batch=b, head_sparsity=0.0)
+        g = lambda r: r["ms_per_token"] if r else float("nan")
+        lines.append(f"{m:12s} {b:2d} {g(d):7.3f} {(d or {}).get('frac_of_bound', float('nan')):5.2f} | {g(st):7.3f} "
+                     f"{g(sh):7.3f} {g(dj):7.3f} | {g(d) / g(sh):8.2f} {g(dj) / g(sh):6.2f} {g(sh0):7.3f} {g(st0):7.3f}")
+    for k, v in results.get("summary", {}).items():
+        if v.get("target") is not None:
+            lines.append(f"target {k}: {_fmt(v.get('value'), 3)} (goal {v['target']}) met={v.get('met')}")
+    return "\n".join(lines)

@@ -1,0 +1,247 @@
+"""The whole GPU measurement in one call: copy bandwidth, kernel tile sweep and gather-kernel bandwidth, then
+decode latency for every (model, mode, sparsity, batch) in the params, within a time budget.
+
+    python -m pipeline.bench.run_all [--params params.yaml] [--out results/benchmark] [--stem h200]
+
+Reads the `benchmark:` section of the params file if it has one (else the defaults below). Imports only
+torch/triton/numpy/stdlib (+ yaml, matplotlib when present).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULTS: dict = {
+    "models": ["llama-3-8b", "llama-2-7b", "qwen2.5-7b", "opt-1.3b", "opt-6.7b", "opt-13b", "opt-30b"],
+    "modes": ["dense", "static", "shadowllm", "dejavu"],
+    "sparsities": [0.0, 0.3, 0.5, 0.7, 0.9],
+    "batches": [1, 2, 4, 8, 16],
+    "batch_models": ["llama-3-8b"],
+    "prompt_len": 128,
+    "gen_len": 128,
+    "warmup_steps": 8,
+    "repeats": 1,
+    "overlap": True,
+    "shadowllm": {"hidden_heads": 2048, "hidden_neurons": 1024, "rank_heads": 0, "rank_neurons": 0},
+    "dejavu": {"hidden_heads": 1024, "hidden_neurons": 1024, "rank_heads": 0, "rank_neurons": 0},
+    "extra": [],             # ablations: [{name, model, mode, sparsity, batch, overlap?, shadowllm?/dejavu?}]
+    "sweep_tiles": True,
+    "micro_model": "llama-3-8b",
+    "summary_model": "llama-3-8b",
+    "time_budget_s": 480,
+    "seed": 0,
+}
+
+
+def load_params(path: str | None) -> dict:
+    cfg = copy.deepcopy(DEFAULTS)
+    if path:
+        p = Path(path)
+        text = p.read_text()
+        if p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+            data = yaml.safe_load(text) or {}
+        data = data.get("benchmark", data)
+        unknown = set(data) - set(DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown benchmark parameters: {sorted(unknown)}")
+        cfg.update(data)
+    return cfg
+
+
+def _log(*a):
+    print(*a, flush=True)
+
+
+def measure_one(shape, w, preds, *, mode, sparsity, batch, cfg, overlap, shadow_spec, dejavu_spec, copy_gbps,
+                dense_ms):
+    from . import bounds, timing
+    from .engine import DecodeEngine, EngineConfig
+    ecfg = EngineConfig(mode=mode, head_sparsity=sparsity, neuron_sparsity=sparsity, batch=batch,
+                        prompt_len=cfg["prompt_len"], gen_len=cfg["gen_len"], shadowllm=shadow_spec,
+                        dejavu=dejavu_spec, overlap=overlap, seed=cfg["seed"])
+    eng = DecodeEngine(shape, ecfg, weights=w, backend="triton", device="cuda", predictors=preds)
+    g = timing.capture(eng)
+    times = timing.time_decode(eng, g, warmup=cfg["warmup_steps"], repeats=cfg["repeats"])
+    t = timing.summarize(times)
+    heads, neurons = eng.plan.host_masks(shape)
+    ctx = cfg["prompt_len"] + (cfg["gen_len"] - 1) / 2
+    by = bounds.step_bytes(shape, heads, neurons, batch=batch, context=ctx, predictor_bytes=eng.predictor_bytes())
+    dense_by = bounds.dense_bytes(shape, batch=batch, context=ctx)
+    bd = bounds.bound(by["total_bytes"], dense_by["total_bytes"], copy_gbps)
+    row = {"model": shape.name, "mode": mode, "batch": batch, "head_sparsity": sparsity, "neuron_sparsity": sparsity,
+           **t, "tokens_per_s": batch * 1e3 / t["ms_per_token"],
+           "achieved_gbps": by["total_bytes"] / (t["ms_per_token"] * 1e-3) / 1e9, **by, **bd,
+           "frac_of_bound": bd["bound_ms"] / t["ms_per_token"],
+           "speedup_vs_dense": (dense_ms / t["ms_per_token"]) if dense_ms else None,
+           "predictor_params": eng.predictor_params(), "predictor_share": by["predictor_bytes"] / dense_by["total_bytes"],
+           "kept_heads_mean": float(heads[1:].sum(1).double().mean()) if shape.layers > 1 else float(shape.heads),
+           "kept_neurons_mean": float(neurons[1:].sum(1).double().mean()) if shape.layers > 1 else float(shape.ffn),
+           "overlap": overlap, "status": "ok"}
+    del g, eng
+    return row
+
+
+def run(cfg: dict, log=_log) -> dict:
+    from . import kernels_triton as KT
+    from . import microbench, report, timing
+    from .predictors import PredictorSpec, build_dejavu, build_shadowllm
+    from .shapes import get
+    from .weights import build
+    import triton
+
+    t0 = time.time()
+    budget = float(cfg["time_budget_s"])
+    props = torch.cuda.get_device_properties(0)
+    results: dict = {"device": props.name, "sm_count": props.multi_processor_count,
+                     "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+                     "params": cfg, "summary_model": cfg["summary_model"], "rows": []}
+    cp = timing.copy_bandwidth()
+    results["copy"] = cp
+    log(f"[bench] {props.name}: copy {cp['copy_gbps']:.0f} GB/s")
+    micro: dict = {"sweeps": [], "kernels": []}
+    if cfg["micro_model"]:
+        ms = get(cfg["micro_model"])
+        kb = microbench.KernelBench(ms)
+        if cfg["sweep_tiles"]:
+            for key, kern, cands in (("row", "gateup", microbench.ROW_CANDIDATES),
+                                     ("col", "down", microbench.COL_CANDIDATES)):
+                sw = microbench.sweep(kb, key, kern, cands)
+                micro["sweeps"].append(sw)
+                log(f"[bench] sweep {key}: best {sw['best']['config']} {sw['best']['gbps']:.0f} GB/s")
+            if any(b > 1 for b in cfg["batches"]):
+                kb16 = microbench.KernelBench(ms, batch=16, n_sets=3)
+                for key, kern, cands in (("row_dot", "gateup", microbench.ROW_DOT_CANDIDATES),
+                                         ("col_dot", "down", microbench.COL_DOT_CANDIDATES)):
+                    sw = microbench.sweep(kb16, key, kern, cands)
+                    micro["sweeps"].append(sw)
+                    log(f"[bench] sweep {key}: best {sw['best']['config']} {sw['best']['gbps']:.0f} GB/s")
+                del kb16
+        for kern in ("gateup", "down", "qkv", "o"):
+            for sp in (0.0, 0.5, 0.9):
+                r = kb.run(kern, sp)
+                r["frac_of_copy"] = r["gbps"] / cp["copy_gbps"]
+                micro["kernels"].append(r)
+        for kern in ("torch_gateup", "torch_down"):
+            r = kb.run(kern, 0.0)
+            r["frac_of_copy"] = r["gbps"] / cp["copy_gbps"]
+            micro["kernels"].append(r)
+        for r in micro["kernels"]:
+            log(f"[bench] kernel {r['kernel']:13s} s={r['sparsity']:.1f} {r['us']:8.1f} us {r['gbps']:6.0f} GB/s "
+                f"{r['frac_of_copy']:.2f} of copy")
+        del kb
+        gc.collect()
+        torch.cuda.empty_cache()
+    micro["config"] = copy.deepcopy(KT.CONFIG)
+    results["micro"] = micro
+
+    shadow_spec = PredictorSpec.from_dict(cfg["shadowllm"])
+    dejavu_spec = PredictorSpec.from_dict(cfg["dejavu"])
+    modes = cfg["modes"]
+    plan_list = []
+    for m in cfg["models"]:
+        for b in (cfg["batches"] if m in cfg["batch_models"] else [1]):
+            plan_list.append((m, b))
+    over = False
+    for model in cfg["models"]:
+        shape = get(model)
+        batches = [b for (m, b) in plan_list if m == model]
+        if over or time.time() - t0 > budget:
+            over = True
+            results["rows"] += [{"model": model, "batch": b, "status": "skipped: time budget"} for b in batches]
+            continue
+        w = build(shape, device="cuda", seed=cfg["seed"])
+        preds = {}
+        if "shadowllm" in modes or any(e.get("mode") == "shadowllm" for e in cfg["extra"]):
+            preds["shadowllm"] = build_shadowllm(shape, shadow_spec, device="cuda", dtype=torch.bfloat16)
+        if "dejavu" in modes or any(e.get("mode") == "dejavu" for e in cfg["extra"]):
+            preds["dejavu"] = build_dejavu(shape, dejavu_spec, device="cuda", dtype=torch.bfloat16)
+        for b in batches:
+            dense_ms = None
+            for mode in modes:
+                for sp in ([0.0] if mode == "dense" else cfg["sparsities"]):
+                    if time.time() - t0 > budget:
+                        over = True
+                        results["rows"].append({"model": model, "mode": mode, "batch": b, "head_sparsity": sp,
+                                                "status": "skipped: time budget"})
+                        continue
+                    try:
+                        row = measure_one(shape, w, preds, mode=mode, sparsity=sp, batch=b, cfg=cfg,
+                                          overlap=cfg["overlap"], shadow_spec=shadow_spec, dejavu_spec=dejavu_spec,
+                                          copy_gbps=cp["copy_gbps"], dense_ms=dense_ms)
+                    except Exception as e:  # record and go on: one call must bring back everything it can
+                        row = {"model": model, "mode": mode, "batch": b, "head_sparsity": sp,
+                               "status": f"error: {type(e).__name__}: {str(e)[:300]}"}
+                        log(f"[bench] {model} {mode} b={b} s={sp}: {row['status']}")
+                    else:
+                        if mode == "dense":
+                            dense_ms = row["ms_per_token"]
+                        log(f"[bench] {model:11s} b={b:2d} {mode:9s} s={sp:.1f} {row['ms_per_token']:7.3f} ms "
+                            f"{row['achieved_gbps']:6.0f} GB/s frac={row['frac_of_bound']:.2f} "
+                            f"x={row['speedup_vs_dense'] or 1:.2f} (bound {row['speedup_bound']:.2f}) "
+                            f"t={time.time() - t0:.0f}s")
+                    results["rows"].append(row)
+        for ex in cfg["extra"]:
+            if ex.get("model") != model or time.time() - t0 > budget:
+                continue
+            try:
+                row = measure_one(shape, w, preds, mode=ex["mode"], sparsity=float(ex["sparsity"]),
+                                  batch=int(ex.get("batch", 1)), cfg=cfg, overlap=bool(ex.get("overlap", cfg["overlap"])),
+                                  shadow_spec=shadow_spec, dejavu_spec=dejavu_spec, copy_gbps=cp["copy_gbps"],
+                                  dense_ms=None)
+                row["variant"] = ex.get("name", "extra")
+                results.setdefault("extra_rows", []).append(row)
+                log(f"[bench] extra {row['variant']}: {row['ms_per_token']:.3f} ms")
+            except Exception as e:
+                log(f"[bench] extra {ex}: {type(e).__name__}: {e}")
+        del w, preds
+        gc.collect()
+        torch.cuda.empty_cache()
+    # speedups vs dense of the same model and batch
+    dense_of = {(r["model"], r["batch"]): r["ms_per_token"] for r in results["rows"]
+                if r.get("status") == "ok" and r["mode"] == "dense"}
+    for r in results["rows"]:
+        if r.get("status") == "ok" and (r["model"], r["batch"]) in dense_of:
+            r["speedup_vs_dense"] = dense_of[(r["model"], r["batch"])] / r["ms_per_token"]
+    results["summary"] = report.summarize(results["rows"], micro, cfg["summary_model"])
+    results["wall_s"] = time.time() - t0
+    return results
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default=None)
+    ap.add_argument("--out", default="results/benchmark")
+    ap.add_argument("--stem", default="h200")
+    ap.add_argument("--set", action="append", default=[], help="override: key=json (e.g. models='[\"opt-1.3b\"]')")
+    a = ap.parse_args(argv)
+    cfg = load_params(a.params)
+    for kv in a.set:
+        k, v = kv.split("=", 1)
+        if k not in DEFAULTS:
+            raise SystemExit(f"unknown parameter {k}")
+        cfg[k] = json.loads(v)
+    if not torch.cuda.is_available():
+        print("benchmark: no CUDA device; nothing measured")
+        return 0
+    from . import report
+    res = run(cfg)
+    paths = report.write_all(res, a.out, a.stem)
+    print(report.short_table(res))
+    print("wrote", ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
