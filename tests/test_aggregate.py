@@ -1,0 +1,142 @@
+"""Aggregation (SPEC §4): static means, per-layer min-max targets, the scores files, the aggregate stage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from pipeline import aggregate as agg
+
+from conftest import tiny_model
+
+CRITERIA = ["plainact", "l2_norm", "jacov"]  # jacov: static-only (heads only)
+FINGERPRINT = "tiny-llama-fp"
+
+
+def build_traces(out_dir: Path, n: int = 64, seed: int = 0) -> Path:
+    """A real trace directory: tiny random Llama (GQA), random token sequences, the collect loop."""
+    from pipeline.collect import CollectSettings, Sequence, collect
+    from pipeline.models.adapters import resolve
+
+    model = tiny_model("llama")
+    layout = resolve(model)
+    rng = np.random.default_rng(seed)
+    seqs = [Sequence(f"ex{i:03d}", "synthetic", tuple(int(v) for v in rng.integers(0, 96, int(rng.integers(6, 14)))), 3)
+            for i in range(n)]
+    meta = {"model": {"id": "tiny-llama", "fingerprint": FINGERPRINT, "dims": layout.dims()}}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only add overhead
+    try:
+        with np.errstate(over="ignore"):  # float16 storage overflows on jacov for this random model
+            collect(model, layout, seqs, out_dir, CollectSettings(criteria=CRITERIA, shard_size=32), meta, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return out_dir
+
+
+def write_params(path: Path, **sections) -> Path:
+    path.write_text(yaml.safe_dump(sections))
+    return path
+
+
+@pytest.fixture(scope="session")
+def trace_dir(tmp_path_factory) -> Path:
+    return build_traces(tmp_path_factory.mktemp("traces"))
+
+
+@pytest.fixture(autouse=True)
+def _no_tracking(monkeypatch):
+    monkeypatch.setenv("SHADOWLLM_TRACKING", "0")
+
+
+class FakeTraces:
+    def __init__(self, heads: np.ndarray, neurons: np.ndarray):
+        self._s = {"heads": heads, "neurons": neurons}
+
+    def scores(self, criterion: str, unit: str) -> np.ndarray:
+        return self._s[unit]
+
+
+def test_minmax_per_layer_by_hand():
+    x = np.array([[[1.0, 3.0, 2.0], [5.0, 5.0, 5.0]],
+                  [[-2.0, 0.0, 2.0], [0.0, 10.0, 5.0]]])
+    expect = np.array([[[0.0, 1.0, 0.5], [0.0, 0.0, 0.0]],
+                       [[0.0, 0.5, 1.0], [0.0, 1.0, 0.5]]])
+    np.testing.assert_allclose(agg.minmax_per_layer(x), expect)
+
+
+def test_static_scores_is_the_mean_by_hand():
+    heads = np.array([[[1.0, 2.0]], [[3.0, 6.0]]])  # N=2, L=1, H=2
+    neurons = np.array([[[0.0, 4.0, 8.0]], [[2.0, 0.0, 2.0]]])
+    s = agg.static_scores(FakeTraces(heads, neurons), "plainact")
+    np.testing.assert_allclose(s["heads"], [[2.0, 4.0]])
+    np.testing.assert_allclose(s["neurons"], [[1.0, 2.0, 5.0]])
+    assert set(agg.static_scores(FakeTraces(heads, neurons), "jacov")) == {"heads"}  # static-only, heads only
+
+
+def test_non_finite_clipped_to_the_layer_range():
+    x = np.array([[[1.0, np.inf, 3.0, -np.inf, np.nan]]])
+    clean, n_bad = agg.clean(x)
+    assert n_bad == 3
+    np.testing.assert_allclose(clean, [[[1.0, 3.0, 3.0, 1.0, 1.0]]])
+
+
+def test_scores_round_trip_and_refusals(tmp_path, trace_dir):
+    from pipeline.traces import Traces
+
+    tr = Traces.open(trace_dir)
+    static = {c: agg.static_scores(tr, c) for c in tr.criteria}
+    tgt, _ = agg.targets(tr, "plainact")
+    agg.save_scores(tmp_path, static, {"plainact": tgt}, agg.scores_meta(tr, list(static), ["plainact"]))
+    back = agg.load_static(tmp_path, "plainact", model_fingerprint=FINGERPRINT)
+    assert set(back) == {"heads", "neurons"}
+    np.testing.assert_array_equal(back["heads"], static["plainact"]["heads"])
+    np.testing.assert_array_equal(back["neurons"], static["plainact"]["neurons"])
+    assert set(agg.load_static(tmp_path, "jacov")) == {"heads"}
+    t = agg.load_targets(tmp_path, "plainact")
+    np.testing.assert_array_equal(t["heads"], tgt["heads"])
+    assert t["neurons"].shape == (64, 3, 48) and t["neurons"].min() >= 0 and t["neurons"].max() <= 1
+    meta = agg.load_meta(tmp_path)
+    assert meta["trace_params_hash"] == tr.meta["params_hash"] and meta["model"]["fingerprint"] == FINGERPRINT
+    with pytest.raises(ValueError, match="other-fp"):
+        agg.load_static(tmp_path, "plainact", model_fingerprint="other-fp")
+    with pytest.raises(ValueError, match="no static scores for criterion 'fisher'"):
+        agg.load_static(tmp_path, "fisher")
+    with pytest.raises(ValueError, match="no predictor targets for criterion 'l2_norm'"):
+        agg.load_targets(tmp_path, "l2_norm")
+
+
+def test_aggregate_stage_end_to_end(tmp_path, trace_dir):
+    from stages.aggregate import cli
+
+    params = write_params(tmp_path / "params.yaml", aggregate={"targets": ["plainact", "l2_norm"], "heatmap": "plainact"})
+    out = tmp_path / "scores"
+    res = CliRunner().invoke(cli, ["--params", str(params), "--traces", str(trace_dir), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((out / "scores.json").read_text())
+    assert meta["criteria"] == sorted(CRITERIA) and meta["targets"] == ["l2_norm", "plainact"]
+    assert meta["non_finite"] == {"plainact": 0, "l2_norm": 0}
+    assert (out / "heatmap-plainact.png").stat().st_size > 1000
+    assert (out / "targets-l2_norm.safetensors").is_file()
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"targets": ["jacov"]}, "aggregate.targets: criterion 'jacov' is static-only"),
+    ({"targets": ["fisher"]}, "aggregate.targets: criterion 'fisher' is not in the traces"),
+    ({"targets": ["nope"]}, "aggregate.targets: unknown criterion 'nope'"),
+    ({"targets": ["plainact"], "heatmap": "grasp"}, "aggregate.heatmap"),
+])
+def test_aggregate_stage_bad_params(tmp_path, trace_dir, section, message):
+    from stages.aggregate import cli
+
+    params = write_params(tmp_path / "params.yaml", aggregate=section)
+    res = CliRunner().invoke(cli, ["--params", str(params), "--traces", str(trace_dir), "--out", str(tmp_path / "s")])
+    assert res.exit_code == 1 and message in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "s").exists()

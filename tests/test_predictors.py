@@ -1,0 +1,225 @@
+"""Predictors (SPEC §6): learnability, input handling, files, ranking metrics, the train stage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline.predictors import build, load_predictor, save_predictor
+from pipeline.predictors.fit import FitSettings, evaluate, fit, split_indices
+from pipeline.predictors.size import layer_params
+from pipeline.ranking import spearman_joint, spearman_per_layer, topk_recall
+
+from test_aggregate import FINGERPRINT, trace_dir, write_params, _no_tracking  # noqa: F401 (fixtures)
+
+DIMS = {"arch": "llama", "n_layers": 3, "n_heads": 8, "n_kv_heads": 2, "head_dim": 4, "hidden": 32, "ffn_dim": 24}
+SMALL = {"hidden_heads": 16, "hidden_neurons": 16}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: threading only adds overhead
+    yield
+    torch.set_num_threads(n)
+
+
+def _synthetic(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features x ~ N(0, 1) [n, H*D] and targets = a fixed random linear map of x.
+
+    The map's columns sum to zero, so W x = span(x) · W minmax(x): the target's per-example ranking is
+    fully determined by the min-max-normalised features the predictor sees (it is learnable)."""
+    rng = np.random.default_rng(seed)
+    e = DIMS["n_heads"] * DIMS["head_dim"]
+    x = rng.normal(size=(n, e)).astype(np.float32)
+    wh = rng.normal(size=(e, DIMS["n_layers"] * DIMS["n_heads"])).astype(np.float32)
+    wn = rng.normal(size=(e, DIMS["n_layers"] * DIMS["ffn_dim"])).astype(np.float32)
+    wh -= wh.mean(0)
+    wn -= wn.mean(0)
+    yh = (x @ wh / 6).reshape(n, DIMS["n_layers"], DIMS["n_heads"])
+    yn = (x @ wn / 6).reshape(n, DIMS["n_layers"], DIMS["ffn_dim"])
+    return x, yh, yn
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_shadowllm_learns_a_linear_target_and_not_a_shuffled_one(shuffle):
+    x, yh, yn = _synthetic(800)
+    if shuffle:  # break the feature -> target link
+        perm = np.random.default_rng(1).permutation(len(x))
+        yh, yn = yh[perm], yn[perm]
+    train, val = split_indices(len(x), 0.25, seed=0)
+    torch.manual_seed(0)
+    pred = build("shadowllm", "plainact", DIMS, {"hidden_heads": 128, "hidden_neurons": 128})
+    fit(pred, x, yh, yn, train, val, FitSettings(epochs=30, lr=1e-2, batch_size=16, seed=0))
+    m = evaluate(pred, x[val], yh[val], yn[val], [0.5])
+    rho = [m["heads"]["spearman_joint"], m["neurons"]["spearman_joint"]]
+    if shuffle:
+        assert all(abs(r) < 0.15 for r in rho), rho
+    else:
+        assert all(r > 0.95 for r in rho), rho
+
+
+def test_split_is_seeded_and_disjoint():
+    a = split_indices(50, 0.2, 3)
+    b = split_indices(50, 0.2, 3)
+    assert all(np.array_equal(p, q) for p, q in zip(a, b))
+    assert len(a[1]) == 10 and not set(a[0]) & set(a[1]) and len(a[0]) + len(a[1]) == 50
+    assert not np.array_equal(split_indices(50, 0.2, 4)[1], a[1])
+
+
+def test_input_is_normalised_inside_forward():
+    torch.manual_seed(0)
+    x = torch.randn(5, 32)
+    for kind, inp in (("shadowllm", x), ("dejavu", x.view(5, 1, 32).expand(5, 3, 32))):
+        pred = build(kind, "plainact", DIMS, SMALL).eval()
+        with torch.no_grad():
+            a, b = pred(inp), pred(3.0 * inp + 7.0)  # per-example min-max removes any positive affine map
+        torch.testing.assert_close(a, b)
+
+
+def test_shadowllm_shapes_and_layer_slice():
+    pred = build("shadowllm", "plainact", DIMS, {**SMALL, "rank_neurons": 4}).eval()
+    x = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        h, n = pred.predict_all(x)
+        assert h.shape == (2, 7, 3, 8) and n.shape == (2, 7, 3, 24)
+        h1, n1 = pred.predict_layer(1, x)
+    torch.testing.assert_close(h1, h[..., 1, :])
+    torch.testing.assert_close(n1, n[..., 1, :])
+    assert pred.input_kind == "l0_heads" and pred.layers == [0, 1, 2]
+    assert pred.neurons.down.shape == (1, 16, 4)  # low-rank output factor
+
+
+def test_dejavu_reads_own_layer_and_lookahead_reads_previous_layer():
+    feats = {"feat_layers": np.random.default_rng(0).normal(size=(4, 3 * 32)).astype(np.float32)}
+    per_layer = build("dejavu", "l2_norm", DIMS, SMALL).eval()
+    ahead = build("dejavu_lookahead", "l2_norm", DIMS, SMALL).eval()
+    assert per_layer.layers == [0, 1, 2] and ahead.layers == [1, 2]
+    layer_in = feats["feat_layers"].reshape(4, 3, 32)
+    np.testing.assert_array_equal(per_layer.inputs(feats), layer_in)
+    np.testing.assert_array_equal(ahead.inputs(feats), layer_in[:, :2])  # layer l <- input of layer l-1
+    with torch.no_grad():
+        full_h, full_n = ahead(torch.from_numpy(ahead.inputs(feats)))
+        h2, n2 = ahead.predict_layer(2, torch.from_numpy(layer_in[:, 1]))  # layer 2 from layer 1's input
+        torch.testing.assert_close(h2, full_h[:, 1])
+        torch.testing.assert_close(n2, full_n[:, 1])
+        # perturbing layer 2's own input does not change the look-ahead prediction for layer 2
+        moved = feats["feat_layers"].reshape(4, 3, 32).copy()
+        moved[:, 2] += np.random.default_rng(1).normal(size=(4, 32)).astype(np.float32)
+        torch.testing.assert_close(ahead(torch.from_numpy(ahead.inputs({"feat_layers": moved.reshape(4, -1)})))[0], full_h)
+        h2_own, _ = per_layer.predict_layer(2, torch.from_numpy(layer_in[:, 2]))
+        torch.testing.assert_close(h2_own, per_layer(torch.from_numpy(layer_in))[0][:, 2])
+    with pytest.raises(ValueError, match="no predictor for layer 0"):
+        ahead.predict_layer(0, torch.zeros(32))
+
+
+@pytest.mark.parametrize("kind", ["shadowllm", "dejavu_lookahead"])
+def test_save_load_round_trip_and_fingerprint_refusal(tmp_path, kind):
+    torch.manual_seed(0)
+    pred = build(kind, "fisher", DIMS, {**SMALL, "rank_heads": 3}).eval()
+    save_predictor(pred, tmp_path / "p", {"model_fingerprint": "fp-A", "trace_params_hash": "t", "metrics": {"x": 1.0}})
+    back = load_predictor(tmp_path / "p", model_fingerprint="fp-A")
+    assert back.kind == kind and back.criterion == "fisher" and back.widths == pred.widths
+    for k, v in pred.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[k], v, rtol=0, atol=0)
+    cfg = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert cfg["model_fingerprint"] == "fp-A" and cfg["n_params"] == pred.n_params()
+    with pytest.raises(ValueError, match="fp-A.*fp-B"):
+        load_predictor(tmp_path / "p", model_fingerprint="fp-B")
+
+
+def test_ranking_metrics_by_hand():
+    true = np.array([[[1.0, 2.0, 3.0, 4.0]]])
+    assert spearman_joint(true, true) == pytest.approx(1.0)
+    assert spearman_joint(-true, true) == pytest.approx(-1.0)
+    pred = np.array([[[1.0, 2.0, 4.0, 3.0]]])  # d² = 0+0+1+1 -> ρ = 1 - 6·2/(4·15) = 0.8
+    assert spearman_joint(pred, true) == pytest.approx(0.8)
+    # two layers: joint ranks 8 units together; per-layer averages the two layers' ρ
+    t2 = np.array([[[1.0, 2.0], [3.0, 4.0]]])
+    p2 = np.array([[[2.0, 1.0], [3.0, 4.0]]])
+    assert spearman_per_layer(p2, t2) == pytest.approx(0.0)  # (-1 + 1) / 2
+    assert spearman_joint(p2, t2) == pytest.approx(0.8)
+    # sparsity 0.5 keeps 2 of 4: true {2, 3}, predicted {2, 3} -> 1; pred2 keeps {0, 3} -> 0.5
+    assert topk_recall(pred, true, 0.5) == pytest.approx(1.0)
+    assert topk_recall(np.array([[[5.0, 0.0, 1.0, 9.0]]]), true, 0.5) == pytest.approx(0.5)
+    # local pool: top-1 of each layer of t2 (units 1 and 1); p2 picks unit 0 then 1 -> 0.5
+    assert topk_recall(p2, t2, 0.5, pool="local") == pytest.approx(0.5)
+
+
+def test_layer_params_counts_gqa_and_gating():
+    d = {"arch": "llama", "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "head_dim": 8, "hidden": 32, "ffn_dim": 48}
+    per_layer = 32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 48
+    assert layer_params(d) == 2 * per_layer
+    assert layer_params({**d, "arch": "opt", "n_kv_heads": 4}) == 2 * (4 * 32 * 32 + 2 * 32 * 48)
+
+
+# ---- the stages end to end -----------------------------------------------------------------------
+
+TRAIN = {"kinds": ["shadowllm", "dejavu", "dejavu_lookahead"],
+         "widths": {k: {"hidden_heads": 16, "hidden_neurons": 32, "rank_neurons": 8} for k in
+                    ("shadowllm", "dejavu", "dejavu_lookahead")},
+         "epochs": 3, "lr": 1e-3, "weight_decay": 0.01, "batch_size": 16, "val_fraction": 0.25, "seed": 0,
+         "device": "cpu", "sparsities": [0.3, 0.5, 0.7]}
+AGG = {"targets": ["plainact", "l2_norm"], "heatmap": "plainact"}
+
+
+@pytest.fixture(scope="module")
+def scores_dir(trace_dir, tmp_path_factory) -> Path:
+    from stages.aggregate import run
+
+    out = tmp_path_factory.mktemp("scores")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SHADOWLLM_TRACKING", "0")
+        run(str(write_params(out.parent / "agg-params.yaml", aggregate=AGG)), str(trace_dir), str(out))
+    return out
+
+
+def _train(tmp_path: Path, trace_dir: Path, scores_dir: Path, **train):
+    from stages.train import cli
+
+    params = write_params(tmp_path / "params.yaml", aggregate=train.pop("aggregate", AGG), train={**TRAIN, **train})
+    return CliRunner().invoke(cli, ["--params", str(params), "--traces", str(trace_dir), "--scores", str(scores_dir),
+                                    "--out", str(tmp_path / "pred"), "--metrics", str(tmp_path / "metrics.json"),
+                                    "--plots", str(tmp_path / "plots")])
+
+
+def test_train_stage_end_to_end(tmp_path, trace_dir, scores_dir):
+    res = _train(tmp_path, trace_dir, scores_dir)
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["split"] == {"n_train": 48, "n_val": 16, "seed": 0, "val_example_order": metrics["split"]["val_example_order"]}
+    for c in AGG["targets"]:
+        for k in TRAIN["kinds"]:
+            m = metrics["predictors"][c][k]
+            for unit in ("heads", "neurons"):
+                assert -1 <= m[unit]["spearman_joint"] <= 1 and 0 <= m[unit]["recall_global_s0.5"] <= 1
+            assert m["size"]["params"] > 0 and 0 < m["size"]["share_of_model"]
+            pred = load_predictor(tmp_path / "pred" / f"{k}-{c}", model_fingerprint=FINGERPRINT)
+            assert pred.kind == k and pred.criterion == c
+            curves = (tmp_path / "plots" / f"{k}-{c}.csv").read_text().splitlines()
+            assert curves[0].startswith("epoch,") and len(curves) == 1 + TRAIN["epochs"]
+            assert (tmp_path / "plots" / f"{k}-{c}.png").is_file()
+    assert metrics["predictors"]["plainact"]["dejavu"]["size"]["params"] > \
+        metrics["predictors"]["plainact"]["dejavu_lookahead"]["size"]["params"]  # L vs L-1 per-layer MLPs
+    report = (tmp_path / "pred" / "report.md").read_text()
+    assert report.count("| plainact |") == 3 and "| l2_norm | dejavu_lookahead |" in report
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"kinds": ["shadowllm", "magic"]}, "train.kinds: unknown predictor kind 'magic'"),
+    ({"sparsities": [0.5, 1.0]}, "train.sparsities must be in [0, 1)"),
+    ({"aggregate": {"targets": ["jacov"]}}, "aggregate.targets: criterion 'jacov' is static-only"),
+    ({"aggregate": {"targets": ["fisher"]}}, "aggregate.targets: no targets for 'fisher'"),
+    ({"widths": {"shadowllm": {"hidden_heads": 8}}}, "train.widths"),
+    ({"epochs": 0}, "train.epochs must be an integer >= 1"),
+])
+def test_train_stage_bad_params(tmp_path, trace_dir, scores_dir, change, message):
+    res = _train(tmp_path, trace_dir, scores_dir, **change)
+    assert res.exit_code == 1 and message in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "pred").exists() and not (tmp_path / "metrics.json").exists()
