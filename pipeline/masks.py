@@ -5,7 +5,8 @@ Layer 0 (more generally `dense_layers`) is never pruned; the nominal sparsity s 
 *prunable* layers and the removed count is `round(s · n_prunable_units)`:
 
 - `local`:  every prunable layer loses round(s · U) of its lowest-scored units;
-- `global`: round(s · (L_p · U)) lowest units of all prunable layers ranked together;
+- `global`: round(s · (L_p · U)) lowest units of all prunable layers ranked together (each layer
+  keeps at least its best unit);
 - `hybrid`: global, but every prunable layer keeps at least ceil(min_keep · U) units (its best ones).
 
 The *effective* sparsity counts layer 0: removed / (L · U). Counts are fixed, so every token of a
@@ -110,7 +111,6 @@ def keep_mask(scores: Tensor | np.ndarray, sparsity: float, scope: str = "global
         return keep
     idx = torch.tensor(layers, device=x.device)
     sub = x.index_select(-2, idx)  # [..., Lp, U]
-    x = torch.nan_to_num(x, nan=-math.inf)
     sub = torch.nan_to_num(sub, nan=-math.inf)
     if scope == "local":
         k = counts["per_layer"]
@@ -118,12 +118,11 @@ def keep_mask(scores: Tensor | np.ndarray, sparsity: float, scope: str = "global
         sub_keep = torch.ones_like(sub, dtype=torch.bool).scatter(-1, order, False)
     else:
         flat = sub.flatten(-2)
-        if scope == "hybrid":
-            floor = int(math.ceil(min_keep * U))
-            if floor > 0:  # protect each layer's best `floor` units
-                top = torch.topk(sub, floor, dim=-1).indices
-                guard = torch.zeros_like(sub, dtype=torch.bool).scatter(-1, top, True).flatten(-2)
-                flat = flat.masked_fill(guard, math.inf)
+        floor = int(math.ceil(min_keep * U)) if scope == "hybrid" else 1
+        if floor > 0:  # protect each layer's best `floor` units (global: one, so no layer vanishes)
+            top = torch.topk(sub, min(floor, U), dim=-1).indices
+            guard = torch.zeros_like(sub, dtype=torch.bool).scatter(-1, top, True).flatten(-2)
+            flat = flat.masked_fill(guard, math.inf)
         order = torch.sort(flat, dim=-1, stable=True).indices[..., : counts["removed"]]
         sub_keep = torch.ones_like(flat, dtype=torch.bool).scatter(-1, order, False).view(sub.shape)
     keep.index_copy_(-2, idx, sub_keep)
