@@ -28,9 +28,9 @@ _SEL = {"dense": 0, "units": 1, "index": 2}
 
 # Tile choices; run_all may overwrite them from the micro-benchmark sweep.
 CONFIG = {
-    "row": {"BN": 16, "BK": 512, "warps": 4},        # batch 1
-    "row_dot": {"BN": 32, "BK": 256, "warps": 4},    # batch 2..16 (tensor cores, M padded to 16)
-    "col": {"BN": 256, "BK": 32, "KPP": 256, "warps": 4},
+    "row": {"BN": 8, "BK": 512, "warps": 4, "DEFER": True},         # batch 1
+    "row_dot": {"BN": 32, "BK": 256, "warps": 4},                   # batch 2..16 (tensor cores, M padded to 16)
+    "col": {"BN": 256, "BK": 16, "KPP": 256, "warps": 4, "DEFER": True},
     "col_dot": {"BN": 128, "BK": 64, "KPP": 256, "warps": 4},
     "attn": {"BT": 64, "warps": 4},
 }
@@ -42,7 +42,8 @@ def _row_kernel(x_ptr, stride_xb, B, K,
                 out_ptr, stride_ob, N,
                 mask_ptr, idx_ptr, count_ptr, eps,
                 G: tl.constexpr, SEL: tl.constexpr, NORM: tl.constexpr, ACT: tl.constexpr,
-                HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                DEFER: tl.constexpr):
     pid = tl.program_id(0)
     r0 = pid * BN
     offs_n = r0 + tl.arange(0, BN)
@@ -66,6 +67,8 @@ def _row_kernel(x_ptr, stride_xb, B, K,
     bmask = offs_b < B
     acc = tl.zeros([BM, BN], tl.float32)
     acc2 = tl.zeros([BM, BN], tl.float32)
+    part = tl.zeros([BN, BK], tl.float32)     # DEFER: elementwise partial products, reduced once after the loop
+    part2 = tl.zeros([BN, BK], tl.float32)
     s1 = tl.zeros([BM], tl.float32)
     s2 = tl.zeros([BM], tl.float32)
     mn = tl.full([BM], float("inf"), tl.float32)
@@ -80,9 +83,14 @@ def _row_kernel(x_ptr, stride_xb, B, K,
         if ACT == 2:
             w2 = tl.load(w2_ptr + rows64[:, None] * K + offs_k[None, :], mask=wmask, other=0.0)
         if BM == 1:
-            acc += tl.sum(w.to(tl.float32) * x, axis=1)[None, :]
-            if ACT == 2:
-                acc2 += tl.sum(w2.to(tl.float32) * x, axis=1)[None, :]
+            if DEFER:
+                part += w.to(tl.float32) * x
+                if ACT == 2:
+                    part2 += w2.to(tl.float32) * x
+            else:
+                acc += tl.sum(w.to(tl.float32) * x, axis=1)[None, :]
+                if ACT == 2:
+                    acc2 += tl.sum(w2.to(tl.float32) * x, axis=1)[None, :]
         else:
             xb = x.to(w.dtype)
             acc = tl.dot(xb, tl.trans(w), acc)
@@ -94,6 +102,10 @@ def _row_kernel(x_ptr, stride_xb, B, K,
         if NORM == 3:
             mn = tl.minimum(mn, tl.min(tl.where(kmask[None, :], x, float("inf")), axis=1))
             mx = tl.maximum(mx, tl.max(tl.where(kmask[None, :], x, float("-inf")), axis=1))
+    if BM == 1 and DEFER:
+        acc = tl.sum(part, axis=1)[None, :]
+        if ACT == 2:
+            acc2 = tl.sum(part2, axis=1)[None, :]
     # epilogue: normalisation, bias, activation
     if NORM == 1:
         rstd = 1.0 / tl.sqrt(s2 / K + eps)
@@ -130,7 +142,7 @@ def _row_kernel(x_ptr, stride_xb, B, K,
 def _col_kernel(h_ptr, stride_hb, B, w_ptr, b_ptr, out_ptr, stride_ob, N, R,
                 mask_ptr, idx_ptr, count_ptr,
                 G: tl.constexpr, SEL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KPP: tl.constexpr):
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KPP: tl.constexpr, DEFER: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -154,6 +166,7 @@ def _col_kernel(h_ptr, stride_hb, B, w_ptr, b_ptr, out_ptr, stride_ob, N, R,
         if k_start >= lim:
             return
     acc = tl.zeros([BM, BN], tl.float32)
+    part = tl.zeros([BK, BN], tl.float32)
     for k0 in range(0, KPP, BK):
         offs_k = k_start + k0 + tl.arange(0, BK)
         kmask = offs_k < lim
@@ -165,11 +178,16 @@ def _col_kernel(h_ptr, stride_hb, B, w_ptr, b_ptr, out_ptr, stride_ob, N, R,
                     mask=kmask[:, None] & nmask[None, :], other=0.0)
         if BM == 1:
             h = tl.load(h_ptr + offs_k, mask=kmask, other=0.0).to(tl.float32)
-            acc += tl.sum(w.to(tl.float32) * h[:, None], axis=0)[None, :]
+            if DEFER:
+                part += w.to(tl.float32) * h[:, None]
+            else:
+                acc += tl.sum(w.to(tl.float32) * h[:, None], axis=0)[None, :]
         else:
             h = tl.load(h_ptr + offs_b[:, None] * stride_hb + offs_k[None, :],
                         mask=bmask[:, None] & kmask[None, :], other=0.0)
             acc = tl.dot(h.to(w.dtype), w, acc)
+    if BM == 1 and DEFER:
+        acc = tl.sum(part, axis=0)[None, :]
     tl.atomic_add(out_ptrs, acc, mask=omask, sem="relaxed")
 
 
@@ -321,7 +339,8 @@ def row_gemv(x: torch.Tensor, lin: Linear, out: torch.Tensor, *, lin2: Linear | 
                       lin.w, b, c, w2.w, w2.bias if has_bias else x, w2.rowsum if w2.rowsum is not None else x,
                       out, out.stride(0), N, mask, idx, count, eps,
                       G=sel.group, SEL=_SEL[sel.kind], NORM=_NORM[norm], ACT=_ACT[act], HAS_BIAS=has_bias,
-                      BM=1 if B == 1 else 16, BN=BN, BK=cfg["BK"], num_warps=cfg["warps"])
+                      BM=1 if B == 1 else 16, BN=BN, BK=cfg["BK"], DEFER=bool(cfg.get("DEFER", False)),
+                      num_warps=cfg["warps"])
 
 
 def col_gemv_add(h: torch.Tensor, lin: Linear, out: torch.Tensor, *, sel: Sel) -> None:
@@ -338,7 +357,8 @@ def col_gemv_add(h: torch.Tensor, lin: Linear, out: torch.Tensor, *, sel: Sel) -
     grid = (triton.cdiv(N, cfg["BN"]), triton.cdiv(R, kpp))
     _col_kernel[grid](h, h.stride(0), B, lin.w, lin.bias if lin.bias is not None else out, out, out.stride(0), N, R,
                       mask, idx, count, G=sel.group, SEL=_SEL[sel.kind], HAS_BIAS=lin.bias is not None,
-                      BM=1 if B == 1 else 16, BN=cfg["BN"], BK=bk, KPP=kpp, num_warps=cfg["warps"])
+                      BM=1 if B == 1 else 16, BN=cfg["BN"], BK=bk, KPP=kpp, DEFER=bool(cfg.get("DEFER", False)),
+                      num_warps=cfg["warps"])
 
 
 def rope_tables(max_pos, head_dim, theta, device):

@@ -33,7 +33,16 @@ DEFAULTS: dict = {
     "overlap": True,
     "shadowllm": {"hidden_heads": 2048, "hidden_neurons": 1024, "rank_heads": 0, "rank_neurons": 0},
     "dejavu": {"hidden_heads": 1024, "hidden_neurons": 1024, "rank_heads": 0, "rank_neurons": 0},
-    "extra": [],             # ablations: [{name, model, mode, sparsity, batch, overlap?, shadowllm?/dejavu?}]
+    # ablations (reported apart): [{name, model, mode, sparsity, batch?, overlap?, shadowllm?: widths, dejavu?: widths}]
+    "extra": [
+        {"name": "dejavu-sync", "model": "llama-3-8b", "mode": "dejavu", "sparsity": 0.5, "overlap": False},
+        {"name": "shadowllm-sync", "model": "llama-3-8b", "mode": "shadowllm", "sparsity": 0.5, "overlap": False},
+        {"name": "dejavu-sync@0", "model": "llama-3-8b", "mode": "dejavu", "sparsity": 0.0, "overlap": False},
+        {"name": "shadowllm-r256", "model": "llama-3-8b", "mode": "shadowllm", "sparsity": 0.5,
+         "shadowllm": {"hidden_heads": 2048, "hidden_neurons": 1024, "rank_heads": 0, "rank_neurons": 256}},
+        {"name": "shadowllm-r256@0", "model": "llama-3-8b", "mode": "shadowllm", "sparsity": 0.0,
+         "shadowllm": {"hidden_heads": 2048, "hidden_neurons": 1024, "rank_heads": 0, "rank_neurons": 256}},
+    ],
     "sweep_tiles": True,
     "micro_model": "llama-3-8b",
     "summary_model": "llama-3-8b",
@@ -116,7 +125,8 @@ def run(cfg: dict, log=_log) -> dict:
         kb = microbench.KernelBench(ms)
         if cfg["sweep_tiles"]:
             for key, kern, cands in (("row", "gateup", microbench.ROW_CANDIDATES),
-                                     ("col", "down", microbench.COL_CANDIDATES)):
+                                     ("col", "down", microbench.COL_CANDIDATES),
+                                     ("attn", "attn", microbench.ATTN_CANDIDATES)):
                 sw = microbench.sweep(kb, key, kern, cands)
                 micro["sweeps"].append(sw)
                 log(f"[bench] sweep {key}: best {sw['best']['config']} {sw['best']['gbps']:.0f} GB/s")
@@ -128,15 +138,16 @@ def run(cfg: dict, log=_log) -> dict:
                     micro["sweeps"].append(sw)
                     log(f"[bench] sweep {key}: best {sw['best']['config']} {sw['best']['gbps']:.0f} GB/s")
                 del kb16
-        for kern in ("gateup", "down", "qkv", "o"):
-            for sp in (0.0, 0.5, 0.9):
-                r = kb.run(kern, sp)
+        for kern, sps in (("gateup", (0.0, 0.5, 0.9)), ("down", (0.0, 0.5, 0.9)), ("qkv", (0.0, 0.5, 0.9)),
+                          ("o", (0.0, 0.5, 0.9)), ("attn", (0.0, 0.5)), ("torch_gateup", (0.0,)), ("torch_down", (0.0,))):
+            for sp in sps:
+                try:
+                    r = kb.run(kern, sp)
+                except Exception as e:
+                    log(f"[bench] kernel {kern} s={sp}: {type(e).__name__}: {str(e)[:200]}")
+                    continue
                 r["frac_of_copy"] = r["gbps"] / cp["copy_gbps"]
                 micro["kernels"].append(r)
-        for kern in ("torch_gateup", "torch_down"):
-            r = kb.run(kern, 0.0)
-            r["frac_of_copy"] = r["gbps"] / cp["copy_gbps"]
-            micro["kernels"].append(r)
         for r in micro["kernels"]:
             log(f"[bench] kernel {r['kernel']:13s} s={r['sparsity']:.1f} {r['us']:8.1f} us {r['gbps']:6.0f} GB/s "
                 f"{r['frac_of_copy']:.2f} of copy")
@@ -196,13 +207,24 @@ def run(cfg: dict, log=_log) -> dict:
             if ex.get("model") != model or time.time() - t0 > budget:
                 continue
             try:
-                row = measure_one(shape, w, preds, mode=ex["mode"], sparsity=float(ex["sparsity"]),
+                sspec = PredictorSpec.from_dict(ex["shadowllm"]) if "shadowllm" in ex else shadow_spec
+                dspec = PredictorSpec.from_dict(ex["dejavu"]) if "dejavu" in ex else dejavu_spec
+                xpreds = dict(preds)
+                if "shadowllm" in ex:
+                    xpreds["shadowllm"] = build_shadowllm(shape, sspec, device="cuda", dtype=torch.bfloat16)
+                if "dejavu" in ex:
+                    xpreds["dejavu"] = build_dejavu(shape, dspec, device="cuda", dtype=torch.bfloat16)
+                row = measure_one(shape, w, xpreds, mode=ex["mode"], sparsity=float(ex["sparsity"]),
                                   batch=int(ex.get("batch", 1)), cfg=cfg, overlap=bool(ex.get("overlap", cfg["overlap"])),
-                                  shadow_spec=shadow_spec, dejavu_spec=dejavu_spec, copy_gbps=cp["copy_gbps"],
+                                  shadow_spec=sspec, dejavu_spec=dspec, copy_gbps=cp["copy_gbps"],
                                   dense_ms=None)
+                del xpreds
                 row["variant"] = ex.get("name", "extra")
+                dm = next((r["ms_per_token"] for r in results["rows"] if r.get("status") == "ok"
+                           and r["model"] == model and r["mode"] == "dense" and r["batch"] == row["batch"]), None)
+                row["speedup_vs_dense"] = dm / row["ms_per_token"] if dm else None
                 results.setdefault("extra_rows", []).append(row)
-                log(f"[bench] extra {row['variant']}: {row['ms_per_token']:.3f} ms")
+                log(f"[bench] extra {row['variant']}: {row['ms_per_token']:.3f} ms (x{row['speedup_vs_dense'] or 0:.2f})")
             except Exception as e:
                 log(f"[bench] extra {ex}: {type(e).__name__}: {e}")
         del w, preds
