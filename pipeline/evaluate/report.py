@@ -1,0 +1,239 @@
+"""Outputs of a sweep: tidy results CSV, DVC metrics JSON, plot data + PNGs, Markdown report."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from pipeline.io import atomic_path, write_json, write_text
+
+COLUMNS = ["model", "method", "criterion", "sparsity", "granularity", "task", "metric", "value", "n", "stderr",
+           "scope", "effective_sparsity_heads", "effective_sparsity_neurons", "seconds"]
+PPL_METRIC = "word_perplexity"
+
+
+def tidy_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for r in records:
+        sd = r.get("sparsity_detail", {})
+        for metric, v in r["metrics"].items():
+            rows.append({
+                "model": r["model"], "method": r["method"], "criterion": r["criterion"], "sparsity": r["sparsity"],
+                "granularity": r["granularity"], "task": r["task"], "metric": metric, "value": v["value"],
+                "n": v["n"], "stderr": "" if v.get("stderr") is None or (isinstance(v["stderr"], float) and math.isnan(v["stderr"])) else v["stderr"],
+                "scope": r.get("scope", ""),
+                "effective_sparsity_heads": sd.get("heads", {}).get("effective", 0.0),
+                "effective_sparsity_neurons": sd.get("neurons", {}).get("effective", 0.0),
+                "seconds": round(float(r.get("seconds", 0.0)), 2),
+            })
+    rows.sort(key=lambda x: (x["method"], x["criterion"], x["sparsity"], x["task"], x["metric"]))
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r.get(k, "") for k in columns})
+    write_text(path, buf.getvalue())
+
+
+def _primary(metrics: dict[str, Any]) -> tuple[str, dict] | None:
+    """acc_norm where the task reports it, else acc (the per-task accuracy averaged in `mean_acc_norm`)."""
+    for m in ("acc_norm", "acc"):
+        if m in metrics:
+            return m, metrics[m]
+    return None
+
+
+def summary(records: list[dict[str, Any]], tasks: list[str], ppl_task: str | None) -> list[dict[str, Any]]:
+    """One row per (method label, sparsity): mean acc, mean acc_norm-or-acc over tasks, perplexities, n."""
+    by: dict[tuple[str, float], dict[str, Any]] = defaultdict(dict)
+    meta: dict[tuple[str, float], dict[str, Any]] = {}
+    for r in records:
+        k = (r["label"], float(r["sparsity"]))
+        by[k][r["task"]] = r
+        meta[k] = r
+    out = []
+    for (label, s), per in sorted(by.items(), key=lambda kv: (kv[0][0] != "dense", kv[0][0], kv[0][1])):
+        row: dict[str, Any] = {"label": label, "method": meta[(label, s)]["method"],
+                               "criterion": meta[(label, s)]["criterion"], "sparsity": s,
+                               "granularity": meta[(label, s)]["granularity"]}
+        sd = meta[(label, s)].get("sparsity_detail", {})
+        row["eff_heads"] = sd.get("heads", {}).get("effective", 0.0)
+        row["eff_neurons"] = sd.get("neurons", {}).get("effective", 0.0)
+        accs, accn, ns = [], [], []
+        for t in tasks:
+            if t not in per:
+                continue
+            mt = per[t]["metrics"]
+            if "acc" in mt:
+                accs.append(mt["acc"]["value"])
+                row[f"{t}/acc"] = mt["acc"]["value"]
+                ns.append(mt["acc"]["n"])
+            p = _primary(mt)
+            if p:
+                accn.append(p[1]["value"])
+                row[f"{t}/{p[0]}"] = p[1]["value"]
+        complete = len(accs) == len(tasks)
+        row["mean_acc"] = sum(accs) / len(accs) if accs and complete else None
+        row["mean_acc_norm"] = sum(accn) / len(accn) if accn and complete else None
+        row["n_examples"] = sum(ns)
+        if ppl_task and ppl_task in per:
+            pm = per[ppl_task]["metrics"]
+            row["word_perplexity"] = pm["word_perplexity"]["value"]
+            row["token_perplexity"] = pm["token_perplexity"]["value"]
+            row["ppl_windows"] = pm["token_perplexity"]["n"]
+        out.append(row)
+    return out
+
+
+def metrics_json(summ: list[dict[str, Any]], records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Nested for DVC: {label: {s<pct>: {mean_acc, word_perplexity, <task>_<metric>...}}}."""
+    out: dict[str, Any] = {}
+    for row in summ:
+        d = out.setdefault(row["label"], {}).setdefault(f"s{int(round(row['sparsity'] * 100)):02d}", {})
+        for k in ("mean_acc", "mean_acc_norm", "word_perplexity", "token_perplexity", "eff_heads", "eff_neurons"):
+            if row.get(k) is not None:
+                d[k] = round(float(row[k]), 6)
+    for r in records:
+        d = out[r["label"]][f"s{int(round(r['sparsity'] * 100)):02d}"]
+        for m, v in r["metrics"].items():
+            d[f"{r['task']}_{m}"] = round(float(v["value"]), 6)
+    return out
+
+
+def plot_rows(summ: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    """Each method's curve, with the dense point prepended at sparsity 0."""
+    dense = [r for r in summ if r["method"] == "dense"]
+    rows = []
+    labels = sorted({r["label"] for r in summ if r["method"] != "dense"})
+    for label in labels or ["dense"]:
+        pts = dense + [r for r in summ if r["label"] == label and r["method"] != "dense"]
+        for r in sorted(pts, key=lambda x: x["sparsity"]):
+            if r.get(key) is not None:
+                rows.append({"method": label, "sparsity": r["sparsity"], key: r[key]})
+    return rows
+
+
+def plot(rows: list[dict[str, Any]], key: str, path: Path, title: str, ylabel: str, log: bool = False) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label in sorted({r["method"] for r in rows}):
+        pts = [r for r in rows if r["method"] == label]
+        ax.plot([p["sparsity"] for p in pts], [p[key] for p in pts], marker="o", label=label)
+    ax.set_xlabel("sparsity (nominal, heads and neurons)")
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if rows:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def _fmt(v: Any, pct: bool = False, nd: int = 2) -> str:
+    if v is None:
+        return "–"
+    return f"{100 * v:.1f}" if pct else f"{v:.{nd}f}"
+
+
+def markdown(summ: list[dict[str, Any]], records: list[dict[str, Any]], tasks: list[str], ppl_task: str | None,
+             info: dict[str, Any]) -> str:
+    L = ["# Evaluation report", ""]
+    L.append(f"Model `{info['model']}` (fingerprint `{info['fingerprint']}`), scope `{info['scope']}`, "
+             f"pools {', '.join(info['pools'])}, contextual granularity `{info['granularity']}`. "
+             f"Evaluation split: data.seed {info['seed']}, calib_fraction {info['calib_fraction']} "
+             f"(calibration examples never evaluated); per-task limit: {info['limit']}. "
+             f"Perplexity: {ppl_task or 'off'}, seq_len {info['seq_len']}, windows {info['max_windows'] or 'all'}.")
+    L.append("")
+    L.append("## Mean accuracy and perplexity per method and sparsity")
+    L.append("")
+    L.append("mean acc = mean over tasks of acc; mean acc_norm* = acc_norm where the task has it, else acc. "
+             "Effective sparsity counts the dense layer 0. n = examples behind each accuracy mean "
+             "(sum over tasks); ppl windows = WikiText-2 windows behind the perplexities.")
+    L.append("")
+    hdr = ["method", "sparsity", "eff. heads", "eff. neurons", "mean acc", "mean acc_norm*", "n"]
+    if ppl_task:
+        hdr += ["word ppl", "token ppl", "ppl windows"]
+    L.append("| " + " | ".join(hdr) + " |")
+    L.append("|" + "---|" * len(hdr))
+    for r in summ:
+        cells = [r["label"] + ("" if r["method"] in ("dense", "static") else f" ({r['granularity']})"),
+                 f"{r['sparsity']:.2f}", _fmt(r["eff_heads"], nd=3), _fmt(r["eff_neurons"], nd=3),
+                 _fmt(r.get("mean_acc"), pct=True), _fmt(r.get("mean_acc_norm"), pct=True), str(r.get("n_examples", 0))]
+        if ppl_task:
+            cells += [_fmt(r.get("word_perplexity")), _fmt(r.get("token_perplexity")), str(r.get("ppl_windows", "–"))]
+        L.append("| " + " | ".join(cells) + " |")
+    L.append("")
+    L.append("## Per task (acc / acc_norm, %, ± stderr)")
+    L.append("")
+    hdr = ["method", "sparsity"] + tasks
+    L.append("| " + " | ".join(hdr) + " |")
+    L.append("|" + "---|" * len(hdr))
+    recs = defaultdict(dict)
+    for r in records:
+        recs[(r["label"], r["sparsity"])][r["task"]] = r
+    for r in summ:
+        per = recs[(r["label"], r["sparsity"])]
+        cells = [r["label"], f"{r['sparsity']:.2f}"]
+        for t in tasks:
+            if t not in per:
+                cells.append("–")
+                continue
+            m = per[t]["metrics"]
+            s = f"{100 * m['acc']['value']:.1f}±{100 * m['acc']['stderr']:.1f}"
+            if "acc_norm" in m:
+                s += f" / {100 * m['acc_norm']['value']:.1f}"
+            s += f" (n={m['acc']['n']})"
+            cells.append(s)
+        L.append("| " + " | ".join(cells) + " |")
+    L.append("")
+    L.append("## Plots")
+    L.append("")
+    L.append("![accuracy vs sparsity](plots/accuracy.png)")
+    if ppl_task:
+        L.append("")
+        L.append("![perplexity vs sparsity](plots/perplexity.png)")
+    L.append("")
+    L.append("Tidy results: `results.csv` (model, method, criterion, sparsity, granularity, task, metric, value, n, "
+             "stderr, ...). Per-point caches: `" + info["cache_dir"] + "/<key>.json`.")
+    L.append("")
+    return "\n".join(L)
+
+
+def write_all(out_dir: str | Path, records: list[dict[str, Any]], cfg: Any, info: dict[str, Any],
+              metrics_path: str | Path | None = None) -> dict[str, Any]:
+    out = Path(out_dir)
+    tasks = list(cfg.tasks)
+    summ = summary(records, tasks, cfg.ppl_task)
+    write_csv(out / "results.csv", tidy_rows(records), COLUMNS)
+    scols = ["label", "method", "criterion", "sparsity", "granularity", "eff_heads", "eff_neurons", "mean_acc",
+             "mean_acc_norm", "n_examples", "word_perplexity", "token_perplexity", "ppl_windows"]
+    write_csv(out / "summary.csv", summ, scols)
+    acc_rows = plot_rows(summ, "mean_acc")
+    write_csv(out / "plots" / "accuracy.csv", acc_rows, ["method", "sparsity", "mean_acc"])
+    plot(acc_rows, "mean_acc", out / "plots" / "accuracy.png", "Mean zero-shot accuracy vs sparsity", "mean acc")
+    if cfg.ppl_task:
+        ppl_rows = plot_rows(summ, PPL_METRIC)
+        write_csv(out / "plots" / "perplexity.csv", ppl_rows, ["method", "sparsity", PPL_METRIC])
+        plot(ppl_rows, PPL_METRIC, out / "plots" / "perplexity.png", f"{cfg.ppl_task} word perplexity vs sparsity",
+             "word perplexity (log)", log=True)
+    md = markdown(summ, records, tasks, cfg.ppl_task, info)
+    write_text(out / "report.md", md)
+    metrics = metrics_json(summ, records)
+    write_json(Path(metrics_path) if metrics_path else out / "metrics.json", metrics)
+    return {"summary": summ, "metrics": metrics}

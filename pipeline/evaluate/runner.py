@@ -1,0 +1,233 @@
+"""The sweep: every (method, sparsity) point on every task, each point cached on disk.
+
+A point's cache file is `<cache_dir>/<key>.json`, key = sha256 of everything that determines its
+result: model fingerprint, method, criterion, mask settings (sparsity per pool, scope, hybrid floor,
+normalisation, granularity for contextual methods), the task and its evaluation settings (split seed
+and fraction, limit, few-shot, BOS, max length or seq_len/max_windows), and a content hash of the
+static scores or predictor the method reads. Adding a sparsity level, a method or a task reruns only
+the new points; changing the model or a predictor reruns what depends on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from pipeline.evaluate import methods as M
+from pipeline.evaluate.config import EvalConfig, MethodSpec
+from pipeline.evaluate.forward import Masking
+from pipeline.io import write_json
+from pipeline.masks import describe
+
+CACHE_VERSION = 1
+DENSE = MethodSpec("dense")
+
+
+@dataclass(frozen=True)
+class Point:
+    method: MethodSpec
+    sparsity: float
+    task: str
+
+    @property
+    def granularity_applies(self) -> bool:
+        return self.method.name not in ("dense", "static")
+
+
+def plan(cfg: EvalConfig) -> list[tuple[MethodSpec, float]]:
+    """(method, sparsity) pairs: dense once at 0, every other method at every sparsity > 0."""
+    out: list[tuple[MethodSpec, float]] = [(DENSE, 0.0)]
+    for m in cfg.methods:
+        if m.name == "dense":
+            continue
+        out += [(m, s) for s in cfg.sparsities if s > 0]
+    return out
+
+
+def _file_hash(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        if p.is_file():
+            h.update(p.name.encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def artifact_hash(cfg: EvalConfig, m: MethodSpec) -> str | None:
+    if m.name == "static" and cfg.scores_dir:
+        return _file_hash(list(Path(cfg.scores_dir).glob("*")))
+    if m.name in ("shadowllm", "dejavu", "dejavu_lookahead") and cfg.predictors_dir:
+        return _file_hash(list((Path(cfg.predictors_dir) / f"{m.name}-{m.criterion}").glob("*")))
+    return None
+
+
+def granularity_of(cfg: EvalConfig, m: MethodSpec) -> str:
+    if m.name in ("dense", "static"):
+        return "none"
+    if m.name == "oracle":
+        return "per_sequence"
+    return cfg.granularity
+
+
+def task_settings(cfg: EvalConfig, task: str) -> dict[str, Any]:
+    if task == cfg.ppl_task:
+        return {"seq_len": cfg.seq_len, "max_windows": cfg.max_windows, "calib_text": cfg.calib_text,
+                "calib_fraction": cfg.calib_fraction, "seed": cfg.seed}
+    return {"limit": cfg.limit.get(task), "calib_fraction": cfg.calib_fraction, "seed": cfg.seed,
+            "num_fewshot": cfg.num_fewshot, "add_bos": cfg.add_bos, "max_length": cfg.max_length}
+
+
+def point_key(cfg: EvalConfig, fp: str, m: MethodSpec, sparsity: float, task: str, art: str | None) -> tuple[str, dict]:
+    ident = {
+        "v": CACHE_VERSION, "model": fp, "method": m.name, "criterion": m.criterion, "task": task,
+        "task_settings": task_settings(cfg, task), "artifact": art,
+    }
+    if m.name != "dense":
+        ident["mask"] = {"sparsity": sparsity, "pools": sorted(cfg.pools), "scope": cfg.scope,
+                         "min_keep": cfg.min_keep if cfg.scope == "hybrid" else None,
+                         "normalize": cfg.normalize if m.name in ("static", "oracle") else None,
+                         "granularity": granularity_of(cfg, m)}
+    blob = json.dumps(ident, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20], ident
+
+
+class Evaluator:
+    """Holds the model, the tokenised tasks and the method context; evaluates points with caching."""
+
+    def __init__(self, cfg: EvalConfig, model: nn.Module, tokenizer: Any, layout: Any, fingerprint: str, *,
+                 model_id: str, log: Callable[[str], None] = print):
+        from pipeline.evaluate.methods import MethodContext
+
+        self.cfg, self.model, self.tok, self.layout, self.fp = cfg, model, tokenizer, layout, fingerprint
+        self.model_id, self.log = model_id, log
+        self.ctx = MethodContext(model=model, layout=layout, fingerprint=fingerprint, scores_dir=cfg.scores_dir,
+                                 predictors_dir=cfg.predictors_dir)
+        self._tasks: dict[str, Any] = {}
+        self._requests: dict[str, list] = {}
+        self._text: str | None = None
+        self.splits: dict[str, Any] = {}
+
+    # ---- data ----
+    def task_data(self, task: str):
+        if task not in self._tasks:
+            from pipeline.evaluate.tasks import eval_examples, requests_of
+
+            td = eval_examples(task, self.cfg.mirror_dir, calib_fraction=self.cfg.calib_fraction, seed=self.cfg.seed,
+                               limit=self.cfg.limit.get(task), num_fewshot=self.cfg.num_fewshot)
+            self._tasks[task] = td
+            self._requests[task] = requests_of(td.examples, self.tok, add_bos=self.cfg.add_bos)
+            self.splits[task] = {"seed": td.split.seed, "calib_fraction": self.cfg.calib_fraction,
+                                 "n_eval_total": td.n_eval_total, "n_calib": len(td.split.calib_ids),
+                                 "evaluated_ids": [e.id for e in td.examples]}
+        return self._tasks[task], self._requests[task]
+
+    def ppl_exclusions(self, n_windows_eval: int) -> set[int]:
+        """Indices of evaluation windows that overlap the text windows `collect` calibrated on."""
+        ct = self.cfg.calib_text
+        if not ct:
+            return set()
+        from pipeline.calibration import text_split
+        from pipeline.data.tokenize import encode_text_windows
+
+        n_cal = len(encode_text_windows(self.tok, self.text(), ct["max_tokens"]))
+        calib, _ = text_split(self.cfg.ppl_task, n_cal, calib_fraction=self.cfg.calib_fraction, seed=self.cfg.seed)
+        out = set()
+        S, Mt = self.cfg.seq_len, ct["max_tokens"]
+        for i in calib[: ct["n_per_task"]]:
+            lo, hi = i * Mt, (i + 1) * Mt
+            out.update(range(lo // S, (hi - 1) // S + 1))
+        return {j for j in out if j < n_windows_eval}
+
+    def text(self) -> str:
+        if self._text is None:
+            from pipeline.data.tasks import load_text
+
+            self._text = load_text(self.cfg.ppl_task, self.cfg.mirror_dir)
+        return self._text
+
+    # ---- evaluation ----
+    def masking(self, m: MethodSpec, sparsity: float) -> Masking:
+        self.ctx.criterion = m.criterion
+        self.ctx.granularity = granularity_of(self.cfg, m) if m.name not in ("dense", "static") else "per_sequence"
+        return M.build(m.name, self.ctx, self.cfg.mask_spec(sparsity))
+
+    def evaluate_task(self, masking: Masking, task: str) -> dict[str, Any]:
+        from pipeline.evaluate.loglik import loglikelihoods
+        from pipeline.evaluate.tasks import aggregate, per_example
+
+        if task == self.cfg.ppl_task:
+            from pipeline.data.tokenize import encode_text_windows
+            from pipeline.evaluate.perplexity import perplexity
+
+            n_win = len(encode_text_windows(self.tok, self.text(), self.cfg.seq_len))
+            excl = self.ppl_exclusions(n_win)
+            r = perplexity(self.model, self.tok, self.text(), seq_len=self.cfg.seq_len,
+                           batch_size=self.cfg.ppl_batch_size, max_windows=self.cfg.max_windows, masking=masking,
+                           exclude=excl)
+            n = r["n_windows"]
+            metrics = {k: {"value": r[k], "stderr": None, "n": n}
+                       for k in ("token_perplexity", "word_perplexity", "bits_per_byte")}
+            details = {k: v for k, v in r.items() if k != "window_logliks"}
+            return {"metrics": metrics, "details": details, "seconds": r["seconds"]}
+        td, reqs = self.task_data(task)
+        t0 = time.perf_counter()
+        stats: dict[str, int] = {}
+        scored = loglikelihoods(self.model, reqs, masking=masking, batch_size=self.cfg.batch_size,
+                                max_length=self.cfg.max_length, stats=stats)
+        rows = per_example(td.examples, [s.loglik for s in scored], [s.is_greedy for s in scored])
+        metrics = aggregate(task, rows)
+        return {"metrics": metrics, "seconds": time.perf_counter() - t0, "details": stats,
+                "per_example": [{"id": r["id"], "acc": r["acc"], **({"acc_norm": r["acc_norm"]} if "acc_norm" in r else {})}
+                                for r in rows]}
+
+    def run(self, *, force: bool = False) -> list[dict[str, Any]]:
+        """Evaluate (or read from cache) every planned point; returns the point records."""
+        cfg = self.cfg
+        tasks = list(cfg.tasks) + ([cfg.ppl_task] if cfg.ppl_task else [])
+        cache = Path(cfg.cache_dir)
+        records = []
+        units = {"heads": self.layout.n_heads, "neurons": self.layout.ffn_dim}
+        for m, s in plan(cfg):
+            art = artifact_hash(cfg, m)
+            masking = None
+            for task in tasks:
+                key, ident = point_key(cfg, self.fp, m, s, task, art)
+                path = cache / f"{key}.json"
+                if path.is_file() and not force:
+                    rec = json.loads(path.read_text())
+                    rec["cached"] = True
+                    records.append(rec)
+                    self.log(f"  cached  {m.label:<24} s={s:.2f} {task}")
+                    continue
+                if masking is None:
+                    masking = self.masking(m, s)
+                t0 = time.perf_counter()
+                res = self.evaluate_task(masking, task)
+                spec = cfg.mask_spec(s)
+                desc = describe(spec, self.layout.n_layers, units)
+                if getattr(masking, "missing", None):  # static criterion without neuron scores
+                    for pool in masking.missing:
+                        desc[pool]["effective"] = 0.0
+                        desc[pool]["note"] = "no scores for this pool: left dense"
+                rec = {
+                    "key": key, "ident": ident, "model": self.model_id, "model_fingerprint": self.fp,
+                    "method": m.name, "criterion": m.criterion or "", "label": m.label, "sparsity": s,
+                    "granularity": granularity_of(cfg, m), "scope": cfg.scope if m.name != "dense" else "none",
+                    "task": task, "sparsity_detail": desc, **res, "wall_seconds": time.perf_counter() - t0,
+                }
+                if task in self.splits:
+                    rec["split"] = {k: v for k, v in self.splits[task].items() if k != "evaluated_ids"}
+                write_json(path, rec)
+                rec["cached"] = False
+                records.append(rec)
+                main = next(iter(res["metrics"].items()))
+                self.log(f"  ran     {m.label:<24} s={s:.2f} {task:<11} {main[0]}={main[1]['value']:.4f} "
+                         f"n={main[1]['n']} {rec['wall_seconds']:.1f}s")
+        return records
