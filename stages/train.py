@@ -171,7 +171,7 @@ def report(metrics: dict[str, Any], p: TrainParams, model_id: str | None) -> str
             rec = (f" {h[f'recall_global_s{mid:g}']:.3f} / {n[f'recall_global_s{mid:g}']:.3f} |" if mid is not None else "")
             lines.append(f"| {c} | {k} | {h['spearman_joint']:.3f} | {h['spearman_per_layer']:.3f} | "
                          f"{n['spearman_joint']:.3f} | {n['spearman_per_layer']:.3f} |{rec} {s['params']:,} | "
-                         f"{s['bytes'] / 2**20:.1f} | {100 * s['share_of_model']:.1f}% |")
+                         f"{s['bytes'] / 2**20:.2f} | {100 * s['share_of_model']:.1f}% |")
     basis = next(iter(next(iter(metrics["predictors"].values())).values()))["size"]["share_basis"]
     lines += ["", f"Share of model = predictor parameters / model parameters ({basis})."]
     return "\n".join(lines) + "\n"
