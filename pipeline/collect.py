@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import time
+from contextlib import nullcontext
 from collections.abc import Sequence as Seq
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline import criteria as crit
 from pipeline.hooks import UnitCapture, embeddings_require_grad
@@ -101,7 +103,9 @@ def score_batch(model: nn.Module, layout: Layout, seqs: Seq[Sequence], settings:
     chosen = [crit.get(c) for c in settings.criteria]
     need_grad = any(c.needs_grad for c in chosen)
     need_hvp = any(c.needs_hvp for c in chosen)
-    with UnitCapture(model, layout, layer_inputs=settings.layer_inputs) as cap, torch.enable_grad():
+    # Double backward (grasp) needs the composite "math" attention kernel; fused kernels lack it.
+    kernels = sdpa_kernel([SDPBackend.MATH]) if need_hvp else nullcontext()
+    with UnitCapture(model, layout, layer_inputs=settings.layer_inputs) as cap, torch.enable_grad(), kernels:
         grad_hooks = embeddings_require_grad(model) if need_grad else None
         try:
             logits = model(input_ids=ids, attention_mask=valid.long(), use_cache=False).logits
@@ -218,7 +222,8 @@ def collect(model: nn.Module, layout: Layout, seqs: list[Sequence], out_dir: str
     bar = tqdm(total=total, unit="ex", desc="collect", disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
     for k in todo:
-        shard = seqs[k * settings.shard_size:(k + 1) * settings.shard_size]
+        # Similar lengths share a batch (less padding); the order inside a shard is still deterministic.
+        shard = sorted(seqs[k * settings.shard_size:(k + 1) * settings.shard_size], key=lambda s: len(s.input_ids))
         parts = []
         for i in range(0, len(shard), settings.batch_size):
             batch = shard[i:i + settings.batch_size]

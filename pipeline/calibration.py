@@ -1,0 +1,65 @@
+"""Calibration sequences for `collect`: a seeded slice of each task that evaluation never sees."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.collect import Sequence, mc_sequence, text_sequence
+from pipeline.data import tasks as task_registry
+from pipeline.data.split import Split, split_examples, with_fewshot
+from pipeline.data.tokenize import encode_pair, encode_text_windows
+
+
+@dataclass(frozen=True)
+class CalibrationPlan:
+    tasks: tuple[str, ...]
+    mirror_dir: str | None
+    n_per_task: int
+    calib_fraction: float
+    seed: int
+    num_fewshot: int = 0
+    max_tokens: int = 256
+    add_bos: bool = False
+
+
+def text_split(task: str, n_windows: int, *, calib_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded disjoint split of a perplexity task's windows (indices), as `split_examples` does for
+    examples: the calibration pool comes first in permutation order, evaluation keeps source order."""
+    from pipeline.data.split import _key
+
+    order = np.random.default_rng([int(seed) & 0xFFFFFFFF, _key(task)]).permutation(n_windows)
+    n_pool = int(calib_fraction * n_windows)
+    return [int(i) for i in order[:n_pool]], sorted(int(i) for i in order[n_pool:])
+
+
+def build(plan: CalibrationPlan, tokenizer: Any) -> tuple[list[Sequence], list[dict[str, Any]]]:
+    """Tokenised calibration sequences (tasks in order, `n_per_task` each) and the split records."""
+    seqs: list[Sequence] = []
+    records: list[dict[str, Any]] = []
+    for name in plan.tasks:
+        spec = task_registry.get_task(name)
+        if spec.kind == "perplexity":
+            text = task_registry.load_text(name, plan.mirror_dir)
+            windows = encode_text_windows(tokenizer, text, plan.max_tokens)
+            calib, evals = text_split(name, len(windows), calib_fraction=plan.calib_fraction, seed=plan.seed)
+            chosen = calib[: plan.n_per_task]
+            seqs += [text_sequence(f"{name}/w{i}", name, windows[i]) for i in chosen if len(windows[i]) > 1]
+            records.append(Split(name, plan.seed, tuple(f"{name}/w{i}" for i in chosen),
+                                 tuple(f"{name}/w{i}" for i in evals)).to_dict())
+            continue
+        examples = task_registry.load_examples(name, plan.mirror_dir)
+        calib, _, record = split_examples(examples, calib_fraction=plan.calib_fraction, seed=plan.seed,
+                                          max_calib=plan.n_per_task)
+        pool = calib  # few-shot demonstrations come from the calibration slice only
+        for ex in calib:
+            ex = with_fewshot(ex, pool, plan.num_fewshot, plan.seed)
+            ctx, cont = encode_pair(tokenizer, ex.contexts[ex.gold], ex.continuations[ex.gold], add_bos=plan.add_bos)
+            seqs.append(mc_sequence(ex.id, name, ctx, cont, plan.max_tokens))
+        records.append(record.to_dict())
+    if not seqs:
+        raise ValueError("no calibration examples (params: collect.n_per_task, data.calib_fraction)")
+    return seqs, records
