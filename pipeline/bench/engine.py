@@ -92,6 +92,9 @@ class DecodeEngine:
             self.dejavu = predictors.get("dejavu") or build_dejavu(s, cfg.dejavu, device=dev, dtype=dtype)
             self._alloc_pred(cfg.dejavu, H, F, rows=1)
             self.snap = torch.zeros_like(self.resid)
+        # typical kept neurons per layer (tiling hint): k for one sequence, the expected union for a batch
+        kf = self.plan.k_neurons
+        self.expect_neurons = kf if (B == 1 or mode == "static") else int(F * (1 - (1 - kf / F) ** B))
         self.side = torch.cuda.Stream(device=dev) if (dev.type == "cuda" and cfg.overlap
                                                          and mode in ("shadowllm", "dejavu")) else None
 
@@ -177,7 +180,7 @@ class DecodeEngine:
                     self._run_predictor(self.shadow, self.attn, 1, L - 1, skip_first_row=True)
                 pending = self.side is not None
             k.col_gemv_add(self.attn, lw.oT, self.resid, sel=units(qm, d) if sparse else DENSE)
-            fsel = index(self.plan.ffn_idx[l], self.plan.ffn_count[l:l + 1]) if sparse else DENSE
+            fsel = index(self.plan.ffn_idx[l], self.plan.ffn_count[l:l + 1], self.expect_neurons) if sparse else DENSE
             if s.gated:
                 k.row_gemv(self.resid, lw.w1, self.h, lin2=lw.w3, norm=s.norm, eps=cfg.eps, act="silu_gate", sel=fsel)
             else:

@@ -28,10 +28,12 @@ _SEL = {"dense": 0, "units": 1, "index": 2}
 
 # Tile choices; run_all may overwrite them from the micro-benchmark sweep.
 CONFIG = {
-    "row": {"BN": 8, "BK": 512, "warps": 4, "DEFER": True},         # batch 1
-    "row_dot": {"BN": 32, "BK": 256, "warps": 4},                   # batch 2..16 (tensor cores, M padded to 16)
-    "col": {"BN": 256, "BK": 16, "KPP": 256, "warps": 4, "DEFER": True},
+    "row": {"BN": 4, "BK": 1024, "warps": 4},                 # batch 1
+    "row_dot": {"BN": 64, "BK": 128, "warps": 4},             # batch 2..16 (tensor cores, M padded to 16)
+    "col": {"BN": 512, "BK": 8, "KPP": 128, "warps": 4},      # batch 1, index lists (down/fc2)
+    "col_units": {"BN": 256, "BK": 16, "KPP": 32, "warps": 4},  # batch 1, head units (o)
     "col_dot": {"BN": 128, "BK": 64, "KPP": 256, "warps": 4},
+    "col_target_programs": 768,                               # KPP shrinks so that ~this many programs stay busy
     "attn": {"BT": 64, "warps": 4},
 }
 
@@ -42,8 +44,7 @@ def _row_kernel(x_ptr, stride_xb, B, K,
                 out_ptr, stride_ob, N,
                 mask_ptr, idx_ptr, count_ptr, eps,
                 G: tl.constexpr, SEL: tl.constexpr, NORM: tl.constexpr, ACT: tl.constexpr,
-                HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                DEFER: tl.constexpr):
+                HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid = tl.program_id(0)
     r0 = pid * BN
     offs_n = r0 + tl.arange(0, BN)
@@ -67,30 +68,37 @@ def _row_kernel(x_ptr, stride_xb, B, K,
     bmask = offs_b < B
     acc = tl.zeros([BM, BN], tl.float32)
     acc2 = tl.zeros([BM, BN], tl.float32)
-    part = tl.zeros([BN, BK], tl.float32)     # DEFER: elementwise partial products, reduced once after the loop
+    part = tl.zeros([BN, BK], tl.float32)     # batch 1: elementwise partial products, reduced once at the end
     part2 = tl.zeros([BN, BK], tl.float32)
     s1 = tl.zeros([BM], tl.float32)
     s2 = tl.zeros([BM], tl.float32)
     mn = tl.full([BM], float("inf"), tl.float32)
     mx = tl.full([BM], float("-inf"), tl.float32)
-    for k0 in range(0, K, BK):
-        offs_k = k0 + tl.arange(0, BK)
-        kmask = offs_k < K
-        x = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_k[None, :],
-                    mask=bmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-        wmask = nmask[:, None] & kmask[None, :]
-        w = tl.load(w_ptr + rows64[:, None] * K + offs_k[None, :], mask=wmask, other=0.0)
+    w_ptrs = w_ptr + rows64[:, None] * K
+    w2_ptrs = w2_ptr + rows64[:, None] * K
+    x_ptrs = x_ptr + offs_b[:, None] * stride_xb
+    # software pipelining by hand: the next tile's loads are issued before the current tile is used
+    offs_k = tl.arange(0, BK)
+    kmask = offs_k < K
+    x = tl.load(x_ptrs + offs_k[None, :], mask=bmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+    w = tl.load(w_ptrs + offs_k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+    if ACT == 2:
+        w2 = tl.load(w2_ptrs + offs_k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+    else:
+        w2 = w
+    for k0 in range(BK, K + BK, BK):
+        offs_kn = k0 + tl.arange(0, BK)
+        kmask_n = offs_kn < K
+        x_n = tl.load(x_ptrs + offs_kn[None, :], mask=bmask[:, None] & kmask_n[None, :], other=0.0).to(tl.float32)
+        w_n = tl.load(w_ptrs + offs_kn[None, :], mask=nmask[:, None] & kmask_n[None, :], other=0.0)
         if ACT == 2:
-            w2 = tl.load(w2_ptr + rows64[:, None] * K + offs_k[None, :], mask=wmask, other=0.0)
+            w2_n = tl.load(w2_ptrs + offs_kn[None, :], mask=nmask[:, None] & kmask_n[None, :], other=0.0)
+        else:
+            w2_n = w_n
         if BM == 1:
-            if DEFER:
-                part += w.to(tl.float32) * x
-                if ACT == 2:
-                    part2 += w2.to(tl.float32) * x
-            else:
-                acc += tl.sum(w.to(tl.float32) * x, axis=1)[None, :]
-                if ACT == 2:
-                    acc2 += tl.sum(w2.to(tl.float32) * x, axis=1)[None, :]
+            part += w.to(tl.float32) * x
+            if ACT == 2:
+                part2 += w2.to(tl.float32) * x
         else:
             xb = x.to(w.dtype)
             acc = tl.dot(xb, tl.trans(w), acc)
@@ -102,7 +110,8 @@ def _row_kernel(x_ptr, stride_xb, B, K,
         if NORM == 3:
             mn = tl.minimum(mn, tl.min(tl.where(kmask[None, :], x, float("inf")), axis=1))
             mx = tl.maximum(mx, tl.max(tl.where(kmask[None, :], x, float("-inf")), axis=1))
-    if BM == 1 and DEFER:
+        x, w, w2, kmask = x_n, w_n, w2_n, kmask_n
+    if BM == 1:
         acc = tl.sum(part, axis=1)[None, :]
         if ACT == 2:
             acc2 = tl.sum(part2, axis=1)[None, :]
@@ -142,7 +151,7 @@ def _row_kernel(x_ptr, stride_xb, B, K,
 def _col_kernel(h_ptr, stride_hb, B, w_ptr, b_ptr, out_ptr, stride_ob, N, R,
                 mask_ptr, idx_ptr, count_ptr,
                 G: tl.constexpr, SEL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KPP: tl.constexpr, DEFER: tl.constexpr):
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KPP: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -167,26 +176,34 @@ def _col_kernel(h_ptr, stride_hb, B, w_ptr, b_ptr, out_ptr, stride_ob, N, R,
             return
     acc = tl.zeros([BM, BN], tl.float32)
     part = tl.zeros([BK, BN], tl.float32)
-    for k0 in range(0, KPP, BK):
-        offs_k = k_start + k0 + tl.arange(0, BK)
-        kmask = offs_k < lim
+    # software pipelining by hand: tile i+1 (and its row indices) are loaded before tile i is used
+    offs_k = k_start + tl.arange(0, BK)
+    kmask = offs_k < lim
+    if SEL == 2:
+        rows = tl.load(idx_ptr + offs_k, mask=kmask, other=0)
+    else:
+        rows = offs_k
+    w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * N + offs_n[None, :], mask=kmask[:, None] & nmask[None, :],
+                other=0.0)
+    h = tl.load(h_ptr + offs_b[:, None] * stride_hb + offs_k[None, :], mask=bmask[:, None] & kmask[None, :],
+                other=0.0)
+    for k0 in range(BK, KPP + BK, BK):
+        offs_kn = k_start + k0 + tl.arange(0, BK)
+        kmask_n = (offs_kn < lim) & (k0 < KPP)
         if SEL == 2:
-            rows = tl.load(idx_ptr + offs_k, mask=kmask, other=0)
+            rows_n = tl.load(idx_ptr + offs_kn, mask=kmask_n, other=0)
         else:
-            rows = offs_k
-        w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * N + offs_n[None, :],
-                    mask=kmask[:, None] & nmask[None, :], other=0.0)
+            rows_n = offs_kn
+        w_n = tl.load(w_ptr + rows_n.to(tl.int64)[:, None] * N + offs_n[None, :],
+                      mask=kmask_n[:, None] & nmask[None, :], other=0.0)
+        h_n = tl.load(h_ptr + offs_b[:, None] * stride_hb + offs_kn[None, :], mask=bmask[:, None] & kmask_n[None, :],
+                      other=0.0)
         if BM == 1:
-            h = tl.load(h_ptr + offs_k, mask=kmask, other=0.0).to(tl.float32)
-            if DEFER:
-                part += w.to(tl.float32) * h[:, None]
-            else:
-                acc += tl.sum(w.to(tl.float32) * h[:, None], axis=0)[None, :]
+            part += w.to(tl.float32) * tl.reshape(h.to(tl.float32), [BK, 1])
         else:
-            h = tl.load(h_ptr + offs_b[:, None] * stride_hb + offs_k[None, :],
-                        mask=bmask[:, None] & kmask[None, :], other=0.0)
             acc = tl.dot(h.to(w.dtype), w, acc)
-    if BM == 1 and DEFER:
+        w, h = w_n, h_n
+    if BM == 1:
         acc = tl.sum(part, axis=0)[None, :]
     tl.atomic_add(out_ptrs, acc, mask=omask, sem="relaxed")
 
@@ -339,26 +356,28 @@ def row_gemv(x: torch.Tensor, lin: Linear, out: torch.Tensor, *, lin2: Linear | 
                       lin.w, b, c, w2.w, w2.bias if has_bias else x, w2.rowsum if w2.rowsum is not None else x,
                       out, out.stride(0), N, mask, idx, count, eps,
                       G=sel.group, SEL=_SEL[sel.kind], NORM=_NORM[norm], ACT=_ACT[act], HAS_BIAS=has_bias,
-                      BM=1 if B == 1 else 16, BN=BN, BK=cfg["BK"], DEFER=bool(cfg.get("DEFER", False)),
-                      num_warps=cfg["warps"])
+                      BM=1 if B == 1 else 16, BN=BN, BK=cfg["BK"], num_warps=cfg["warps"])
 
 
 def col_gemv_add(h: torch.Tensor, lin: Linear, out: torch.Tensor, *, sel: Sel) -> None:
     B = h.shape[0]
     R, N = lin.w.shape
     assert h.stride(1) == 1 and out.stride(1) == 1 and out.dtype == torch.float32 and lin.w.is_contiguous()
-    cfg = CONFIG["col"] if B == 1 else CONFIG["col_dot"]
+    cfg = CONFIG["col_dot"] if B > 1 else CONFIG["col_units"] if sel.kind == "units" else CONFIG["col"]
     kpp = cfg["KPP"]
     if sel.kind == "units":
         kpp = min(kpp, sel.group)
         assert sel.group % kpp == 0
+    elif sel.kind == "index" and sel.expect and B == 1:
+        # fewer kept rows -> shorter row chunks, so that enough programs stream at once
+        want = sel.expect * triton.cdiv(N, cfg["BN"]) / CONFIG["col_target_programs"]
+        kpp = max(min(kpp, 32), min(kpp, triton.next_power_of_2(max(1, int(want)))))
     bk = min(cfg["BK"], kpp)
     mask, idx, count = _sel_args(sel, h)
     grid = (triton.cdiv(N, cfg["BN"]), triton.cdiv(R, kpp))
     _col_kernel[grid](h, h.stride(0), B, lin.w, lin.bias if lin.bias is not None else out, out, out.stride(0), N, R,
                       mask, idx, count, G=sel.group, SEL=_SEL[sel.kind], HAS_BIAS=lin.bias is not None,
-                      BM=1 if B == 1 else 16, BN=cfg["BN"], BK=bk, KPP=kpp, DEFER=bool(cfg.get("DEFER", False)),
-                      num_warps=cfg["warps"])
+                      BM=1 if B == 1 else 16, BN=cfg["BN"], BK=bk, KPP=kpp, num_warps=cfg["warps"])
 
 
 def rope_tables(max_pos, head_dim, theta, device):

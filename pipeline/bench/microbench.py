@@ -62,7 +62,7 @@ class KernelBench:
         heads[torch.randperm(s.heads, generator=gen)[:kh]] = True
         kv = heads.view(s.kv_heads, s.group_size).any(1)
         qm = torch.cat([heads, kv, kv]).to(torch.int32).cuda()
-        fsel = index(idx.cuda(), torch.tensor([kf], dtype=torch.int32, device="cuda"))
+        fsel = index(idx.cuda(), torch.tensor([kf], dtype=torch.int32, device="cuda"), kf)
         return fsel, units(qm, s.head_dim), kf, int(heads.sum()), int(kv.sum())
 
     def run(self, kernel: str, sparsity: float) -> dict:
@@ -114,15 +114,14 @@ class KernelBench:
                 "gbps": nbytes / (ms * 1e-3) / 1e9}
 
 
-ROW_CANDIDATES = [dict(BN=8, BK=512, warps=4), dict(BN=8, BK=512, warps=4, DEFER=True),
-                  dict(BN=4, BK=512, warps=4, DEFER=True), dict(BN=4, BK=1024, warps=4, DEFER=True),
-                  dict(BN=8, BK=1024, warps=8, DEFER=True), dict(BN=16, BK=256, warps=4, DEFER=True),
-                  dict(BN=4, BK=512, warps=2, DEFER=True), dict(BN=16, BK=512, warps=8, DEFER=True)]
-COL_CANDIDATES = [dict(BN=128, BK=64, KPP=256, warps=4), dict(BN=256, BK=16, KPP=256, warps=4, DEFER=True),
-                  dict(BN=256, BK=32, KPP=256, warps=8, DEFER=True), dict(BN=512, BK=16, KPP=256, warps=8, DEFER=True),
-                  dict(BN=256, BK=16, KPP=128, warps=4, DEFER=True), dict(BN=128, BK=32, KPP=128, warps=4, DEFER=True),
-                  dict(BN=512, BK=8, KPP=128, warps=4, DEFER=True), dict(BN=256, BK=32, KPP=512, warps=8, DEFER=True)]
-ROW_DOT_CANDIDATES = [dict(BN=32, BK=256, warps=4), dict(BN=64, BK=128, warps=4), dict(BN=16, BK=512, warps=4)]
+ROW_CANDIDATES = [dict(BN=4, BK=1024, warps=4), dict(BN=4, BK=512, warps=4), dict(BN=8, BK=512, warps=4),
+                  dict(BN=4, BK=512, warps=2), dict(BN=2, BK=1024, warps=2), dict(BN=8, BK=256, warps=4)]
+COL_CANDIDATES = [dict(BN=512, BK=8, KPP=128, warps=4), dict(BN=256, BK=16, KPP=128, warps=4),
+                  dict(BN=128, BK=32, KPP=128, warps=4), dict(BN=256, BK=8, KPP=128, warps=2),
+                  dict(BN=512, BK=8, KPP=256, warps=4), dict(BN=512, BK=16, KPP=128, warps=8)]
+COL_UNITS_CANDIDATES = [dict(BN=256, BK=16, KPP=32, warps=4), dict(BN=512, BK=8, KPP=32, warps=4),
+                        dict(BN=128, BK=32, KPP=32, warps=4), dict(BN=256, BK=16, KPP=64, warps=4),
+                        dict(BN=512, BK=8, KPP=128, warps=4), dict(BN=256, BK=8, KPP=16, warps=2)]
 ATTN_CANDIDATES = [dict(BT=64, warps=4), dict(BT=128, warps=4), dict(BT=128, warps=8), dict(BT=32, warps=2)]
 COL_DOT_CANDIDATES = [dict(BN=128, BK=64, KPP=256, warps=4), dict(BN=256, BK=64, KPP=256, warps=8),
                       dict(BN=64, BK=64, KPP=128, warps=4)]

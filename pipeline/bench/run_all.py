@@ -126,6 +126,7 @@ def run(cfg: dict, log=_log) -> dict:
         if cfg["sweep_tiles"]:
             for key, kern, cands in (("row", "gateup", microbench.ROW_CANDIDATES),
                                      ("col", "down", microbench.COL_CANDIDATES),
+                                     ("col_units", "o", microbench.COL_UNITS_CANDIDATES),
                                      ("attn", "attn", microbench.ATTN_CANDIDATES)):
                 sw = microbench.sweep(kb, key, kern, cands)
                 micro["sweeps"].append(sw)

@@ -22,6 +22,7 @@ class Sel:
     group: int = 1
     idx: torch.Tensor | None = None       # int32 [n_rows]
     count: torch.Tensor | None = None     # int32 [1]
+    expect: int = 0                       # host-side hint: typical kept rows (tiling only; 0 = unknown)
 
 
 DENSE = Sel("dense")
@@ -35,8 +36,8 @@ def units(mask: torch.Tensor, group: int) -> Sel:
     return Sel("units", mask=mask, group=group)
 
 
-def index(idx: torch.Tensor, count: torch.Tensor) -> Sel:
-    return Sel("index", idx=idx, count=count)
+def index(idx: torch.Tensor, count: torch.Tensor, expect: int = 0) -> Sel:
+    return Sel("index", idx=idx, count=count, expect=expect)
 
 
 def rows_of(sel: Sel, n_rows: int, device) -> torch.Tensor:
