@@ -1,7 +1,8 @@
 """`aggregate` stage: traces -> static scores of every collected criterion, per-example predictor
 targets (per-layer min-max) of `aggregate.targets`, and a layer x unit heat map of `aggregate.heatmap`.
 
-    python -m stages.aggregate --params params.yaml --traces results/traces --out results/scores
+    python -m stages.aggregate --params params.yaml --traces results/traces --out results/scores \
+        --plots results/plots/aggregate
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def heatmap(static: dict[str, np.ndarray], criterion: str, path: Path) -> None:
     plt.close(fig)
 
 
-def run(params_path: str, traces_dir: str, out_dir: str) -> dict[str, Any]:
+def run(params_path: str, traces_dir: str, out_dir: str, plots_dir: str | None = None) -> dict[str, Any]:
     from pipeline.traces import Traces
 
     params = load(params_path)
@@ -100,7 +101,7 @@ def run(params_path: str, traces_dir: str, out_dir: str) -> dict[str, Any]:
                 click.echo(f"aggregate: {non_finite[c]} non-finite {c} scores clipped to their layer's range", err=True)
         meta = agg.scores_meta(traces, list(static), p.targets, non_finite=non_finite)
         agg.save_scores(out, static, targets, meta, dtype=p.dtype)
-        png = out / f"heatmap-{p.heatmap}.png"
+        png = Path(plots_dir or out) / f"heatmap-{p.heatmap}.png"
         heatmap(static[p.heatmap], p.heatmap, png)
         metrics = {"n_examples": meta["n_examples"], "non_finite": non_finite}
         mlrun.log_metrics(metrics)
@@ -114,10 +115,13 @@ def run(params_path: str, traces_dir: str, out_dir: str) -> dict[str, Any]:
 @click.option("--params", "params_path", default="params.yaml", show_default=True, help="params file")
 @click.option("--traces", "traces_dir", required=True, type=click.Path(file_okay=False), help="trace directory (collect)")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="scores directory to write")
-def cli(params_path: str, traces_dir: str, out_dir: str) -> None:
+@click.option("--plots", "plots_dir", default=None, type=click.Path(file_okay=False),
+              help="directory for the heat map (default: --out; keep it outside --out so that changing "
+                   "aggregate.heatmap does not invalidate the scores)")
+def cli(params_path: str, traces_dir: str, out_dir: str, plots_dir: str | None) -> None:
     """Static importance and per-layer-normalised predictor targets from the traces."""
     try:
-        run(params_path, traces_dir, out_dir)
+        run(params_path, traces_dir, out_dir, plots_dir)
     except (ParamError, FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from None
 

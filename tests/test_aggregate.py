@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from pipeline import aggregate as agg
 
-from conftest import tiny_model
+from tests.conftest import tiny_model
 
 CRITERIA = ["plainact", "l2_norm", "jacov"]  # jacov: static-only (heads only)
 FINGERPRINT = "tiny-llama-fp"
@@ -117,12 +117,13 @@ def test_aggregate_stage_end_to_end(tmp_path, trace_dir):
 
     params = write_params(tmp_path / "params.yaml", aggregate={"targets": ["plainact", "l2_norm"], "heatmap": "plainact"})
     out = tmp_path / "scores"
-    res = CliRunner().invoke(cli, ["--params", str(params), "--traces", str(trace_dir), "--out", str(out)])
+    res = CliRunner().invoke(cli, ["--params", str(params), "--traces", str(trace_dir), "--out", str(out),
+                                   "--plots", str(tmp_path / "plots")])
     assert res.exit_code == 0, res.output
     meta = json.loads((out / "scores.json").read_text())
     assert meta["criteria"] == sorted(CRITERIA) and meta["targets"] == ["l2_norm", "plainact"]
     assert meta["non_finite"] == {"plainact": 0, "l2_norm": 0}
-    assert (out / "heatmap-plainact.png").stat().st_size > 1000
+    assert (tmp_path / "plots" / "heatmap-plainact.png").stat().st_size > 1000
     assert (out / "targets-l2_norm.safetensors").is_file()
 
 

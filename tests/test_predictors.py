@@ -15,7 +15,7 @@ from pipeline.predictors.fit import FitSettings, evaluate, fit, split_indices
 from pipeline.predictors.size import layer_params
 from pipeline.ranking import spearman_joint, spearman_per_layer, topk_recall
 
-from test_aggregate import FINGERPRINT, trace_dir, write_params, _no_tracking  # noqa: F401 (fixtures)
+from tests.test_aggregate import FINGERPRINT, trace_dir, write_params, _no_tracking  # noqa: F401 (fixtures)
 
 DIMS = {"arch": "llama", "n_layers": 3, "n_heads": 8, "n_kv_heads": 2, "head_dim": 4, "hidden": 32, "ffn_dim": 24}
 SMALL = {"hidden_heads": 16, "hidden_neurons": 16}
