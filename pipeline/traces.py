@@ -8,7 +8,10 @@ Columns (SCHEMA_VERSION 1):
 - `feat_layers`: fixed_size_list<float32>[L·E] — each layer's input hidden state at the last token
   (the DejaVu predictor inputs), present when `layer_inputs` was collected
 - per criterion c: `{c}_heads` fixed_size_list[L·H] and, where defined, `{c}_neurons`
-  fixed_size_list[L·F], in float16 or float32 (row-major: layer, then unit)
+  fixed_size_list[L·F] (row-major: layer, then unit). With float32 storage the values are stored
+  as they are. With float16 storage each row is divided by its largest magnitude, kept in a
+  float32 column `{col}_scale`, so that neither tiny (fisher ~1e-10) nor huge (jacov ~1e5)
+  scores under- or overflow; `Traces.array` multiplies the scale back.
 
 File metadata key `shadowllm` holds JSON: schema_version, model (id, fingerprint, dims),
 criteria, storage dtype, the collect params and their hash. Shards are `part-NNNNN.parquet`,
@@ -52,12 +55,18 @@ def _fixed(values: np.ndarray, dtype: pa.DataType) -> pa.FixedSizeListArray:
 
 def write_shard(path: Path, columns: dict[str, Any], meta: dict[str, Any], storage: str) -> int:
     """Write one shard atomically. Array columns are [N, K] numpy arrays. Returns bytes written."""
-    score_type = pa.float16() if storage == "float16" else pa.float32()
     arrays, names = [], []
     for name, value in columns.items():
         if isinstance(value, np.ndarray) and value.ndim == 2:
-            dtype = pa.float32() if name.startswith("feat_") else score_type
-            arrays.append(_fixed(value.astype(np.float16 if dtype == pa.float16() else np.float32), dtype))
+            if storage == "float16" and not name.startswith("feat_"):
+                scale = np.abs(value).max(1, keepdims=True).astype(np.float32)
+                scale[~np.isfinite(scale) | (scale == 0)] = 1.0
+                arrays.append(_fixed((value / scale).astype(np.float16), pa.float16()))
+                names.append(name)
+                arrays.append(pa.array(scale[:, 0]))
+                names.append(f"{name}_scale")
+                continue
+            arrays.append(_fixed(value.astype(np.float32), pa.float32()))
         else:
             arrays.append(pa.array(value))
         names.append(name)
@@ -113,9 +122,15 @@ class Traces:
 
     def array(self, column: str) -> np.ndarray:
         """A fixed-size-list column as [N, K] float32."""
-        col = self.table([column]).column(column).combine_chunks()
+        scale_col = f"{column}_scale"
+        has_scale = scale_col in pq.read_schema(self.shards[0]).names
+        table = self.table([column, scale_col] if has_scale else [column])
+        col = table.column(column).combine_chunks()
         k = col.type.list_size
-        return col.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, k)
+        out = col.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, k)
+        if has_scale:
+            out *= table.column(scale_col).to_numpy().astype(np.float32)[:, None]
+        return out
 
     def scores(self, criterion: str, unit: str) -> np.ndarray:
         """Per-example scores as [N, L, H] (unit='heads') or [N, L, F] (unit='neurons')."""

@@ -1,0 +1,80 @@
+"""Bad input gives one clear line naming the parameter, before any model is loaded."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+import pipeline.models.loading as loading
+from stages.collect import cli as collect_cli
+
+MIRROR = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def params(tmp_path):
+    """Valid params on a tiny local llama checkpoint (saved from config, no download)."""
+    from tests.conftest import tiny_model
+
+    ckpt = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(ckpt)
+    p = yaml.safe_load((REPO / "params.yaml").read_text())
+    p["model"]["id"] = str(ckpt)
+    p["data"]["mirror_dir"] = str(MIRROR)
+    return p
+
+
+def _run(tmp_path, params, monkeypatch):
+    def no_load(*a, **k):
+        raise AssertionError("the model must not be loaded for bad input")
+
+    monkeypatch.setattr(loading, "load_model", no_load)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    res = CliRunner().invoke(collect_cli, ["--params", str(path), "--out", str(tmp_path / "tr"),
+                                           "--metrics", str(tmp_path / "m.json")])
+    assert res.exit_code != 0, res.output
+    lines = [l for l in res.output.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, res.output
+    assert not (tmp_path / "tr").exists()
+    return lines[0]
+
+
+@pytest.mark.skipif(not MIRROR.is_dir(), reason="no data mirror")
+@pytest.mark.parametrize("edit, expected", [
+    (lambda p: p["collect"].__setitem__("criteria", ["plainact", "magic"]), "unknown criterion 'magic'"),
+    (lambda p: p["collect"].__setitem__("tasks", ["piqa", "trivia"]), "unknown task 'trivia' (params: collect.tasks)"),
+    (lambda p: p["model"].__setitem__("id", "/nonexistent/model"), "model path not found"),
+    (lambda p: p["data"].__setitem__("calib_fraction", 1.5), "data.calib_fraction must be in [0, 1)"),
+    (lambda p: p["collect"].__setitem__("n_per_task", 0), "collect.n_per_task must be >= 1"),
+    (lambda p: p["model"].__setitem__("dtype", "float8"), "unknown dtype 'float8' (params: dtype)"),
+])
+def test_bad_params(tmp_path, params, monkeypatch, edit, expected):
+    edit(params)
+    assert expected in _run(tmp_path, params, monkeypatch)
+
+
+@pytest.mark.skipif(not MIRROR.is_dir(), reason="no data mirror")
+def test_unknown_architecture(tmp_path, params, monkeypatch):
+    cfg = Path(params["model"]["id"]) / "config.json"
+    cfg.write_text(cfg.read_text().replace('"model_type": "llama"', '"model_type": "gpt2"'))
+    assert "unknown architecture 'gpt2' (params: model)" in _run(tmp_path, params, monkeypatch)
+
+
+@pytest.mark.skipif(not MIRROR.is_dir(), reason="no data mirror")
+@pytest.mark.parametrize("content", [None, ""])
+def test_missing_or_empty_mirror_file(tmp_path, params, monkeypatch, content):
+    mirror = tmp_path / "mirror"
+    shutil.copytree(MIRROR / "copa", mirror / "copa")
+    (mirror / "piqa").mkdir()
+    if content is not None:
+        (mirror / "piqa" / "piqa_validation.jsonl").write_text(content)
+    params["data"]["mirror_dir"] = str(mirror)
+    params["collect"]["tasks"] = ["copa", "piqa"]
+    line = _run(tmp_path, params, monkeypatch)
+    assert "piqa" in line and "data.mirror_dir" in line

@@ -1,0 +1,114 @@
+"""collect: shards, resume after a kill, run isolation, non-finite detection, trace reader."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import collect as C
+from pipeline.models.adapters import resolve
+from pipeline.traces import Traces
+from tests.conftest import tiny_model
+
+CRITS = ["plainact", "fisher", "l2_norm", "jacov"]
+
+
+def _seqs(n=7):
+    g = torch.Generator().manual_seed(0)
+    return [C.Sequence(f"t/{i}", "t", tuple(torch.randint(0, 96, (int(5 + i % 4),), generator=g).tolist()), 2)
+            for i in range(n)]
+
+
+def _meta(model, layout):
+    return {"model": {"id": "tiny", "fingerprint": "abc", "dims": layout.dims()}}
+
+
+def _run(tmp_path, model, **kw):
+    layout = resolve(model)
+    settings = C.CollectSettings(criteria=CRITS, batch_size=2, shard_size=3, **kw)
+    return C.collect(model, layout, _seqs(), tmp_path, settings, _meta(model, layout), progress=False)
+
+
+def test_traces_have_one_row_per_example_and_right_shapes(tmp_path):
+    model = tiny_model("llama")
+    stats = _run(tmp_path, model)
+    assert stats.examples == 7 and stats.shards_written == 3 and stats.bytes_written > 0
+    tr = Traces.open(tmp_path)
+    assert sorted(tr.column("example_id")) == sorted(f"t/{i}" for i in range(7))
+    assert tr.scores("plainact", "heads").shape == (7, 3, 4)
+    assert tr.scores("fisher", "neurons").shape == (7, 3, 48)
+    assert tr.array("feat_l0").shape == (7, 32) and tr.array("feat_layers").shape == (7, 3 * 32)
+    assert tr.meta["model"]["dims"]["kv_group"] == [0, 0, 1, 1]
+    assert "jacov_neurons" not in tr.table(["example_id"]).schema.names
+    assert np.isfinite(tr.scores("jacov", "heads")).all()
+
+
+def test_killed_run_resumes_without_duplicates(tmp_path, monkeypatch):
+    model = tiny_model("opt")
+    full = tmp_path / "full"
+    _run(full, model)
+    reference = Traces.open(full)
+
+    calls = {"n": 0}
+    real = C.score_batch
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # first batch of the second shard
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    part = tmp_path / "part"
+    monkeypatch.setattr(C, "score_batch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        _run(part, model)
+    assert [p.name for p in sorted(part.glob("*.parquet"))] == ["part-00000.parquet"]
+    assert not list(part.glob(".*tmp"))
+    monkeypatch.setattr(C, "score_batch", real)
+    stats = _run(part, model)
+    assert stats.shards_reused == 1 and stats.shards_written == 2 and stats.examples == 4
+    resumed = Traces.open(part)
+    ids = resumed.column("example_id")
+    assert len(ids) == len(set(ids)) == 7
+    order_ref = np.argsort(reference.column("example_id"))
+    order_res = np.argsort(ids)
+    np.testing.assert_allclose(resumed.scores("plainact", "heads")[order_res],
+                               reference.scores("plainact", "heads")[order_ref], rtol=1e-6)
+
+
+def test_shards_of_another_run_are_discarded(tmp_path):
+    model = tiny_model("gemma")
+    _run(tmp_path, model)
+    stats = _run(tmp_path, model, storage="float32")  # different params: nothing reused
+    assert stats.shards_reused == 0 and stats.shards_written == 3
+    assert Traces.open(tmp_path).meta["storage"] == "float32"
+
+
+def test_non_finite_gradient_names_the_example_and_writes_nothing(tmp_path):
+    model = tiny_model("llama")
+    layout = resolve(model)
+    with torch.no_grad():
+        layout.layers[2].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(C.NonFiniteError, match="example\\(s\\) t/"):
+        _run(tmp_path, model)
+    assert not list(tmp_path.glob("*.parquet")) and not list(tmp_path.glob(".*"))
+
+
+def test_sequence_rejects_empty_target():
+    with pytest.raises(ValueError, match="n_target"):
+        C.Sequence("x", "t", (1, 2, 3), 3)
+    s = C.mc_sequence("x", "t", list(range(10)), [11, 12], max_tokens=5)
+    assert s.input_ids == (7, 8, 9, 11, 12) and s.n_target == 2
+
+
+def test_float16_storage_keeps_tiny_and_huge_scores(tmp_path):
+    from pipeline.traces import write_shard
+
+    vals = np.array([[1e-10, 3e-11, 2e-12], [1e5, -2.5e5, 7.0]], dtype=np.float64)
+    dims = {"n_layers": 1, "n_heads": 3, "ffn_dim": 3}
+    meta = {"schema_version": 1, "params_hash": "h", "criteria": ["x"], "model": {"dims": dims}}
+    write_shard(tmp_path / "part-00000.parquet", {"example_id": ["a", "b"], "x_heads": vals}, meta, "float16")
+    back = Traces.open(tmp_path).scores("x", "heads").reshape(2, 3)
+    np.testing.assert_allclose(back[0, :2], vals[0, :2], rtol=1e-3)
+    np.testing.assert_allclose(back[1, :2], vals[1, :2], rtol=1e-3)
