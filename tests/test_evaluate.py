@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import VOCAB, tiny_model
+from tests.conftest import VOCAB, tiny_model
 from pipeline.data.tasks import Example
 from pipeline.evaluate import methods as M
 from pipeline.evaluate.forward import ForwardInfo, dense_masking
@@ -156,7 +156,8 @@ def _requests():
     ctx = torch.randint(2, VOCAB, (9,), generator=g).tolist()
     ctx2 = torch.randint(2, VOCAB, (5,), generator=g).tolist()
     conts = [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in (1, 3, 4, 2)]
-    return [(ctx, c) for c in conts] + [(ctx2, conts[1]), (ctx2 + [5], conts[2])]
+    return ([(ctx, c) for c in conts] + [(ctx2, conts[1]), (ctx2, conts[3]), (ctx2 + [5], conts[2])]
+            + [(ctx[:3], c) for c in conts[:3]])
 
 
 def _reference(model, ctx, cont):

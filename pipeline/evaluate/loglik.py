@@ -5,9 +5,10 @@ A request is (context ids, continuation ids) from `encode_pair`. The model input
 continuation tokens and whether each is the greedy argmax (lm-eval's `is_greedy`).
 
 Shared contexts are computed once: requests whose input prefix (everything before the continuation)
-is identical form a group; the prefix runs once with a KV cache, whose last logits score the first
-continuation token of every member, and the members' remaining continuation tokens run as one
-right-padded batch on the repeated cache (a one-token continuation needs no second pass: RTE, COPA's
+is identical form a group; `batch_size` groups' prefixes run as one right-padded batch with a KV cache,
+whose logits at each prefix's last token score the first continuation token of every member; the cache
+rows are then repeated per member and all members' remaining continuation tokens run as one right-padded
+batch (attention mask hides the prefix padding, position ids continue each prefix) (a one-token continuation needs no second pass: RTE, COPA's
 short answers...). This is only done when the masking method allows it (a mask at a position must
 not depend on later tokens): per_sequence masks and two-pass methods score whole sequences, batched
 by length as lm-eval does. Right padding needs no attention mask: under causal attention a real
@@ -108,39 +109,50 @@ def loglikelihoods(model: nn.Module, requests: Sequence[tuple[Sequence[int], Seq
         singles = list(range(len(prepared)))
     done = 0
 
-    # ---- shared-context groups: prefix once, then the continuations on the repeated cache ----
-    for prefix, members in groups.items():
-        ids = torch.tensor([list(prefix)], dtype=torch.long, device=device)
-        info = ForwardInfo(ids=ids, valid=torch.ones_like(ids, dtype=torch.bool),
-                           last=torch.tensor([ids.shape[1] - 1], device=device))
+    # ---- shared-context groups: prefixes batched (right padded) once, then all continuations on the cache ----
+    glist = sorted(groups.items(), key=lambda kv: -len(kv[0]))
+    for g0 in range(0, len(glist), batch_size):
+        chunk = glist[g0:g0 + batch_size]
+        prefixes = [list(p) for p, _ in chunk]
+        plen = torch.tensor([len(p) for p in prefixes], device=device)
+        ids, pvalid = _pad(prefixes, device)
+        info = ForwardInfo(ids=ids, valid=pvalid, last=plen - 1)
         with masking.forward(info):
-            out = model(input_ids=ids, use_cache=True)
-        st["forward_tokens"] += ids.shape[1]
+            out = model(input_ids=ids, attention_mask=pvalid.long(), use_cache=True)
+        st["forward_tokens"] += int(pvalid.sum().item())
         st["forwards"] += 1
-        first = F.log_softmax(out.logits[0, -1].float(), dim=-1)
-        first_arg = int(out.logits[0, -1].argmax().item())
-        tails = [prepared[i][0][-prepared[i][1]:] for i in members]  # continuation tokens
-        rest = [t[:-1] for t in tails]  # inputs of the second pass
-        ll0 = [first[t[0]].item() for t in tails]
-        g0 = [first_arg == t[0] for t in tails]
-        need = [j for j, r in enumerate(rest) if r]
-        lls, greedy = list(ll0), list(g0)
-        if need:
+        last_logits = out.logits[torch.arange(len(chunk), device=device), plen - 1].float()
+        first = F.log_softmax(last_logits, dim=-1)
+        first_arg = last_logits.argmax(-1)
+        rows_g, rows_rest, rows_tail = [], [], []  # second-pass rows: group index, input tokens, targets
+        for g, (_, members) in enumerate(chunk):
+            for i in members:
+                whole, n = prepared[i]
+                tail = whole[-n:]
+                ll0 = first[g, tail[0]].item()
+                g0_ok = int(first_arg[g].item()) == tail[0]
+                results[i] = Scored(ll0, g0_ok, n)
+                if n > 1:
+                    rows_g.append((g, i))
+                    rows_rest.append(tail[:-1])
+                    rows_tail.append(tail[1:])
+        if rows_rest:
             cache = _cache_of(out)
-            cache.batch_repeat_interleave(len(need))
-            cids, cvalid = _pad([rest[j] for j in need], device)
+            cache.reorder_cache(torch.tensor([g for g, _ in rows_g], device=device))
+            cids, cvalid = _pad(rows_rest, device)
+            gidx = torch.tensor([g for g, _ in rows_g], device=device)
+            amask = torch.cat([pvalid[gidx], cvalid], dim=1).long()
+            pos = plen[gidx][:, None] + torch.arange(cids.shape[1], device=device)[None, :]
             cinfo = ForwardInfo(ids=cids, valid=cvalid, last=cvalid.sum(1) - 1)
             with masking.forward(cinfo):
-                logits = model(input_ids=cids, **{_CACHE_KW: cache}, use_cache=True).logits
+                logits = model(input_ids=cids, attention_mask=amask, position_ids=pos, **{_CACHE_KW: cache},
+                               use_cache=True).logits
             st["forward_tokens"] += int(cvalid.sum().item())
             st["forwards"] += 1
-            scored = _score_rows(logits, [(0, tails[j][1:]) for j in need])
-            for j, (ll, g) in zip(need, scored):
-                lls[j] += ll
-                greedy[j] = greedy[j] and g
-        for j, i in enumerate(members):
-            results[i] = Scored(lls[j], greedy[j], len(tails[j]))
-        done += len(members)
+            for (g, i), (ll, ok) in zip(rows_g, _score_rows(logits, [(0, t) for t in rows_tail])):
+                r = results[i]
+                results[i] = Scored(r.loglik + ll, r.is_greedy and ok, r.n_tokens)
+        done += sum(len(m) for _, m in chunk)
         if progress:
             progress(done, len(prepared))
 

@@ -184,8 +184,8 @@ class Evaluator:
         rows = per_example(td.examples, [s.loglik for s in scored], [s.is_greedy for s in scored])
         metrics = aggregate(task, rows)
         return {"metrics": metrics, "seconds": time.perf_counter() - t0, "details": stats,
-                "per_example": [{"id": r["id"], "acc": r["acc"], **({"acc_norm": r["acc_norm"]} if "acc_norm" in r else {})}
-                                for r in rows]}
+                "per_example": [{"id": r["id"], "acc": r["acc"], **({"acc_norm": r["acc_norm"]} if "acc_norm" in r else {}),
+                                 "loglik": [round(x, 5) for x in r["loglik"]]} for r in rows]}
 
     def run(self, *, force: bool = False) -> list[dict[str, Any]]:
         """Evaluate (or read from cache) every planned point; returns the point records."""
