@@ -1,0 +1,141 @@
+"""Collection throughput: `collect` (forward + activation backward + criteria + Parquet) against a
+bare training step (forward + `loss.backward()` with parameter gradients) on the same batches.
+
+Runs anywhere torch runs (no mlflow/dvc): `python -m pipeline.collect_bench --help`.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.collect import CollectSettings, Sequence, _pad, collect, score_batch
+from pipeline.models.adapters import Layout
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _batches(seqs: list[Sequence], batch_size: int) -> list[list[Sequence]]:
+    ordered = sorted(seqs, key=lambda s: len(s.input_ids))  # as collect batches them
+    return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
+def bare_step(model: nn.Module, batch: list[Sequence]) -> None:
+    """One plain training step's work on the same padded batch: forward, CE, backward into params."""
+    device = next(model.parameters()).device
+    ids, valid, labels = _pad(batch, device)
+    logits = model(input_ids=ids, attention_mask=valid.long(), use_cache=False).logits
+    loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def _time(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure(model: nn.Module, layout: Layout, seqs: list[Sequence], criteria_sets: dict[str, list[str]], *,
+            batch_size: int = 8, repeats: int = 2, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Seconds (best of `repeats`) over all `seqs` for the bare step and for each criteria set,
+    both score-only and the full `collect` into a temporary directory (Parquet included)."""
+    device = next(model.parameters()).device
+    batches = _batches(seqs, batch_size)
+    n_tok = sum(len(s.input_ids) for s in seqs)
+    # warm-up (allocator, kernels) on the first batch
+    model.requires_grad_(True)
+    bare_step(model, batches[0])
+    bare = _time(lambda: [bare_step(model, b) for b in batches], device, repeats)
+    model.requires_grad_(False)
+    out: dict[str, Any] = {"examples": len(seqs), "tokens": n_tok, "batch_size": batch_size,
+                           "device": str(device), "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+                           "bare_seconds": bare, "bare_tokens_per_s": n_tok / bare, "sets": {}}
+    for name, crits in criteria_sets.items():
+        settings = CollectSettings(criteria=crits, batch_size=batch_size, shard_size=len(seqs))
+        score_batch(model, layout, batches[0], settings)
+        scored = _time(lambda: [score_batch(model, layout, b, settings) for b in batches], device, repeats)
+
+        def full() -> None:
+            with tempfile.TemporaryDirectory() as d:
+                collect(model, layout, seqs, d, settings, meta or {"model": {"dims": layout.dims()}}, progress=False)
+
+        whole = _time(full, device, repeats)
+        out["sets"][name] = {"criteria": crits, "score_seconds": scored, "collect_seconds": whole,
+                             "examples_per_s": len(seqs) / whole, "tokens_per_s": n_tok / whole,
+                             "ratio_to_bare": whole / bare}
+    return out
+
+
+CRITERIA_SETS = {
+    "plainact": ["plainact"],
+    "predictable": ["plainact", "fisher", "grad_norm", "l2_norm", "snip"],
+    "all": ["plainact", "fisher", "grad_norm", "l2_norm", "snip", "grasp", "nwot", "jacov", "epenas"],
+}
+
+
+def format_table(res: dict[str, Any]) -> str:
+    lines = [f"collect throughput on {res['device']} ({res['dtype']}), {res['examples']} examples, "
+             f"{res['tokens']} tokens, batch {res['batch_size']}",
+             f"  bare forward+backward: {res['bare_seconds']:.3f} s  ({res['bare_tokens_per_s']:.0f} tok/s)",
+             f"  {'criteria':<12} {'ex/s':>8} {'tok/s':>9} {'collect s':>10} {'ratio':>7}"]
+    for name, s in res["sets"].items():
+        lines.append(f"  {name:<12} {s['examples_per_s']:8.2f} {s['tokens_per_s']:9.0f} "
+                     f"{s['collect_seconds']:10.3f} {s['ratio_to_bare']:6.2f}x")
+    return "\n".join(lines)
+
+
+def save_sequences(seqs: list[Sequence], path: str | Path) -> None:
+    Path(path).write_text(json.dumps([[s.id, s.task, list(s.input_ids), s.n_target] for s in seqs]))
+
+
+def load_sequences(path: str | Path) -> list[Sequence]:
+    return [Sequence(i, t, tuple(ids), n) for i, t, ids, n in json.loads(Path(path).read_text())]
+
+
+def main() -> None:
+    """GPU entry point: random weights from a config (timing does not depend on weight values)."""
+    import argparse
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pipeline.models.adapters import resolve
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--config", required=True, help="directory holding config.json")
+    ap.add_argument("--sequences", required=True, help="JSON from save_sequences (tokenised calibration examples)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sets", default="plainact,predictable,all")
+    ap.add_argument("--out", default=None, help="write the JSON result here")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(args.config)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype)).to(args.device).eval()
+    seqs = load_sequences(args.sequences)
+    res = measure(model, resolve(model), seqs, {k: CRITERIA_SETS[k] for k in args.sets.split(",")},
+                  batch_size=args.batch_size, repeats=args.repeats)
+    print(format_table(res))
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
