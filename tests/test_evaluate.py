@@ -305,3 +305,25 @@ def test_sweep_caches_points_and_reruns_only_new_ones(tmp_path, monkeypatch):
     # evaluated ids are evaluation ids only
     calib = set(ev.task_data("piqa")[0].split.calib_ids)
     assert not calib & {e.id for e in ev.task_data("piqa")[0].examples}
+
+
+@pytest.mark.parametrize("kind", ["shadowllm", "dejavu", "dejavu_lookahead"])
+@pytest.mark.parametrize("granularity", ["per_token", "per_sequence"])
+def test_real_predictors_through_registry(tmp_path, kind, granularity):
+    """Predictors saved by pipeline.predictors and loaded by the method registry, as the sweep does."""
+    from pipeline.predictors import build, save_predictor
+
+    model = tiny_model("llama")
+    layout = resolve(model)
+    pred = build(kind, "plainact", layout.dims(), {"hidden_heads": 16, "hidden_neurons": 16})
+    save_predictor(pred, tmp_path / f"{kind}-plainact", {"model_fingerprint": "fpX"})
+    ctx = M.MethodContext(model=model, layout=layout, fingerprint="fpX", predictors_dir=str(tmp_path),
+                          criterion="plainact", granularity=granularity)
+    dense = _logits(model, dense_masking(), IDS)
+    assert torch.equal(_logits(model, M.build(kind, ctx, MaskSpec(sparsity={"heads": 0.0, "neurons": 0.0})), IDS), dense)
+    sparse = M.build(kind, ctx, MaskSpec(sparsity={"heads": 0.5, "neurons": 0.5}))
+    assert not torch.allclose(_logits(model, sparse, IDS), dense, atol=1e-4)
+    ctx.fingerprint = "other"
+    ctx.cache.clear()
+    with pytest.raises(ValueError, match="fingerprint"):
+        M.build(kind, ctx, MaskSpec(sparsity={"heads": 0.5, "neurons": 0.5}))
