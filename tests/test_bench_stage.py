@@ -52,11 +52,13 @@ def test_report_outputs(tmp_path):
             _row("llama-3-8b", "shadowllm", 0.0, 4.1), _row("llama-3-8b", "static", 0.0, 4.0),
             _row("llama-3-8b", "shadowllm", 0.5, 2.5), _row("llama-3-8b", "dejavu", 0.5, 3.0),
             {"model": "opt-30b", "batch": 1, "status": "skipped: time budget"}]
-    micro = {"kernels": [{"kernel": "gateup", "sparsity": 0.5, "us": 30.0, "gbps": 4000.0, "frac_of_copy": 0.9}]}
+    micro = {"kernels": [{"kernel": "gateup", "sparsity": 0.5, "us": 30.0, "gbps": 4000.0, "frac_of_copy": 0.9},
+                         {"kernel": "attn", "sparsity": 0.5, "us": 9.0, "gbps": 90.0, "frac_of_copy": 0.02}]}
     s = report.summarize(rows, micro)
     assert s["shadowllm50_speedup_vs_dense"]["value"] == pytest.approx(1.6) and s["shadowllm50_speedup_vs_dense"]["met"]
     assert s["shadowllm50_speedup_vs_dejavu"]["value"] == pytest.approx(1.2)
     assert s["shadowllm0_predictor_share"]["value"] == pytest.approx(0.1 / 4.1) and s["shadowllm0_predictor_share"]["met"]
+    assert s["gather_kernels_min_frac_of_copy_at50"]["value"] == pytest.approx(0.9)   # attention is not a gather GEMV
     res = {"device": "test", "copy": {"copy_gbps": 4300.0}, "params": {"prompt_len": 128, "gen_len": 128},
            "rows": rows, "summary": s, "micro": micro}
     paths = report.write_all(res, tmp_path, "t")

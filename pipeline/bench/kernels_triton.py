@@ -27,14 +27,14 @@ _ACT = {"none": 0, "relu": 1, "silu_gate": 2}
 _SEL = {"dense": 0, "units": 1, "index": 2}
 
 # Tile choices; run_all may overwrite them from the micro-benchmark sweep.
-CONFIG = {
-    "row": {"BN": 4, "BK": 1024, "warps": 4},                 # batch 1
-    "row_dot": {"BN": 64, "BK": 128, "warps": 4},             # batch 2..16 (tensor cores, M padded to 16)
-    "col": {"BN": 512, "BK": 8, "KPP": 128, "warps": 4},      # batch 1, index lists (down/fc2)
-    "col_units": {"BN": 256, "BK": 16, "KPP": 32, "warps": 4},  # batch 1, head units (o)
+CONFIG = {   # defaults = the sweep's picks on the H200 (results/benchmark/h200.json, micro.config)
+    "row": {"BN": 4, "BK": 512, "warps": 4},                  # batch 1
+    "row_dot": {"BN": 32, "BK": 256, "warps": 4},             # batch 2..16 (tensor cores, M padded to 16)
+    "col": {"BN": 512, "BK": 8, "KPP": 256, "warps": 4},      # batch 1, index lists (down/fc2)
+    "col_units": {"BN": 512, "BK": 8, "KPP": 32, "warps": 4},   # batch 1, head units (o)
     "col_dot": {"BN": 128, "BK": 64, "KPP": 256, "warps": 4},
     "col_target_programs": 768,                               # KPP shrinks so that ~this many programs stay busy
-    "attn": {"BT": 64, "warps": 4},
+    "attn": {"BT": 128, "warps": 4},
 }
 
 

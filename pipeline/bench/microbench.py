@@ -122,6 +122,7 @@ COL_CANDIDATES = [dict(BN=512, BK=8, KPP=128, warps=4), dict(BN=256, BK=16, KPP=
 COL_UNITS_CANDIDATES = [dict(BN=256, BK=16, KPP=32, warps=4), dict(BN=512, BK=8, KPP=32, warps=4),
                         dict(BN=128, BK=32, KPP=32, warps=4), dict(BN=256, BK=16, KPP=64, warps=4),
                         dict(BN=512, BK=8, KPP=128, warps=4), dict(BN=256, BK=8, KPP=16, warps=2)]
+ROW_DOT_CANDIDATES = [dict(BN=64, BK=128, warps=4), dict(BN=32, BK=256, warps=4), dict(BN=64, BK=256, warps=8)]
 ATTN_CANDIDATES = [dict(BT=64, warps=4), dict(BT=128, warps=4), dict(BT=128, warps=8), dict(BT=32, warps=2)]
 COL_DOT_CANDIDATES = [dict(BN=128, BK=64, KPP=256, warps=4), dict(BN=256, BK=64, KPP=256, warps=8),
                       dict(BN=64, BK=64, KPP=128, warps=4)]
