@@ -161,8 +161,8 @@ def report(metrics: dict[str, Any], p: TrainParams, model_id: str | None) -> str
         + (f" Recall = top-k recall of the true kept set at {mid:g} sparsity, global pool, heads / neurons." if mid is not None else ""),
         "",
         "| criterion | predictor | ρ heads joint | ρ heads layer | ρ neurons joint | ρ neurons layer |"
-        + (f" recall@{mid:g} h / n |" if mid is not None else "") + " params | MB (fp32) | share of model |",
-        "|---|---|---:|---:|---:|---:|" + ("---:|" if mid is not None else "") + "---:|---:|---:|",
+        + (f" recall@{mid:g} h / n |" if mid is not None else "") + " params | MB (fp32) | share of model | share of layer weights |",
+        "|---|---|---:|---:|---:|---:|" + ("---:|" if mid is not None else "") + "---:|---:|---:|---:|",
     ]
     for c in p.criteria:
         for k in p.kinds:
@@ -171,9 +171,10 @@ def report(metrics: dict[str, Any], p: TrainParams, model_id: str | None) -> str
             rec = (f" {h[f'recall_global_s{mid:g}']:.3f} / {n[f'recall_global_s{mid:g}']:.3f} |" if mid is not None else "")
             lines.append(f"| {c} | {k} | {h['spearman_joint']:.3f} | {h['spearman_per_layer']:.3f} | "
                          f"{n['spearman_joint']:.3f} | {n['spearman_per_layer']:.3f} |{rec} {s['params']:,} | "
-                         f"{s['bytes'] / 2**20:.2f} | {100 * s['share_of_model']:.1f}% |")
+                         f"{s['bytes'] / 2**20:.2f} | {100 * s['share_of_model']:.1f}% | {100 * s['share_of_layers']:.1f}% |")
     basis = next(iter(next(iter(metrics["predictors"].values())).values()))["size"]["share_basis"]
-    lines += ["", f"Share of model = predictor parameters / model parameters ({basis})."]
+    lines += ["", f"Share of model = predictor parameters / model parameters ({basis}); share of layer weights = "
+              "predictor parameters / the decoder layers' q, k, v, o and FFN weights (what a sparse decode reads)."]
     return "\n".join(lines) + "\n"
 
 

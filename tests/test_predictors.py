@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from pipeline.predictors import build, load_predictor, save_predictor
 from pipeline.predictors.fit import FitSettings, evaluate, fit, split_indices
-from pipeline.predictors.size import layer_params
+from pipeline.predictors.size import cost, layer_params
 from pipeline.ranking import spearman_joint, spearman_per_layer, topk_recall
 
 from tests.test_aggregate import FINGERPRINT, trace_dir, write_params, _no_tracking  # noqa: F401 (fixtures)
@@ -156,6 +156,9 @@ def test_layer_params_counts_gqa_and_gating():
     per_layer = 32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 48
     assert layer_params(d) == 2 * per_layer
     assert layer_params({**d, "arch": "opt", "n_kv_heads": 4}) == 2 * (4 * 32 * 32 + 2 * 32 * 48)
+    c = cost(1000, 4000, {"dims": d, "parameters": 100_000})  # the trace's recorded total wins
+    assert c["share_of_model"] == pytest.approx(0.01) and c["share_of_layers"] == pytest.approx(1000 / layer_params(d))
+    assert cost(1000, 4000, {"dims": d})["model_params"] == layer_params(d)
 
 
 # ---- the stages end to end -----------------------------------------------------------------------

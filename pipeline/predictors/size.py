@@ -26,7 +26,7 @@ def layer_params(dims: dict[str, Any]) -> int:
 
 def model_params(model_meta: dict[str, Any]) -> tuple[int, str]:
     """(parameter count, basis): the trace's recorded total (`n_params`) if present, else `layer_params`."""
-    for key in ("n_params", "params", "model_params"):
+    for key in ("parameters", "n_params", "model_params"):
         if isinstance(model_meta.get(key), int):
             return model_meta[key], "all model parameters (trace meta)"
     return layer_params(model_meta["dims"]), "decoder-layer projection weights (from dims)"
@@ -35,5 +35,7 @@ def model_params(model_meta: dict[str, Any]) -> tuple[int, str]:
 def cost(n_params: int, n_bytes: int, model_meta: dict[str, Any]) -> dict[str, Any]:
     """Predictor size figures; the share is by parameter count (same dtype for model and predictor)."""
     total, basis = model_params(model_meta)
+    layers = layer_params(model_meta["dims"])
     return {"params": n_params, "bytes": n_bytes, "bytes_bf16": 2 * n_params, "model_params": total,
-            "share_of_model": n_params / total, "share_basis": basis}
+            "share_of_model": n_params / total, "share_basis": basis,
+            "model_layer_params": layers, "share_of_layers": n_params / layers}
