@@ -126,22 +126,22 @@ def score_batch(model: nn.Module, layout: Layout, seqs: Seq[Sequence], settings:
                 grads = [g.detach() for g in grads]
     _check_finite(seqs, loss, grads)
     L = layout.n_layers
-    head_scores = {c.name: [] for c in chosen}
-    neuron_scores = {c.name: [] for c in chosen if c.neurons is not None}
-    for l in range(L):
-        for view, i, store, pick in ((cap.heads, l, head_scores, lambda c: c.heads),
-                                     (cap.neurons, L + l, neuron_scores, lambda c: c.neurons)):
-            unit = crit.UnitBatch(
-                a=view(raw[i].detach()).float(),
-                g=None if grads[i] is None else view(grads[i]).float(),
-                valid=valid,
-                hg=None if hvps[i] is None else view(hvps[i]).float(),
-                labels=labels,
-            )
-            with torch.no_grad():
-                for c in chosen:
-                    if pick(c) is not None:
-                        store[c.name].append(pick(c)(unit))
+
+    def units(view, tensors: list[Tensor | None], offset: int) -> Tensor | None:
+        """All layers' units side by side: heads [B, T, L·H, D], neurons [B, T, L·F] (float32)."""
+        if tensors[offset] is None:
+            return None
+        return torch.cat([view(t.detach()).float() for t in tensors[offset:offset + L]], dim=2)
+
+    scores: dict[str, Tensor] = {}
+    with torch.no_grad():
+        for view, offset, column, pick in ((cap.heads, 0, head_col, lambda c: c.heads),
+                                           (cap.neurons, L, neuron_col, lambda c: c.neurons)):
+            unit = crit.UnitBatch(a=units(view, list(raw), offset), g=units(view, grads, offset), valid=valid,
+                                  hg=units(view, hvps, offset), labels=labels)
+            for c in chosen:
+                if pick(c) is not None:
+                    scores[column(c.name)] = pick(c)(unit)
     out: dict[str, Any] = {
         "example_id": [s.id for s in seqs],
         "task": [s.task for s in seqs],
@@ -153,10 +153,8 @@ def score_batch(model: nn.Module, layout: Layout, seqs: Seq[Sequence], settings:
     if settings.layer_inputs:
         feats = torch.stack([_last(h, valid) for h in cap.layer_inputs], 1)  # [B, L, E]
         out["feat_layers"] = feats.flatten(1).float().cpu().numpy()
-    for name, per_layer in head_scores.items():
-        out[head_col(name)] = torch.stack(per_layer, 1).flatten(1).cpu().numpy()
-    for name, per_layer in neuron_scores.items():
-        out[neuron_col(name)] = torch.stack(per_layer, 1).flatten(1).cpu().numpy()
+    for name, value in scores.items():
+        out[name] = value.cpu().numpy()
     return out
 
 

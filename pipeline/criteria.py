@@ -1,8 +1,10 @@
 """Importance criteria (SPEC §3): one function per unit kind, registered by name.
 
-Every criterion reads one layer's `UnitBatch` — activation `a`, gradient `g = dL/da`, optionally
-the Hessian-vector product `hg`, and a [B, T] mask of the example's real tokens — and returns one
-score per example and unit: heads [B, H], neurons [B, F]. Higher means more important.
+Every criterion reads a `UnitBatch` — activation `a`, gradient `g = dL/da`, optionally the
+Hessian-vector product `hg`, and a [B, T] mask of the example's real tokens — and returns one
+score per example and unit: heads [B, H], neurons [B, F]. Higher means more important. Units
+are independent, so `collect` scores all layers in one call by concatenating them along the unit
+axis (H -> L·H, F -> L·F).
 Sums over tokens run over the example's real (non-padding) tokens only.
 """
 
@@ -30,8 +32,10 @@ class UnitBatch:
         m = self.valid.to(self.a.dtype)
         return m.view(*m.shape, *([1] * (self.a.dim() - 2)))
 
-    def n_tokens(self) -> Tensor:
-        return self.valid.sum(1).clamp_min(1).to(self.a.dtype)
+    def n_tokens(self, like: Tensor) -> Tensor:
+        """Real-token count per example, shaped to broadcast against `like` [B, ...]."""
+        n = self.valid.sum(1).clamp_min(1).to(self.a.dtype)
+        return n.view(-1, *([1] * (like.dim() - 1)))
 
 
 ScoreFn = Callable[[UnitBatch], Tensor]
@@ -82,12 +86,13 @@ def _abs_ag(u: UnitBatch) -> Tensor:
     return _sum_t((u.a * u.g).abs(), u)
 
 
-def _fisher_heads(u: UnitBatch) -> Tensor:
-    return (_sum_t((u.a * u.g) ** 2, u) / u.n_tokens().view(-1, 1, 1)).sum(-1)
-
-
 def _fisher_neurons(u: UnitBatch) -> Tensor:
-    return _sum_t((u.a * u.g) ** 2, u) / u.n_tokens().view(-1, 1)
+    s = _sum_t((u.a * u.g) ** 2, u)
+    return s / u.n_tokens(s)
+
+
+def _fisher_heads(u: UnitBatch) -> Tensor:
+    return _fisher_neurons(u).sum(-1)
 
 
 def _norm(x: Tensor, u: UnitBatch, over_d: bool) -> Tensor:
@@ -111,13 +116,14 @@ def _nwot_heads(u: UnitBatch) -> Tensor:
         c = (rows > 0).to(torch.float64).permute(1, 0, 2)  # [H, T, D]
         k = c @ c.transpose(1, 2) + (1 - c) @ (1 - c).transpose(1, 2)  # [H, T, T]
         # K is singular whenever T > 2·D (rank <= 2·head_dim); a small ridge keeps log|det| finite.
-        k = k + 1e-3 * torch.eye(k.shape[-1], dtype=k.dtype)
+        k = k + 1e-3 * torch.eye(k.shape[-1], dtype=k.dtype, device=k.device)
         out.append(torch.linalg.slogdet(k).logabsdet.to(u.a.dtype))
     return torch.stack(out)
 
 
 def _nwot_neurons(u: UnitBatch) -> Tensor:
-    frac_off = _sum_t((u.a <= 0).to(u.a.dtype), u) / u.n_tokens().view(-1, 1)
+    off = _sum_t((u.a <= 0).to(u.a.dtype), u)
+    frac_off = off / u.n_tokens(off)
     return torch.log(frac_off.clamp_min(EPS))
 
 

@@ -112,3 +112,20 @@ def test_float16_storage_keeps_tiny_and_huge_scores(tmp_path):
     back = Traces.open(tmp_path).scores("x", "heads").reshape(2, 3)
     np.testing.assert_allclose(back[0, :2], vals[0, :2], rtol=1e-3)
     np.testing.assert_allclose(back[1, :2], vals[1, :2], rtol=1e-3)
+
+
+def test_all_layer_scoring_equals_layer_by_layer():
+    from pipeline import criteria as crit
+    from pipeline.hooks import UnitCapture
+
+    model = tiny_model("gemma")
+    layout = resolve(model)
+    seqs = _seqs(3)
+    out = C.score_batch(model, layout, seqs, C.CollectSettings(criteria=["plainact", "nwot"], layer_inputs=False))
+    ids, valid, labels = C._pad(seqs, torch.device("cpu"))
+    with UnitCapture(model, layout) as cap, torch.no_grad():
+        model(input_ids=ids, attention_mask=valid.long())
+    for l in range(layout.n_layers):
+        a = cap.heads(cap.raw_heads[l]).float()
+        u = crit.UnitBatch(a=a, g=None, valid=valid, labels=labels)
+        np.testing.assert_allclose(out["nwot_heads"][:, l * 4:(l + 1) * 4], crit.get("nwot").heads(u).numpy(), rtol=1e-5)
