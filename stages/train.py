@@ -164,16 +164,23 @@ def report(metrics: dict[str, Any], p: TrainParams, model_id: str | None) -> str
         + (f" recall@{mid:g} h / n |" if mid is not None else "") + " params | MB (fp32) | share of model | share of layer weights |",
         "|---|---|---:|---:|---:|---:|" + ("---:|" if mid is not None else "") + "---:|---:|---:|---:|",
     ]
+    def row(c: str, name: str, m: dict[str, Any], size: str) -> str:
+        h, n = m["heads"], m["neurons"]
+        rec = (f" {h[f'recall_global_s{mid:g}']:.3f} / {n[f'recall_global_s{mid:g}']:.3f} |" if mid is not None else "")
+        return (f"| {c} | {name} | {h['spearman_joint']:.3f} | {h['spearman_per_layer']:.3f} | "
+                f"{n['spearman_joint']:.3f} | {n['spearman_per_layer']:.3f} |{rec} {size} |")
+
     for c in p.criteria:
+        lines.append(row(c, "*train mean (no predictor)*", metrics["train_mean"][c], "– | – | – | –"))
         for k in p.kinds:
             m = metrics["predictors"][c][k]
-            h, n, s = m["heads"], m["neurons"], m["size"]
-            rec = (f" {h[f'recall_global_s{mid:g}']:.3f} / {n[f'recall_global_s{mid:g}']:.3f} |" if mid is not None else "")
-            lines.append(f"| {c} | {k} | {h['spearman_joint']:.3f} | {h['spearman_per_layer']:.3f} | "
-                         f"{n['spearman_joint']:.3f} | {n['spearman_per_layer']:.3f} |{rec} {s['params']:,} | "
-                         f"{s['bytes'] / 2**20:.2f} | {100 * s['share_of_model']:.1f}% | {100 * s['share_of_layers']:.1f}% |")
+            s = m["size"]
+            lines.append(row(c, k, m, f"{s['params']:,} | {s['bytes'] / 2**20:.2f} | {100 * s['share_of_model']:.1f}% | "
+                                      f"{100 * s['share_of_layers']:.1f}%"))
     basis = next(iter(next(iter(metrics["predictors"].values())).values()))["size"]["share_basis"]
-    lines += ["", f"Share of model = predictor parameters / model parameters ({basis}); share of layer weights = "
+    lines += ["", "*train mean*: the mean training target used as every held-out example's prediction (a static "
+              "ranking); a predictor is contextual only by what it adds over this row.",
+              "", f"Share of model = predictor parameters / model parameters ({basis}); share of layer weights = "
               "predictor parameters / the decoder layers' q, k, v, o and FFN weights (what a sparse decode reads)."]
     return "\n".join(lines) + "\n"
 
@@ -194,7 +201,7 @@ def run(params_path: str, traces_dir: str, scores_dir: str, out_dir: str, metric
 
     from pipeline.io import write_json, write_text
     from pipeline.predictors import PREDICTORS, build, save_predictor
-    from pipeline.predictors.fit import FitSettings, evaluate, fit, split_indices
+    from pipeline.predictors.fit import FitSettings, evaluate, evaluate_train_mean, fit, split_indices
     from pipeline.predictors.size import cost
     from pipeline.tracking import stage_run
 
@@ -211,13 +218,15 @@ def run(params_path: str, traces_dir: str, scores_dir: str, out_dir: str, metric
     plots.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any] = {"split": {"n_train": len(train_rows), "n_val": len(val_rows), "seed": p.seed,
                                          "val_example_order": agg.order_hash([ids[i] for i in val_rows])},
-                               "predictors": {}}
+                               "predictors": {}, "train_mean": {}}
     with stage_run("train", tags={"model_fingerprint": model_meta["fingerprint"]}) as mlrun:
         mlrun.log_params({"train": section(params, "train"), "aggregate.targets": p.criteria,
                           "trace_params_hash": traces.meta["params_hash"]})
         for c in p.criteria:
             y = agg.load_targets(scores_dir, c)
             metrics["predictors"][c] = {}
+            metrics["train_mean"][c] = evaluate_train_mean(y["heads"], y["neurons"], train_rows, val_rows, p.sparsities)
+            mlrun.log_metrics({f"train_mean-{c}": metrics["train_mean"][c]})
             for k in p.kinds:
                 name = f"{k}-{c}"
                 torch.manual_seed(p.seed)

@@ -207,10 +207,11 @@ def test_train_stage_end_to_end(tmp_path, trace_dir, scores_dir):
             curves = (tmp_path / "plots" / f"{k}-{c}.csv").read_text().splitlines()
             assert curves[0].startswith("epoch,") and len(curves) == 1 + TRAIN["epochs"]
             assert (tmp_path / "plots" / f"{k}-{c}.png").is_file()
+        assert 0 <= metrics["train_mean"][c]["heads"]["recall_local_s0.3"] <= 1
     assert metrics["predictors"]["plainact"]["dejavu"]["size"]["params"] > \
         metrics["predictors"]["plainact"]["dejavu_lookahead"]["size"]["params"]  # L vs L-1 per-layer MLPs
     report = (tmp_path / "pred" / "report.md").read_text()
-    assert report.count("| plainact |") == 3 and "| l2_norm | dejavu_lookahead |" in report
+    assert report.count("| plainact |") == 4 and "train mean" in report and "| l2_norm | dejavu_lookahead |" in report
 
 
 @pytest.mark.parametrize("change, message", [

@@ -131,3 +131,16 @@ def evaluate(pred: Predictor, x: np.ndarray, y_heads: np.ndarray, y_neurons: np.
     layers = [pred.layers[i] for i in keep]
     return {"heads": ranking_metrics(ph[:, keep], y_heads[:, layers], sparsities),
             "neurons": ranking_metrics(pn[:, keep], y_neurons[:, layers], sparsities)}
+
+
+def evaluate_train_mean(y_heads: np.ndarray, y_neurons: np.ndarray, train: np.ndarray, val: np.ndarray,
+                        sparsities: list[float]) -> dict[str, Any]:
+    """The no-predictor reference: the mean training target (a static ranking) used as the prediction
+    for every held-out example, scored exactly like `evaluate` (layers 1..L-1). A predictor is only
+    contextual to the extent that it beats this."""
+    out = {}
+    for unit, y in (("heads", y_heads), ("neurons", y_neurons)):
+        true = y[val][:, 1:]
+        mean = y[train][:, 1:].mean(0, keepdims=True)
+        out[unit] = ranking_metrics(np.broadcast_to(mean, true.shape), true, sparsities)
+    return out
