@@ -164,6 +164,7 @@ def report(metrics: dict[str, Any], p: TrainParams, model_id: str | None) -> str
         + (f" recall@{mid:g} h / n |" if mid is not None else "") + " params | MB (fp32) | share of model | share of layer weights |",
         "|---|---|---:|---:|---:|---:|" + ("---:|" if mid is not None else "") + "---:|---:|---:|---:|",
     ]
+
     def row(c: str, name: str, m: dict[str, Any], size: str) -> str:
         h, n = m["heads"], m["neurons"]
         rec = (f" {h[f'recall_global_s{mid:g}']:.3f} / {n[f'recall_global_s{mid:g}']:.3f} |" if mid is not None else "")
