@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test suite: unit tests on tiny random models, then (marked slow) the end-to-end `dvc repro`
+# of the default pipeline on a reduced config with the real default model.
+# Pass pytest arguments through, e.g. `bash scripts/test.sh -m "not slow"` while iterating.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true
+python3 -m pytest -q -ra "$@"
