@@ -5,4 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true
+# Tiny test models run fastest on one thread; the end-to-end test gives its `dvc repro` all cores.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 python3 -m pytest -q -ra "$@"

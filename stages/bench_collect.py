@@ -24,15 +24,14 @@ def cli(params_path: Path, n_per_task: int, sets: str, repeats: int, out_path: P
     from pipeline.collect_bench import CRITERIA_SETS, format_table, measure, save_sequences as save
     from pipeline.io import write_json
     from pipeline.models.adapters import resolve
-    from pipeline.models.loading import load_model
+    from pipeline.models.loading import load_from_params
 
     params = P.load(params_path)
     m, d, c = params["model"], params["data"], params["collect"]
     unknown = [s for s in sets.split(",") if s not in CRITERIA_SETS]
     if unknown:
         raise click.ClickException(f"unknown --sets {unknown}; known: {', '.join(CRITERIA_SETS)}")
-    model, tok = load_model(str(m["id"]), dtype=str(m.get("dtype", "float32")), device=str(m.get("device", "cpu")),
-                            attn_implementation=m.get("attn_implementation"))
+    model, tok = load_from_params(m)
     plan = CalibrationPlan(tasks=tuple(c["tasks"]), mirror_dir=d.get("mirror_dir"), n_per_task=n_per_task,
                            calib_fraction=float(d["calib_fraction"]), seed=int(d["seed"]),
                            num_fewshot=int(c.get("num_fewshot", 0)), max_tokens=int(c["max_tokens"]),

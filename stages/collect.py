@@ -59,7 +59,7 @@ def run_collect(params: dict, plan, out_dir: Path, metrics_path: Path, progress:
     from pipeline.collect import CollectSettings, collect
     from pipeline.io import write_json
     from pipeline.models.adapters import resolve
-    from pipeline.models.loading import fingerprint, load_model
+    from pipeline.models.loading import fingerprint, load_from_params
     from pipeline.tracking import stage_run
 
     m, c = params["model"], params["collect"]
@@ -68,9 +68,7 @@ def run_collect(params: dict, plan, out_dir: Path, metrics_path: Path, progress:
                                shard_size=int(c.get("shard_size", 64)), storage=str(c.get("storage", "float16")),
                                layer_inputs=bool(c.get("layer_inputs", True)))
     t_load = time.perf_counter()
-    model, tokenizer = load_model(str(m["id"]), dtype=str(m.get("dtype", "float32")), device=str(m.get("device", "cpu")),
-                                  trust_remote_code=bool(m.get("trust_remote_code", False)),
-                                  attn_implementation=m.get("attn_implementation"))
+    model, tokenizer = load_from_params(m)
     layout = resolve(model)
     fp = fingerprint(model)
     seqs, splits = build(plan, tokenizer)

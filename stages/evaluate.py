@@ -83,16 +83,14 @@ def run_evaluate(params: dict, cfg, out_dir: Path, metrics_path: Path | None, fo
     from pipeline.evaluate.runner import Evaluator
     from pipeline.io import write_json
     from pipeline.models.adapters import resolve
-    from pipeline.models.loading import fingerprint, load_model
+    from pipeline.models.loading import fingerprint, load_from_params
     from pipeline.tracking import stage_run
 
     if threads:
         torch.set_num_threads(threads)
     m = params["model"]
     t0 = time.perf_counter()
-    model, tokenizer = load_model(str(m["id"]), dtype=str(m.get("dtype", "float32")), device=str(m.get("device", "cpu")),
-                                  trust_remote_code=bool(m.get("trust_remote_code", False)),
-                                  attn_implementation=m.get("attn_implementation"))
+    model, tokenizer = load_from_params(m)
     layout = resolve(model)
     fp = fingerprint(model)
     load_s = time.perf_counter() - t0

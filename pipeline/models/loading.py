@@ -106,3 +106,11 @@ def fingerprint(model: nn.Module, *, samples: int = 4096) -> str:
         h.update(f"{name}:{tuple(t.shape)}".encode())
         h.update(flat[::step][:samples].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def load_from_params(section: dict[str, Any]) -> tuple[nn.Module, Any]:
+    """`load_model` configured by the `model:` section of params.yaml."""
+    return load_model(str(section["id"]), dtype=str(section.get("dtype", "float32")),
+                      device=str(section.get("device", "cpu")),
+                      trust_remote_code=bool(section.get("trust_remote_code", False)),
+                      attn_implementation=section.get("attn_implementation"))
