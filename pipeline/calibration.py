@@ -10,7 +10,7 @@ import numpy as np
 
 from pipeline.collect import Sequence, mc_sequence, text_sequence
 from pipeline.data import tasks as task_registry
-from pipeline.data.split import Split, split_examples, with_fewshot
+from pipeline.data.split import Split, split_examples, stable_key, with_fewshot
 from pipeline.data.tokenize import encode_pair, encode_text_windows
 
 
@@ -29,9 +29,7 @@ class CalibrationPlan:
 def text_split(task: str, n_windows: int, *, calib_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Seeded disjoint split of a perplexity task's windows (indices), as `split_examples` does for
     examples: the calibration pool comes first in permutation order, evaluation keeps source order."""
-    from pipeline.data.split import _key
-
-    order = np.random.default_rng([int(seed) & 0xFFFFFFFF, _key(task)]).permutation(n_windows)
+    order = np.random.default_rng([int(seed) & 0xFFFFFFFF, stable_key(task)]).permutation(n_windows)
     n_pool = int(calib_fraction * n_windows)
     return [int(i) for i in order[:n_pool]], sorted(int(i) for i in order[n_pool:])
 

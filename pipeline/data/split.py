@@ -11,7 +11,7 @@ from .errors import DataError
 from .tasks import Example, get_task
 
 
-def _key(text: str) -> int:
+def stable_key(text: str) -> int:
     """Stable 32-bit key of a string (Python's hash() is salted per process)."""
     return zlib.crc32(text.encode("utf-8"))
 
@@ -56,7 +56,7 @@ def split_examples(examples: list[Example], *, calib_fraction: float, seed: int,
         raise DataError("split_examples: duplicate example ids")
     task = tasks.pop()
     n = len(examples)
-    order = np.random.default_rng([int(seed) & 0xFFFFFFFF, _key(task)]).permutation(n)
+    order = np.random.default_rng([int(seed) & 0xFFFFFFFF, stable_key(task)]).permutation(n)
     n_pool = int(calib_fraction * n)
     pool = order[:n_pool]
     calib_idx = pool if max_calib is None else pool[:max_calib]
@@ -81,7 +81,7 @@ def fewshot_prefix(example: Example, pool: list[Example], k: int, seed: int) -> 
     if len(candidates) < k:
         raise DataError(f"fewshot count {k} exceeds the {len(candidates)} calibration examples available "
                         f"for '{example.id}'")
-    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, _key(example.id)])
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, stable_key(example.id)])
     picks = rng.choice(len(candidates), size=k, replace=False)
     delim = get_task(example.task).fewshot_delimiter
     shots = [candidates[i].contexts[candidates[i].gold] + candidates[i].continuations[candidates[i].gold]
