@@ -84,7 +84,9 @@ def run_collect(params: dict, plan, out_dir: Path, metrics_path: Path, progress:
     }
     stats = collect(model, layout, seqs, out_dir, settings, meta, progress=progress)
     write_json(out_dir / "split.json", {"seed": plan.seed, "calib_fraction": plan.calib_fraction, "tasks": splits})
-    metrics = dict(stats.metrics(), load_seconds=round(load_s, 3), model_fingerprint=fp)
+    # examples/tokens/rates describe the work done by this run; *_total the whole trace set (with reused shards).
+    metrics = dict(stats.metrics(), load_seconds=round(load_s, 3), model_fingerprint=fp,
+                   examples_total=len(seqs), tokens_total=sum(len(s.input_ids) for s in seqs))
     write_json(metrics_path, metrics)
     click.echo(f"collect: {stats.examples} examples ({stats.shards_reused} shards reused), "
                f"{metrics['examples_per_s']:.2f} ex/s, {metrics['tokens_per_s']:.0f} tok/s, "
