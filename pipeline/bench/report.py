@@ -5,9 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from pipeline.io import atomic_path
 
 COLUMNS = ["model", "mode", "batch", "head_sparsity", "neuron_sparsity", "ms_per_token", "ms_p10", "ms_p90",
            "tokens_per_s", "achieved_gbps", "bound_ms", "frac_of_bound", "speedup_vs_dense", "speedup_bound",
@@ -16,18 +16,8 @@ COLUMNS = ["model", "mode", "batch", "head_sparsity", "neuron_sparsity", "ms_per
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
 def _find(rows, **kw):
@@ -142,19 +132,7 @@ def plot(rows: list[dict], path: str | Path) -> None:
     fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4.2 * cols, 3.4 * ((n + cols - 1) // cols)),
                              squeeze=False)
     for ax, m in zip(axes.flat, models):
-        for mode in ("static", "shadowllm", "dejavu"):
-            pts = sorted((r["head_sparsity"], r["ms_per_token"]) for r in ok
-                         if r["model"] == m and r["mode"] == mode and r["batch"] == 1)
-            if pts:
-                ax.plot([p[0] * 100 for p in pts], [p[1] for p in pts], marker="o", label=mode)
-        d = [r["ms_per_token"] for r in ok if r["model"] == m and r["mode"] == "dense" and r["batch"] == 1]
-        if d:
-            ax.axhline(d[0], color="k", ls="--", lw=1, label="dense")
-        ax.set_title(f"{m}, batch 1")
-        ax.set_xlabel("sparsity (%)")
-        ax.set_ylabel("ms / token")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _panel(ax, [r for r in ok if r["model"] == m and r["batch"] == 1], f"{m}, batch 1", "ms / token")
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     fig.tight_layout()
@@ -162,6 +140,22 @@ def plot(rows: list[dict], path: str | Path) -> None:
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     atomic_write(path, buf.getvalue())
+
+
+def _panel(ax, rows: list[dict], title: str, ylabel: str) -> None:
+    """ms/token against sparsity for each sparse mode of one (model, batch), dense as a line."""
+    for mode in ("static", "shadowllm", "dejavu"):
+        pts = sorted((r["head_sparsity"], r["ms_per_token"]) for r in rows if r["mode"] == mode)
+        if pts:
+            ax.plot([p[0] * 100 for p in pts], [p[1] for p in pts], marker="o", label=mode)
+    d = [r["ms_per_token"] for r in rows if r["mode"] == "dense"]
+    if d:
+        ax.axhline(d[0], color="k", ls="--", lw=1, label="dense")
+    ax.set_title(title)
+    ax.set_xlabel("sparsity (%)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def plot_batches(rows: list[dict], model: str, path: str | Path) -> bool:
@@ -174,18 +168,7 @@ def plot_batches(rows: list[dict], model: str, path: str | Path) -> bool:
         return False
     fig, axes = plt.subplots(1, len(batches), figsize=(3.6 * len(batches), 3.2), squeeze=False)
     for ax, b in zip(axes.flat, batches):
-        for mode in ("static", "shadowllm", "dejavu"):
-            pts = sorted((r["head_sparsity"], r["ms_per_token"]) for r in ok if r["mode"] == mode and r["batch"] == b)
-            if pts:
-                ax.plot([p[0] * 100 for p in pts], [p[1] for p in pts], marker="o", label=mode)
-        d = [r["ms_per_token"] for r in ok if r["mode"] == "dense" and r["batch"] == b]
-        if d:
-            ax.axhline(d[0], color="k", ls="--", lw=1, label="dense")
-        ax.set_title(f"{model}, batch {b}")
-        ax.set_xlabel("sparsity (%)")
-        ax.set_ylabel("ms / step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _panel(ax, [r for r in ok if r["batch"] == b], f"{model}, batch {b}", "ms / step")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

@@ -76,7 +76,7 @@ def build(shape: ModelShape, *, dtype: torch.dtype = torch.bfloat16, device: str
           seed: int = 0, keep_raw: bool = False) -> ModelWeights:
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
-    D, F, H, KVH, d = shape.hidden, shape.ffn, shape.heads, shape.kv_heads, shape.head_dim
+    D, F, H, d = shape.hidden, shape.ffn, shape.heads, shape.head_dim
     s_in, s_ff = D ** -0.5, F ** -0.5
     ln = shape.norm == "ln"
 

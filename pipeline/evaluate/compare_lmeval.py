@@ -10,11 +10,9 @@ stderr units, and the per-document agreement (same prediction, max |Δ loglik|).
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import click
-import numpy as np
 
 
 def _load_lmeval(out_dir: Path) -> tuple[dict, dict]:

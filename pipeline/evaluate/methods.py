@@ -23,7 +23,7 @@ A method is registered with `register(name, factory)`; `factory(ctx, spec)` retu
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,7 +120,6 @@ class ShadowLLMMasking(Masking):
     @contextmanager
     def forward(self, info: ForwardInfo):
         store = _Store()
-        H, D = self.ctx.layout.n_heads, self.ctx.layout.head_dim
 
         def head_fn(l: int, x4: Tensor) -> Tensor | None:
             if l == 0:
