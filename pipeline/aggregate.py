@@ -21,7 +21,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from pipeline import criteria as crit
-from pipeline.io import atomic_path, write_json
+from pipeline.io import atomic_path, read_json, write_json
 from pipeline.traces import Traces
 
 SCORES_SCHEMA = 1
@@ -125,10 +125,7 @@ def save_scores(path_dir: str | Path, static: dict[str, dict[str, np.ndarray]],
 
 
 def load_meta(path_dir: str | Path) -> dict[str, Any]:
-    p = Path(path_dir) / META_FILE
-    if not p.is_file():
-        raise FileNotFoundError(f"no scores in {path_dir} ({META_FILE} missing; run the aggregate stage first)")
-    return json.loads(p.read_text())
+    return read_json(Path(path_dir) / META_FILE, missing=f"no scores in {path_dir}: run the aggregate stage first")
 
 
 def _check_model(meta: dict[str, Any], model_fingerprint: str | None, what: str) -> None:

@@ -55,3 +55,11 @@ def _default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_json(path: str | Path, *, missing: str) -> Any:
+    """Read a JSON file written by a stage; `missing` says what is absent and which stage makes it."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{missing} ({p.name} missing in {p.parent})")
+    return json.loads(p.read_text())

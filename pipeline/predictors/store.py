@@ -3,13 +3,12 @@ model fingerprint, trace params_hash, metrics). Loading against another model is
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file, save_file
 
-from pipeline.io import atomic_path, write_json
+from pipeline.io import atomic_path, read_json, write_json
 from pipeline.predictors.base import Predictor
 from pipeline.predictors.registry import build
 
@@ -32,10 +31,7 @@ def save_predictor(pred: Predictor, out_dir: str | Path, meta: dict[str, Any]) -
 
 
 def load_config(out_dir: str | Path) -> dict[str, Any]:
-    p = Path(out_dir) / CONFIG
-    if not p.is_file():
-        raise FileNotFoundError(f"no predictor in {out_dir} ({CONFIG} missing; run the train stage first)")
-    return json.loads(p.read_text())
+    return read_json(Path(out_dir) / CONFIG, missing=f"no predictor in {out_dir}: run the train stage first")
 
 
 def load_predictor(out_dir: str | Path, *, model_fingerprint: str | None = None) -> Predictor:
