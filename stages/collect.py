@@ -22,6 +22,7 @@ def cli(params_path: Path, out_dir: Path, metrics_path: Path, progress: bool) ->
     from pipeline import criteria as crit
     from pipeline import params as P
     from pipeline.calibration import CalibrationPlan
+    from pipeline.collect import CollectSettings
     from pipeline.data.errors import DataError
     from pipeline.data.tasks import check_tasks
     from pipeline.models.loading import ModelError, load_config, parse_dtype
@@ -31,8 +32,11 @@ def cli(params_path: Path, out_dir: Path, metrics_path: Path, progress: bool) ->
         params = P.load(params_path)
         m, d, c = P.section(params, "model"), P.section(params, "data"), P.section(params, "collect")
         model_id = str(P.require(m, "id", "model"))
-        for name in P.require(c, "criteria", "collect", list):
-            crit.get(name)
+        # CollectSettings validates criteria names, storage dtype and batch/shard sizes itself.
+        settings = CollectSettings(criteria=list(P.require(c, "criteria", "collect", list)),
+                                   batch_size=int(c.get("batch_size", 8)), shard_size=int(c.get("shard_size", 64)),
+                                   storage=str(c.get("storage", "float16")),
+                                   layer_inputs=bool(c.get("layer_inputs", True)))
         tasks = P.require(c, "tasks", "collect", list)
         check_tasks(tasks, d.get("mirror_dir"), param="collect.tasks", mirror_param="data.mirror_dir")
         plan = CalibrationPlan(
@@ -47,16 +51,16 @@ def cli(params_path: Path, out_dir: Path, metrics_path: Path, progress: bool) ->
             _fail(f"parameter collect.max_tokens must be >= 2, got {plan.max_tokens}")
         parse_dtype(str(m.get("dtype", "float32")))
         load_config(model_id, trust_remote_code=bool(m.get("trust_remote_code", False)))
-    except (P.ParamError, crit.CriterionError, DataError, ModelError) as e:
+    except (P.ParamError, crit.CriterionError, DataError, ModelError, ValueError) as e:
         _fail(str(e))
-    run_collect(params, plan, out_dir, metrics_path, progress)
+    run_collect(params, plan, settings, out_dir, metrics_path, progress)
 
 
-def run_collect(params: dict, plan, out_dir: Path, metrics_path: Path, progress: bool) -> None:
+def run_collect(params: dict, plan, settings, out_dir: Path, metrics_path: Path, progress: bool) -> None:
     import torch
 
     from pipeline.calibration import build
-    from pipeline.collect import CollectSettings, collect
+    from pipeline.collect import collect
     from pipeline.io import write_json
     from pipeline.models.adapters import resolve
     from pipeline.models.loading import fingerprint, load_from_params
@@ -64,9 +68,6 @@ def run_collect(params: dict, plan, out_dir: Path, metrics_path: Path, progress:
 
     m, c = params["model"], params["collect"]
     torch.manual_seed(int(c.get("seed", 0)))
-    settings = CollectSettings(criteria=list(c["criteria"]), batch_size=int(c.get("batch_size", 8)),
-                               shard_size=int(c.get("shard_size", 64)), storage=str(c.get("storage", "float16")),
-                               layer_inputs=bool(c.get("layer_inputs", True)))
     t_load = time.perf_counter()
     model, tokenizer = load_from_params(m)
     layout = resolve(model)

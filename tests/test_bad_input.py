@@ -53,6 +53,7 @@ def _run(tmp_path, params, monkeypatch):
     (lambda p: p["data"].__setitem__("calib_fraction", 1.5), "data.calib_fraction must be in [0, 1)"),
     (lambda p: p["collect"].__setitem__("n_per_task", 0), "collect.n_per_task must be >= 1"),
     (lambda p: p["model"].__setitem__("dtype", "float8"), "unknown dtype 'float8' (params: dtype)"),
+    (lambda p: p["collect"].__setitem__("storage", "int8"), "float16 or float32 (params: collect.storage)"),
 ])
 def test_bad_params(tmp_path, params, monkeypatch, edit, expected):
     edit(params)

@@ -193,16 +193,13 @@ class DecodeEngine:
         self.pos.add_(1)
 
     # ------------------------------------------------------------------ accounting
-    def predictor_bytes(self) -> int:
+    def _predictors(self) -> list:
         if self.shadow is not None:
-            return self.shadow.nbytes()
-        if self.dejavu is not None:
-            return sum(p.nbytes() for p in self.dejavu if p is not None)
-        return 0
+            return [self.shadow]
+        return [p for p in (self.dejavu or []) if p is not None]
+
+    def predictor_bytes(self) -> int:
+        return sum(p.nbytes() for p in self._predictors())
 
     def predictor_params(self) -> int:
-        if self.shadow is not None:
-            return self.shadow.nparams()
-        if self.dejavu is not None:
-            return sum(p.nparams() for p in self.dejavu if p is not None)
-        return 0
+        return sum(p.nparams() for p in self._predictors())
