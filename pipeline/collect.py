@@ -13,7 +13,7 @@ import math
 import time
 from contextlib import nullcontext
 from collections.abc import Sequence as Seq
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -180,7 +180,6 @@ class CollectStats:
     bytes_written: int = 0
     shards_written: int = 0
     shards_reused: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
         s = max(self.seconds, 1e-9)
