@@ -76,6 +76,33 @@ def test_row_gemv(trial):
     assert _rel(out_t[written], out_r[written]) <= 1e-2
 
 
+@pytest.mark.parametrize("trial", range(8))
+def test_row_gemv_input_units_accumulate(trial):
+    """The o-projection's form: input columns gathered by head, result added into the fp32 residual stream."""
+    from pipeline.bench import kernels_ref as KR
+    from pipeline.bench.sel import DENSE, units
+    KT = _kt()
+    random.seed(400 + trial)
+    g = torch.Generator(device=DEV).manual_seed(400 + trial)
+    B = random.choice([1, 1, 2, 16])
+    d = random.choice([64, 128])
+    H = random.randint(2, 40)
+    N = random.choice([1024, 4096, 5120, 7168])
+    lin = _lin(N, H * d, bias=random.random() < 0.5, rowsum=False, g=g)
+    x = torch.randn(B, H * d, generator=g, device=DEV).to(BF)
+    m = (torch.rand(H + 4, generator=g, device=DEV) < 0.5).to(torch.int32)
+    m[0] = 1
+    x[:, m[:H].repeat_interleave(d) == 0] = float("nan")     # dropped heads' inputs are stale: must not be read
+    ks = units(m, d) if trial % 4 else None
+    if ks is None:
+        x = torch.nan_to_num(x)
+    base = torch.randn(B, N, generator=g, device=DEV)
+    out_t, out_r = base.clone(), base.clone()
+    KT.row_gemv(x, lin, out_t, sel=DENSE, ksel=ks, accumulate=True, tile="o")
+    KR.row_gemv(torch.nan_to_num(x), lin, out_r, sel=DENSE, ksel=ks, accumulate=True, tile="o")
+    assert _rel(out_t - base, out_r - base) <= 1e-2
+
+
 @pytest.mark.parametrize("trial", range(10))
 def test_col_gemv_add(trial):
     from pipeline.bench import kernels_ref as KR
@@ -102,6 +129,8 @@ def test_col_gemv_add(trial):
 
 @pytest.mark.parametrize("trial", range(8))
 def test_attention_decode(trial):
+    """Split-T attention (several tilings, each launched twice: the merge counters must reset) and the one-program
+    path, against the reference."""
     from pipeline.bench import kernels_ref as KR
     KT = _kt()
     random.seed(200 + trial)
@@ -109,7 +138,7 @@ def test_attention_decode(trial):
     H, KVH = random.choice([(32, 8), (28, 4), (8, 8), (4, 1)])
     d = random.choice([64, 128])
     B, T = random.choice([1, 2, 5]), 256
-    pos = random.randint(0, T - 1)
+    pos = random.choice([0, 1, 63, 64, random.randint(0, T - 1), T - 1])
     rope = KR.rope_tables(T, d, 500000.0, DEV) if random.random() < 0.6 else None
     qkv = torch.randn(B, (H + 2 * KVH) * d, generator=g, device=DEV).to(BF)
     kc = torch.randn(B, KVH, T, d, generator=g, device=DEV).to(BF)
@@ -119,15 +148,28 @@ def test_attention_decode(trial):
     kvm = hm.view(KVH, -1).amax(1)
     mask = torch.cat([hm, kvm, kvm])
     p = torch.tensor([pos], dtype=torch.int32, device=DEV)
-    out_t = torch.full((B, H * d), float("nan"), device=DEV, dtype=BF)
-    out_r = out_t.clone()
-    kc_t, vc_t = kc.clone(), vc.clone()
-    KT.attention_decode(qkv, kc_t, vc_t, p, mask, out_t, heads=H, kv_heads=KVH, head_dim=d, rope=rope)
-    KR.attention_decode(qkv, kc, vc, p, mask, out_r, heads=H, kv_heads=KVH, head_dim=d, rope=rope)
+    out_r = torch.full((B, H * d), float("nan"), device=DEV, dtype=BF)
+    kc_r, vc_r = kc.clone(), vc.clone()
+    KR.attention_decode(qkv, kc_r, vc_r, p, mask, out_r, heads=H, kv_heads=KVH, head_dim=d, rope=rope)
     kept = hm.bool().repeat_interleave(d)
-    assert torch.isnan(out_t[:, ~kept]).all()
-    assert _rel(out_t[:, kept], out_r[:, kept]) <= 1e-2
-    assert _rel(kc_t, kc) <= 1e-2 and _rel(vc_t, vc) <= 1e-2
+    saved = dict(KT.CONFIG["attn"])
+    try:
+        for cfg in (None, dict(BT=64, NT=1, warps=4), dict(BT=32, NT=2, warps=2), dict(BT=16, NT=1, warps=1)):
+            if cfg is not None:
+                KT.CONFIG["attn"] = cfg
+            work = KT.attention_workspace(B, H, T, d, DEV) if cfg is not None else None
+            for _ in range(2):
+                out_t = torch.full((B, H * d), float("nan"), device=DEV, dtype=BF)
+                kc_t, vc_t = kc.clone(), vc.clone()
+                KT.attention_decode(qkv, kc_t, vc_t, p, mask, out_t, heads=H, kv_heads=KVH, head_dim=d, rope=rope,
+                                    work=work)
+                assert torch.isnan(out_t[:, ~kept]).all()
+                assert _rel(out_t[:, kept], out_r[:, kept]) <= 1e-2, cfg
+                assert _rel(kc_t, kc_r) <= 1e-2 and _rel(vc_t, vc_r) <= 1e-2
+            if work is not None:
+                assert (work["count"] == 0).all()
+    finally:
+        KT.CONFIG["attn"] = saved
 
 
 @pytest.mark.parametrize("trial", range(8))

@@ -75,6 +75,7 @@ class DecodeEngine:
         self.attn = torch.zeros(B, H * d, dtype=dtype, device=dev)
         self.h = torch.zeros(B, F, dtype=dtype, device=dev)
         self.logits = torch.zeros(B, s.vocab, dtype=torch.float32, device=dev)
+        self.attn_work = self.k.attention_workspace(B, H, self.max_len, d, dev)
         mode = cfg.mode
         if mode == "dense":
             self.plan = plan_mod.dense_plan(s, dev)
@@ -95,6 +96,7 @@ class DecodeEngine:
         # typical kept neurons per layer (tiling hint): k for one sequence, the expected union for a batch
         kf = self.plan.k_neurons
         self.expect_neurons = kf if (B == 1 or mode == "static") else int(F * (1 - (1 - kf / F) ** B))
+        self.profiling = False
         self.side = torch.cuda.Stream(device=dev) if (dev.type == "cuda" and cfg.overlap
                                                          and mode in ("shadowllm", "dejavu")) else None
 
@@ -146,14 +148,19 @@ class DecodeEngine:
         self.pos.fill_(self.cfg.prompt_len)
         self.tok.copy_(self.tok0)
 
+    def _mark(self, label: str):
+        """A named range for the profiler (profile.py): which part of the step each kernel belongs to."""
+        return torch.profiler.record_function(label) if self.profiling else nullcontext()
+
     def step(self) -> None:
         k, s, cfg, w = self.k, self.shape, self.cfg, self.w
         L, H, KVH, d = s.layers, s.heads, s.kv_heads, s.head_dim
-        mode = cfg.mode
-        x = self.w.embed.index_select(0, self.tok).float()
-        if w.pos_embed is not None:  # OPT's learned positions are offset by 2
-            x = x + w.pos_embed.index_select(0, self.pos + 2).float()
-        self.resid.copy_(x)
+        mode, mark = cfg.mode, self._mark
+        with mark("embed"):
+            x = self.w.embed.index_select(0, self.tok).float()
+            if w.pos_embed is not None:  # OPT's learned positions are offset by 2
+                x = x + w.pos_embed.index_select(0, self.pos + 2).float()
+            self.resid.copy_(x)
         pending = False
         for l in range(L):
             lw = w.layers[l]
@@ -162,9 +169,10 @@ class DecodeEngine:
                 self._join()       # layer l's plan must be ready
                 pending = False
             if mode == "dejavu" and l + 1 < L:
-                self.snap.copy_(self.resid)
-                with self._fork():
-                    self._run_predictor(self.dejavu[l + 1], self.snap, l + 1, 1, skip_first_row=False)
+                with mark("predictor"):
+                    self.snap.copy_(self.resid)
+                    with self._fork():
+                        self._run_predictor(self.dejavu[l + 1], self.snap, l + 1, 1, skip_first_row=False)
                 pending = True
                 if self.side is None:
                     pending = False
@@ -172,25 +180,35 @@ class DecodeEngine:
                 self._join()
                 pending = False
             qm = self.plan.qkv_mask[l]
-            k.row_gemv(self.resid, lw.qkv, self.qkv, norm=s.norm, eps=cfg.eps, sel=units(qm, d) if sparse else DENSE)
-            k.attention_decode(self.qkv, self.k_cache[l], self.v_cache[l], self.pos, qm, self.attn, heads=H,
-                               kv_heads=KVH, head_dim=d, rope=self.rope)
+            with mark("qkv"):
+                k.row_gemv(self.resid, lw.qkv, self.qkv, norm=s.norm, eps=cfg.eps,
+                           sel=units(qm, d) if sparse else DENSE, tile="qkv")
+            with mark("attention"):
+                k.attention_decode(self.qkv, self.k_cache[l], self.v_cache[l], self.pos, qm, self.attn, heads=H,
+                                   kv_heads=KVH, head_dim=d, rope=self.rope, work=self.attn_work)
             if mode == "shadowllm" and l == 0:
-                with self._fork():
+                with mark("predictor"), self._fork():
                     self._run_predictor(self.shadow, self.attn, 1, L - 1, skip_first_row=True)
                 pending = self.side is not None
-            k.col_gemv_add(self.attn, lw.oT, self.resid, sel=units(qm, d) if sparse else DENSE)
+            with mark("o"):
+                k.row_gemv(self.attn, lw.o, self.resid, sel=DENSE, ksel=units(qm, d) if sparse else None,
+                           accumulate=True, tile="o")
             fsel = index(self.plan.ffn_idx[l], self.plan.ffn_count[l:l + 1], self.expect_neurons) if sparse else DENSE
-            if s.gated:
-                k.row_gemv(self.resid, lw.w1, self.h, lin2=lw.w3, norm=s.norm, eps=cfg.eps, act="silu_gate", sel=fsel)
-            else:
-                k.row_gemv(self.resid, lw.w1, self.h, norm=s.norm, eps=cfg.eps, act="relu", sel=fsel)
-            k.col_gemv_add(self.h, lw.w2T, self.resid, sel=fsel)
+            with mark("mlp_in"):
+                if s.gated:
+                    k.row_gemv(self.resid, lw.w1, self.h, lin2=lw.w3, norm=s.norm, eps=cfg.eps, act="silu_gate",
+                               sel=fsel)
+                else:
+                    k.row_gemv(self.resid, lw.w1, self.h, norm=s.norm, eps=cfg.eps, act="relu", sel=fsel)
+            with mark("mlp_out"):
+                k.col_gemv_add(self.h, lw.w2T, self.resid, sel=fsel)
         if pending:
             self._join()
-        k.row_gemv(self.resid, w.lm_head, self.logits, norm=s.norm, eps=cfg.eps, sel=DENSE)
-        self.tok.copy_(torch.argmax(self.logits, dim=-1))
-        self.pos.add_(1)
+        with mark("lm_head"):
+            k.row_gemv(self.resid, w.lm_head, self.logits, norm=s.norm, eps=cfg.eps, sel=DENSE)
+        with mark("sample"):
+            self.tok.copy_(torch.argmax(self.logits, dim=-1))
+            self.pos.add_(1)
 
     # ------------------------------------------------------------------ accounting
     def _predictors(self) -> list:

@@ -39,9 +39,15 @@ def _finish(acc, lin: Linear, rows, norm, st):
 
 
 def row_gemv(x: torch.Tensor, lin: Linear, out: torch.Tensor, *, lin2: Linear | None = None, norm: str = "none",
-             eps: float = 1e-5, act: str = "none", sel: Sel) -> None:
-    """out[:, j] = act(norm(x) · W[row_j]) for the selected rows (see sel.py for the output layout)."""
+             eps: float = 1e-5, act: str = "none", sel: Sel, ksel: Sel | None = None, accumulate: bool = False,
+             tile: str = "row") -> None:
+    """out[:, j] = act(norm(x) · W[row_j]) for the selected rows (see sel.py for the output layout).
+
+    ksel: only the input columns of kept units count (the rest of x is treated as 0); accumulate: out += result.
+    `tile` names the Triton tile config and is ignored here."""
     xf = x.float()
+    if ksel is not None:
+        xf = xf * ksel.mask.to(torch.bool).repeat_interleave(ksel.group)[: xf.shape[1]].to(xf.dtype)[None, :]
     st = _stats(xf, norm, eps)
     rows = rows_of(sel, lin.w.shape[0], x.device)
     v = _finish(xf @ lin.w[rows].float().T, lin, rows, norm, st)
@@ -53,7 +59,10 @@ def row_gemv(x: torch.Tensor, lin: Linear, out: torch.Tensor, *, lin2: Linear | 
     elif act != "none":
         raise ValueError(f"unknown act {act!r}")
     cols = torch.arange(rows.numel(), device=x.device) if sel.kind == "index" else rows
-    out[:, cols] = v.to(out.dtype)
+    if accumulate:
+        out[:, cols] += v.to(out.dtype)
+    else:
+        out[:, cols] = v.to(out.dtype)
 
 
 def col_gemv_add(h: torch.Tensor, lin: Linear, out: torch.Tensor, *, sel: Sel) -> None:
@@ -79,9 +88,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+def attention_workspace(batch: int, heads: int, max_len: int, head_dim: int, device) -> None:
+    """The reference attention needs no workspace."""
+    return None
+
+
 def attention_decode(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                      head_mask: torch.Tensor, out: torch.Tensor, *, heads: int, kv_heads: int, head_dim: int,
-                     rope: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+                     rope: tuple[torch.Tensor, torch.Tensor] | None, work: None = None) -> None:
     """One decode step of attention for the kept heads; writes the new k/v at `pos` for kept kv groups.
 
     qkv [B, (H+2KVH)·d]; caches [B, KVH, T, d]; out [B, H·d] (dropped heads are not written)."""

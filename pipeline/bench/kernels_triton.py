@@ -4,9 +4,13 @@
   layers, LM head). The pre-norm (RMSNorm, LayerNorm, or the predictors' min-max scaling) is fused: its
   statistics are accumulated in the same pass that streams the weights (γ folded into W, see weights.py).
   Gated MLPs read gate and up rows in the same program and apply silu(g)·u (one kernel for the whole block).
-- `_col_kernel`: gather-GEMV over kept *columns* of o and down/fc2 (stored transposed, so kept rows of W^T),
-  split over the kept rows with fp32 atomic adds straight into the residual stream (residual add fused).
-- `_attn_kernel`: decode attention for the kept heads, RoPE and the KV-cache write fused.
+  It can also gather *input columns* by unit (`ksel`: the o-projection reads only the kept heads' 2·d-byte
+  segments of each row of W_o) and add into the fp32 residual stream (`accumulate`): every program owns its
+  output rows, so no atomics.
+- `_col_kernel`: gather-GEMV over kept *columns* of down/fc2 (stored transposed, so kept rows of W^T), split over
+  the kept rows with fp32 atomic adds straight into the residual stream (residual add fused).
+- `_attn_kernel`: decode attention for the kept heads, RoPE and the KV-cache write fused, split over the cache
+  length (flash-decoding) with the merge done by the last split of each head in the same launch.
 - `_select_kernel` / `_compact_kernel`: exact top-k per layer by bisection on the float bit pattern (no sort),
   union over the batch, and index compaction, all on the device (graph-capturable, fixed grids).
 Every loop has a static trip count and every data-dependent bound is a mask, so the kernels also run under
@@ -30,21 +34,42 @@ _SEL = {"dense": 0, "units": 1, "index": 2}
 CONFIG = {   # defaults = the sweep's picks on the H200 (results/benchmark/h200.json, micro.config)
     "row": {"BN": 4, "BK": 512, "warps": 4},                  # batch 1
     "row_dot": {"BN": 32, "BK": 256, "warps": 4},             # batch 2..16 (tensor cores, M padded to 16)
-    "col": {"BN": 512, "BK": 8, "KPP": 256, "warps": 4},      # batch 1, index lists (down/fc2)
-    "col_units": {"BN": 512, "BK": 8, "KPP": 32, "warps": 4},   # batch 1, head units (o)
+    "col": {"BN": 512, "BK": 8, "KPP": 256, "warps": 4, "TP": 768},   # batch 1, index lists (down/fc2); TP below
+    "col_units": {"BN": 512, "BK": 8, "KPP": 32, "warps": 4},   # batch 1, head units (o in column form: comparison)
     "col_dot": {"BN": 128, "BK": 64, "KPP": 256, "warps": 4},
-    "col_target_programs": 768,                               # KPP shrinks so that ~this many programs stay busy
-    "attn": {"BT": 128, "warps": 4},
+    "attn": {"BT": 64, "NT": 1, "warps": 4},                  # split-T: ceil(T / (BT·NT)) programs per head
+    "qkv": {"BN": 4, "BK": 512, "warps": 4},                  # batch 1, per-role row tiles (default: "row")
+    "o": {"BN": 4, "BK": 512, "warps": 4},
 }
+
+
+@triton.jit
+def _row_tile(x_ptrs, w_ptrs, w2_ptrs, k0, K, bmask, nmask, kmask_ptr,
+              KSEL: tl.constexpr, GK: tl.constexpr, ACT: tl.constexpr, BK: tl.constexpr):
+    """One K-tile of x and of the kept rows of W (and W2). With KSEL, input columns of dropped units are masked:
+    neither read nor counted (their x may hold stale values)."""
+    offs_k = k0 + tl.arange(0, BK)
+    kmask = offs_k < K
+    if KSEL:
+        ku = tl.load(kmask_ptr + offs_k // GK, mask=kmask, other=0)
+        kmask = kmask & (ku != 0)
+    x = tl.load(x_ptrs + offs_k[None, :], mask=bmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+    w = tl.load(w_ptrs + offs_k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+    if ACT == 2:
+        w2 = tl.load(w2_ptrs + offs_k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+    else:
+        w2 = w
+    return x, w, w2, kmask
 
 
 @triton.jit
 def _row_kernel(x_ptr, stride_xb, B, K,
                 w_ptr, b_ptr, c_ptr, w2_ptr, b2_ptr, c2_ptr,
                 out_ptr, stride_ob, N,
-                mask_ptr, idx_ptr, count_ptr, eps,
+                mask_ptr, idx_ptr, count_ptr, kmask_ptr, eps,
                 G: tl.constexpr, SEL: tl.constexpr, NORM: tl.constexpr, ACT: tl.constexpr,
-                HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                HAS_BIAS: tl.constexpr, KSEL: tl.constexpr, GK: tl.constexpr, ACCUM: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid = tl.program_id(0)
     r0 = pid * BN
     offs_n = r0 + tl.arange(0, BN)
@@ -78,23 +103,10 @@ def _row_kernel(x_ptr, stride_xb, B, K,
     w2_ptrs = w2_ptr + rows64[:, None] * K
     x_ptrs = x_ptr + offs_b[:, None] * stride_xb
     # software pipelining by hand: the next tile's loads are issued before the current tile is used
-    offs_k = tl.arange(0, BK)
-    kmask = offs_k < K
-    x = tl.load(x_ptrs + offs_k[None, :], mask=bmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-    w = tl.load(w_ptrs + offs_k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
-    if ACT == 2:
-        w2 = tl.load(w2_ptrs + offs_k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
-    else:
-        w2 = w
+    x, w, w2, kmask = _row_tile(x_ptrs, w_ptrs, w2_ptrs, 0, K, bmask, nmask, kmask_ptr, KSEL, GK, ACT, BK)
     for k0 in range(BK, K + BK, BK):
-        offs_kn = k0 + tl.arange(0, BK)
-        kmask_n = offs_kn < K
-        x_n = tl.load(x_ptrs + offs_kn[None, :], mask=bmask[:, None] & kmask_n[None, :], other=0.0).to(tl.float32)
-        w_n = tl.load(w_ptrs + offs_kn[None, :], mask=nmask[:, None] & kmask_n[None, :], other=0.0)
-        if ACT == 2:
-            w2_n = tl.load(w2_ptrs + offs_kn[None, :], mask=nmask[:, None] & kmask_n[None, :], other=0.0)
-        else:
-            w2_n = w_n
+        x_n, w_n, w2_n, kmask_n = _row_tile(x_ptrs, w_ptrs, w2_ptrs, k0, K, bmask, nmask, kmask_ptr, KSEL, GK,
+                                            ACT, BK)
         if BM == 1:
             part += w.to(tl.float32) * x
             if ACT == 2:
@@ -143,8 +155,11 @@ def _row_kernel(x_ptr, stride_xb, B, K,
         acc = tl.maximum(acc, 0.0)
     if ACT == 2:
         acc = acc / (1.0 + tl.exp(-acc)) * acc2
-    tl.store(out_ptr + offs_b[:, None] * stride_ob + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=bmask[:, None] & nmask[None, :])
+    out_ptrs = out_ptr + offs_b[:, None] * stride_ob + offs_n[None, :]
+    omask = bmask[:, None] & nmask[None, :]
+    if ACCUM:   # residual add: each program owns its output rows, so a plain read-modify-write suffices
+        acc += tl.load(out_ptrs, mask=omask, other=0.0)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
 @triton.jit
@@ -210,10 +225,15 @@ def _col_kernel(h_ptr, stride_hb, B, w_ptr, b_ptr, out_ptr, stride_ob, N, R,
 
 @triton.jit
 def _attn_kernel(qkv_ptr, stride_qb, kc_ptr, vc_ptr, pos_ptr, mask_ptr, out_ptr, stride_ob, cos_ptr, sin_ptr,
-                 H, KVH, T, scale,
-                 GS: tl.constexpr, D: tl.constexpr, ROPE: tl.constexpr, BT: tl.constexpr):
+                 part_acc_ptr, part_ml_ptr, count_ptr, H, KVH, T, scale,
+                 GS: tl.constexpr, D: tl.constexpr, ROPE: tl.constexpr, BT: tl.constexpr, NT: tl.constexpr,
+                 S: tl.constexpr, SB: tl.constexpr):
+    """Program (b, h, s) attends over cache positions [s·NT·BT, (s+1)·NT·BT) (split-T, flash-decoding); split 0
+    also handles the new token (RoPE, cache write). With S > 1 every split leaves (m, l, acc) in a workspace and
+    the last split to finish (an acq_rel counter per (b, h), reset by that split) merges them: one launch."""
     b = tl.program_id(0)
     h = tl.program_id(1)
+    sp = tl.program_id(2)
     keep = tl.load(mask_ptr + h)
     if keep == 0:
         return
@@ -222,8 +242,6 @@ def _attn_kernel(qkv_ptr, stride_qb, kc_ptr, vc_ptr, pos_ptr, mask_ptr, out_ptr,
     offs_d = tl.arange(0, D)
     base = qkv_ptr + b.to(tl.int64) * stride_qb
     q = tl.load(base + h * D + offs_d).to(tl.float32)
-    k = tl.load(base + (H + g) * D + offs_d).to(tl.float32)
-    v = tl.load(base + (H + KVH + g) * D + offs_d).to(tl.float32)
     if ROPE:
         HALF: tl.constexpr = D // 2
         partner = (offs_d + HALF) % D
@@ -232,30 +250,60 @@ def _attn_kernel(qkv_ptr, stride_qb, kc_ptr, vc_ptr, pos_ptr, mask_ptr, out_ptr,
         cs = tl.load(cos_ptr + pos * HALF + fi)
         sn = tl.load(sin_ptr + pos * HALF + fi)
         qp = tl.load(base + h * D + partner).to(tl.float32)
-        kp = tl.load(base + (H + g) * D + partner).to(tl.float32)
         q = q * cs + sign * qp * sn
-        k = k * cs + sign * kp * sn
-    cbase = (b.to(tl.int64) * KVH + g) * T * D
-    tl.store(kc_ptr + cbase + pos * D + offs_d, k.to(kc_ptr.dtype.element_ty))
-    tl.store(vc_ptr + cbase + pos * D + offs_d, v.to(vc_ptr.dtype.element_ty))
     q = q * scale
-    m = tl.sum(q * k, axis=0)
-    l_sum = m * 0.0 + 1.0
-    acc = v
-    for t0 in range(0, T, BT):
-        offs_t = t0 + tl.arange(0, BT)
+    cbase = (b.to(tl.int64) * KVH + g) * T * D
+    if sp == 0:     # the new token: its k/v go to the cache and start the running softmax
+        k = tl.load(base + (H + g) * D + offs_d).to(tl.float32)
+        v = tl.load(base + (H + KVH + g) * D + offs_d).to(tl.float32)
+        if ROPE:
+            kp = tl.load(base + (H + g) * D + partner).to(tl.float32)
+            k = k * cs + sign * kp * sn
+        tl.store(kc_ptr + cbase + pos * D + offs_d, k.to(kc_ptr.dtype.element_ty))
+        tl.store(vc_ptr + cbase + pos * D + offs_d, v.to(vc_ptr.dtype.element_ty))
+        m = tl.sum(q * k, axis=0)
+        l_sum = m * 0.0 + 1.0
+        acc = v
+    else:
+        m = tl.full([], float("-inf"), tl.float32)
+        l_sum = tl.zeros([], tl.float32)
+        acc = tl.zeros([D], tl.float32)
+    for i in range(NT):
+        offs_t = (sp * NT + i) * BT + tl.arange(0, BT)
         tmask = offs_t < pos
         kt = tl.load(kc_ptr + cbase + offs_t[:, None] * D + offs_d[None, :], mask=tmask[:, None], other=0.0)
         vt = tl.load(vc_ptr + cbase + offs_t[:, None] * D + offs_d[None, :], mask=tmask[:, None], other=0.0)
         s = tl.sum(kt.to(tl.float32) * q[None, :], axis=1)
         s = tl.where(tmask, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=0))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)      # an empty split keeps m = -inf, l = 0
+        alpha = tl.exp(m - m_ref)
+        p = tl.exp(s - m_ref)
         acc = acc * alpha + tl.sum(p[:, None] * vt.to(tl.float32), axis=0)
         l_sum = l_sum * alpha + tl.sum(p, axis=0)
         m = m_new
-    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * D + offs_d, (acc / l_sum).to(out_ptr.dtype.element_ty))
+    out_ptrs = out_ptr + b.to(tl.int64) * stride_ob + h * D + offs_d
+    if S == 1:
+        tl.store(out_ptrs, (acc / l_sum).to(out_ptr.dtype.element_ty))
+    else:
+        bh = b * H + h
+        slot = bh * S + sp
+        tl.store(part_acc_ptr + slot * D + offs_d, acc)
+        tl.store(part_ml_ptr + slot * 2, m)
+        tl.store(part_ml_ptr + slot * 2 + 1, l_sum)
+        tl.debug_barrier()                       # every thread's partial is written before the release below
+        done = tl.atomic_add(count_ptr + bh, 1, sem="acq_rel")
+        if done == S - 1:                        # the last split merges all of them
+            offs_s = tl.arange(0, SB)
+            smask = offs_s < S
+            ms = tl.load(part_ml_ptr + (bh * S + offs_s) * 2, mask=smask, other=float("-inf"), volatile=True)
+            ls = tl.load(part_ml_ptr + (bh * S + offs_s) * 2 + 1, mask=smask, other=0.0, volatile=True)
+            accs = tl.load(part_acc_ptr + (bh * S + offs_s)[:, None] * D + offs_d[None, :], mask=smask[:, None],
+                           other=0.0, volatile=True)
+            wgt = tl.exp(ms - tl.max(ms, axis=0))   # split 0 always holds the new token: the max is finite
+            o = tl.sum(wgt[:, None] * accs, axis=0) / tl.sum(wgt * ls, axis=0)
+            tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty))
+            tl.atomic_xchg(count_ptr + bh, 0, sem="relaxed")   # ready for the next launch
 
 
 @triton.jit
@@ -335,15 +383,24 @@ def _sel_args(sel: Sel, anchor: torch.Tensor):
 
 
 def row_gemv(x: torch.Tensor, lin: Linear, out: torch.Tensor, *, lin2: Linear | None = None, norm: str = "none",
-             eps: float = 1e-5, act: str = "none", sel: Sel) -> None:
+             eps: float = 1e-5, act: str = "none", sel: Sel, ksel: Sel | None = None, accumulate: bool = False,
+             tile: str = "row") -> None:
     B, K = x.shape
     N = lin.w.shape[0]
     assert x.stride(1) == 1 and out.stride(1) == 1 and lin.w.is_contiguous() and B <= 16
-    cfg = CONFIG["row"] if B == 1 else CONFIG["row_dot"]
+    cfg = CONFIG.get(tile, CONFIG["row"]) if B == 1 else CONFIG["row_dot"]
     BN = cfg["BN"] if B == 1 else max(cfg["BN"], 16)
+    BK = cfg["BK"]
+    if B == 1 and K < BK and sel.kind != "units":   # short rows (predictor output layers): more rows per program
+        BK = max(16, triton.next_power_of_2(K))
+        BN *= cfg["BK"] // BK
     if sel.kind == "units":
         BN = min(BN, sel.group)
         assert sel.group % BN == 0 and (B == 1 or BN >= 16), "unit size must be a multiple of the row tile"
+    if ksel is not None:
+        assert ksel.kind == "units" and norm == "none", "input-column selection: whole units, no fused norm"
+    if accumulate:
+        assert sel.kind == "dense" and out.dtype == torch.float32, "accumulate: dense rows into an fp32 output"
     has_bias = lin.bias is not None
     if act == "silu_gate":
         assert (lin2.bias is not None) == has_bias and lin2.w.shape == lin.w.shape
@@ -354,9 +411,10 @@ def row_gemv(x: torch.Tensor, lin: Linear, out: torch.Tensor, *, lin2: Linear | 
     grid = (triton.cdiv(N, BN),)
     _row_kernel[grid](x, x.stride(0), B, K,
                       lin.w, b, c, w2.w, w2.bias if has_bias else x, w2.rowsum if w2.rowsum is not None else x,
-                      out, out.stride(0), N, mask, idx, count, eps,
+                      out, out.stride(0), N, mask, idx, count, ksel.mask if ksel is not None else x, eps,
                       G=sel.group, SEL=_SEL[sel.kind], NORM=_NORM[norm], ACT=_ACT[act], HAS_BIAS=has_bias,
-                      BM=1 if B == 1 else 16, BN=BN, BK=cfg["BK"], num_warps=cfg["warps"])
+                      KSEL=ksel is not None, GK=ksel.group if ksel is not None else 1, ACCUM=accumulate,
+                      BM=1 if B == 1 else 16, BN=BN, BK=BK, num_warps=cfg["warps"])
 
 
 def col_gemv_add(h: torch.Tensor, lin: Linear, out: torch.Tensor, *, sel: Sel) -> None:
@@ -369,8 +427,8 @@ def col_gemv_add(h: torch.Tensor, lin: Linear, out: torch.Tensor, *, sel: Sel) -
         kpp = min(kpp, sel.group)
         assert sel.group % kpp == 0
     elif sel.kind == "index" and sel.expect and B == 1:
-        # fewer kept rows -> shorter row chunks, so that enough programs stream at once
-        want = sel.expect * triton.cdiv(N, cfg["BN"]) / CONFIG["col_target_programs"]
+        # fewer kept rows -> shorter row chunks, so that about TP programs stream at once
+        want = sel.expect * triton.cdiv(N, cfg["BN"]) / cfg.get("TP", 768)
         kpp = max(min(kpp, 32), min(kpp, triton.next_power_of_2(max(1, int(want)))))
     bk = min(cfg["BK"], kpp)
     mask, idx, count = _sel_args(sel, h)
@@ -385,16 +443,34 @@ def rope_tables(max_pos, head_dim, theta, device):
     return _rt(max_pos, head_dim, theta, device)
 
 
-def attention_decode(qkv, k_cache, v_cache, pos, head_mask, out, *, heads, kv_heads, head_dim, rope) -> None:
+def attention_workspace(batch: int, heads: int, max_len: int, head_dim: int, device) -> dict:
+    """Buffers of the split-T attention: per-split partials and a zeroed completion counter per (b, h)."""
+    cfg = CONFIG["attn"]
+    span = cfg["BT"] * cfg.get("NT", 1)
+    splits = triton.cdiv(max_len, span)
+    return {"BT": cfg["BT"], "NT": cfg.get("NT", 1), "splits": splits, "warps": cfg["warps"], "max_len": max_len,
+            "acc": torch.zeros(batch * heads * splits * head_dim, dtype=torch.float32, device=device),
+            "ml": torch.zeros(batch * heads * splits * 2, dtype=torch.float32, device=device),
+            "count": torch.zeros(batch * heads, dtype=torch.int32, device=device)}
+
+
+def attention_decode(qkv, k_cache, v_cache, pos, head_mask, out, *, heads, kv_heads, head_dim, rope,
+                     work: dict | None = None) -> None:
     B = qkv.shape[0]
     T = k_cache.shape[2]
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
     cos, sin = rope if rope is not None else (qkv, qkv)
-    cfg = CONFIG["attn"]
-    _attn_kernel[(B, heads)](qkv, qkv.stride(0), k_cache, v_cache, pos, head_mask, out, out.stride(0), cos, sin,
-                             heads, kv_heads, T, head_dim ** -0.5,
-                             GS=heads // kv_heads, D=head_dim, ROPE=rope is not None, BT=cfg["BT"],
-                             num_warps=cfg["warps"])
+    if work is None:      # one program per (b, h) over the whole cache
+        bt, nt, splits, warps = 128, triton.cdiv(T, 128), 1, 4
+        acc = ml = count = out
+    else:
+        assert work["max_len"] == T and work["count"].numel() >= B * heads
+        bt, nt, splits, warps = work["BT"], work["NT"], work["splits"], work["warps"]
+        acc, ml, count = work["acc"], work["ml"], work["count"]
+    _attn_kernel[(B, heads, splits)](qkv, qkv.stride(0), k_cache, v_cache, pos, head_mask, out, out.stride(0),
+                                     cos, sin, acc, ml, count, heads, kv_heads, T, head_dim ** -0.5,
+                                     GS=heads // kv_heads, D=head_dim, ROPE=rope is not None, BT=bt, NT=nt, S=splits,
+                                     SB=triton.next_power_of_2(splits), num_warps=warps)
 
 
 def _select_warps(block: int) -> int:

@@ -45,7 +45,8 @@ class KernelBench:
         def w(n, k):
             return torch.randn((n, k), generator=g, device="cuda", dtype=torch.bfloat16).mul_(k ** -0.5)
         self.sets = [dict(w1=Linear(w(F, D)), w3=Linear(w(F, D)), w2T=Linear(w(F, D)),
-                          qkv=Linear(w(shape.qkv_rows, D)), oT=Linear(w(H * d, D))) for _ in range(n_sets)]
+                          qkv=Linear(w(shape.qkv_rows, D)), o=Linear(w(D, H * d)), oT=Linear(w(H * d, D)))
+                     for _ in range(n_sets)]
         self.x = torch.randn(batch, D, generator=g, device="cuda")
         self.h = torch.randn(batch, F, generator=g, device="cuda").to(torch.bfloat16)
         self.qkv_out = torch.zeros(batch, shape.qkv_rows, device="cuda", dtype=torch.bfloat16)
@@ -66,7 +67,8 @@ class KernelBench:
         return fsel, units(qm, s.head_dim), kf, int(heads.sum()), int(kv.sum())
 
     def run(self, kernel: str, sparsity: float) -> dict:
-        """kernel: gateup | down | qkv | o | torch_gateup | torch_down (cuBLAS dense reference)."""
+        """kernel: gateup | down | qkv | o (row form, the engine's) | o_col (column form with atomics, for
+        comparison) | attn | torch_gateup | torch_down (cuBLAS dense reference)."""
         s, D = self.s, self.s.hidden
         fsel, hsel, kf, kh, kkv = self._sels(sparsity)
         dense = sparsity == 0.0
@@ -80,9 +82,15 @@ class KernelBench:
             fn = lambda: [KT.col_gemv_add(self.h, st["w2T"], self.out, sel=fs) for st in self.sets]
             nbytes = kf * D * 2
         elif kernel == "qkv":
-            fn = lambda: [KT.row_gemv(self.x, st["qkv"], self.qkv_out, norm="rms", sel=hs) for st in self.sets]
+            fn = lambda: [KT.row_gemv(self.x, st["qkv"], self.qkv_out, norm="rms", sel=hs, tile="qkv")
+                          for st in self.sets]
             nbytes = (kh + 2 * kkv) * s.head_dim * D * 2
         elif kernel == "o":
+            ks = None if dense else hsel
+            fn = lambda: [KT.row_gemv(self.attn, st["o"], self.out, sel=DENSE, ksel=ks, accumulate=True, tile="o")
+                          for st in self.sets]
+            nbytes = kh * s.head_dim * D * 2
+        elif kernel == "o_col":
             fn = lambda: [KT.col_gemv_add(self.attn, st["oT"], self.out, sel=hs) for st in self.sets]
             nbytes = kh * s.head_dim * D * 2
         elif kernel == "attn":
@@ -96,8 +104,9 @@ class KernelBench:
                 self.rope = rope_tables(T, d, 500000.0, "cuda")
                 self.qkv_in = torch.randn(self.B, s.qkv_rows, device="cuda").to(torch.bfloat16)
             qm = hsel.mask if not dense else torch.ones(H + 2 * KVH, dtype=torch.int32, device="cuda")
+            work = KT.attention_workspace(self.B, H, T, d, "cuda")
             fn = lambda: [KT.attention_decode(self.qkv_in, kc, vc, self.pos, qm, self.attn, heads=H, kv_heads=KVH,
-                                              head_dim=d, rope=self.rope) for kc, vc in self.kv]
+                                              head_dim=d, rope=self.rope, work=work) for kc, vc in self.kv]
             nbytes = (kkv if not dense else KVH) * 2 * 192 * d * 2 * self.B
         elif kernel == "torch_gateup":
             xb = self.x.to(torch.bfloat16)
@@ -114,16 +123,21 @@ class KernelBench:
                 "gbps": nbytes / (ms * 1e-3) / 1e9}
 
 
-ROW_CANDIDATES = [dict(BN=4, BK=1024, warps=4), dict(BN=4, BK=512, warps=4), dict(BN=8, BK=512, warps=4),
-                  dict(BN=4, BK=512, warps=2), dict(BN=2, BK=1024, warps=2), dict(BN=8, BK=256, warps=4)]
-COL_CANDIDATES = [dict(BN=512, BK=8, KPP=128, warps=4), dict(BN=256, BK=16, KPP=128, warps=4),
-                  dict(BN=128, BK=32, KPP=128, warps=4), dict(BN=256, BK=8, KPP=128, warps=2),
-                  dict(BN=512, BK=8, KPP=256, warps=4), dict(BN=512, BK=16, KPP=128, warps=8)]
-COL_UNITS_CANDIDATES = [dict(BN=256, BK=16, KPP=32, warps=4), dict(BN=512, BK=8, KPP=32, warps=4),
-                        dict(BN=128, BK=32, KPP=32, warps=4), dict(BN=256, BK=16, KPP=64, warps=4),
-                        dict(BN=512, BK=8, KPP=128, warps=4), dict(BN=256, BK=8, KPP=16, warps=2)]
+ROW_CANDIDATES = [dict(BN=4, BK=512, warps=4), dict(BN=2, BK=512, warps=2), dict(BN=2, BK=1024, warps=4),
+                  dict(BN=4, BK=256, warps=2), dict(BN=8, BK=512, warps=8), dict(BN=4, BK=1024, warps=8),
+                  dict(BN=2, BK=512, warps=4), dict(BN=8, BK=256, warps=4)]
+# q/k/v and o are 4-8x smaller than gate+up: shorter programs (more of them) may pay
+SMALL_ROW_CANDIDATES = [dict(BN=4, BK=512, warps=4), dict(BN=1, BK=512, warps=2), dict(BN=1, BK=1024, warps=4),
+                        dict(BN=2, BK=512, warps=2), dict(BN=2, BK=1024, warps=4), dict(BN=4, BK=256, warps=2),
+                        dict(BN=2, BK=256, warps=1), dict(BN=8, BK=256, warps=4), dict(BN=1, BK=2048, warps=8)]
+COL_CANDIDATES = [dict(BN=512, BK=8, KPP=256, warps=4), dict(BN=512, BK=8, KPP=128, warps=4),
+                  dict(BN=256, BK=8, KPP=256, warps=2), dict(BN=1024, BK=4, KPP=256, warps=4),
+                  dict(BN=512, BK=8, KPP=256, warps=4, TP=1536), dict(BN=512, BK=8, KPP=256, warps=4, TP=384),
+                  dict(BN=256, BK=16, KPP=256, warps=4), dict(BN=512, BK=16, KPP=256, warps=8)]
 ROW_DOT_CANDIDATES = [dict(BN=64, BK=128, warps=4), dict(BN=32, BK=256, warps=4), dict(BN=64, BK=256, warps=8)]
-ATTN_CANDIDATES = [dict(BT=64, warps=4), dict(BT=128, warps=4), dict(BT=128, warps=8), dict(BT=32, warps=2)]
+ATTN_CANDIDATES = [dict(BT=64, NT=1, warps=4), dict(BT=32, NT=1, warps=2), dict(BT=32, NT=2, warps=4),
+                   dict(BT=64, NT=1, warps=8), dict(BT=128, NT=1, warps=4), dict(BT=16, NT=1, warps=1),
+                   dict(BT=128, NT=2, warps=4)]
 COL_DOT_CANDIDATES = [dict(BN=128, BK=64, KPP=256, warps=4), dict(BN=256, BK=64, KPP=256, warps=8),
                       dict(BN=64, BK=64, KPP=128, warps=4)]
 

@@ -58,7 +58,7 @@ class ReferenceDecoder:
             o = torch.einsum("bht,bhtd->bhd", att, vv)
             if head_keep is not None:
                 o = o * head_keep[l].to(o.dtype)[None, :, None]
-            x = x + o.reshape(B, H * d) @ r["woT"].float()
+            x = x + o.reshape(B, H * d) @ r["wo"].float().T
             if "bo" in r:
                 x = x + r["bo"]
             hn = _norm(x, r["ln2_w"], r.get("ln2_b"), s.norm, self.eps)

@@ -112,6 +112,16 @@ def to_markdown(results: dict) -> str:
                   "| kernel | sparsity | µs | GB/s | frac of copy |", "|---|---|---|---|---|"]
         for r in micro["kernels"]:
             lines.append(f"| {r['kernel']} | {r['sparsity']:.0%} | {r['us']:.1f} | {r['gbps']:.0f} | {r['frac_of_copy']:.2f} |")
+    for pr in results.get("profile", []):
+        lines += ["", f"## Profile: {results.get('summary_model')} {pr['mode']} at {pr['sparsity']:.0%}, batch 1 "
+                  "(predictors not overlapped)", "",
+                  f"Graph step {pr['step_us']:.0f} µs = device time of the kernels {pr['kernel_sum_us']:.0f} µs "
+                  f"({pr['n_kernels']:.0f} kernels, timed eagerly) + {pr['between_kernels_us']:.0f} µs between them.",
+                  "", "| part | µs / step | MB read | GB/s | frac of copy | µs over copy speed |",
+                  "|---|---|---|---|---|---|"]
+        for r in pr["parts"]:
+            lines.append(f"| {r['part']} | {r['us']:.1f} | {r['bytes'] / 1e6:.0f} | {_fmt(r['gbps'], 0)} | "
+                         f"{_fmt(r['frac_of_copy'])} | {r['lost_us']:.1f} |")
     skipped = [r for r in results["rows"] if r.get("status") != "ok"]
     if skipped:
         lines += ["", f"Not measured: {len(skipped)} configurations ("

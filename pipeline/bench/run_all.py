@@ -31,18 +31,22 @@ DEFAULTS: dict = {
     "warmup_steps": 8,
     "repeats": 1,
     "overlap": True,
-    "shadowllm": {"hidden_heads": 2048, "hidden_neurons": 1024, "rank_heads": 0, "rank_neurons": 0},
+    # the widths of train.widths.shadowllm (the predictor the train stage fits): rank-256 neuron output
+    "shadowllm": {"hidden_heads": 2048, "hidden_neurons": 1024, "rank_heads": 0, "rank_neurons": 256},
     "dejavu": {"hidden_heads": 1024, "hidden_neurons": 1024, "rank_heads": 0, "rank_neurons": 0},
     # ablations (reported apart): [{name, model, mode, sparsity, batch?, overlap?, shadowllm?: widths, dejavu?: widths}]
     "extra": [
         {"name": "dejavu-sync", "model": "llama-3-8b", "mode": "dejavu", "sparsity": 0.5, "overlap": False},
         {"name": "shadowllm-sync", "model": "llama-3-8b", "mode": "shadowllm", "sparsity": 0.5, "overlap": False},
         {"name": "dejavu-sync@0", "model": "llama-3-8b", "mode": "dejavu", "sparsity": 0.0, "overlap": False},
-        {"name": "shadowllm-r256", "model": "llama-3-8b", "mode": "shadowllm", "sparsity": 0.5,
-         "shadowllm": {"hidden_heads": 2048, "hidden_neurons": 1024, "rank_heads": 0, "rank_neurons": 256}},
-        {"name": "shadowllm-r256@0", "model": "llama-3-8b", "mode": "shadowllm", "sparsity": 0.0,
-         "shadowllm": {"hidden_heads": 2048, "hidden_neurons": 1024, "rank_heads": 0, "rank_neurons": 256}},
+        {"name": "shadowllm-fullrank", "model": "llama-3-8b", "mode": "shadowllm", "sparsity": 0.5,
+         "shadowllm": {"hidden_heads": 2048, "hidden_neurons": 1024, "rank_heads": 0, "rank_neurons": 0}},
+        {"name": "shadowllm-fullrank@0", "model": "llama-3-8b", "mode": "shadowllm", "sparsity": 0.0,
+         "shadowllm": {"hidden_heads": 2048, "hidden_neurons": 1024, "rank_heads": 0, "rank_neurons": 0}},
     ],
+    # per-part device-time profile of these batch-1 configurations of the summary model (predictors not overlapped)
+    "profile": [{"mode": "dense", "sparsity": 0.0}, {"mode": "static", "sparsity": 0.5},
+                {"mode": "shadowllm", "sparsity": 0.5}, {"mode": "dejavu", "sparsity": 0.5}],
     "sweep_tiles": True,
     "micro_model": "llama-3-8b",
     "summary_model": "llama-3-8b",
@@ -102,6 +106,27 @@ def measure_one(shape, w, preds, *, mode, sparsity, batch, cfg, overlap, shadow_
     return row
 
 
+def profile_one(shape, w, preds, *, mode, sparsity, cfg, shadow_spec, dejavu_spec, copy_gbps) -> dict:
+    """Graph-replayed step time and the eager per-part device-time profile of one configuration."""
+    from . import profile, timing
+    from .engine import DecodeEngine, EngineConfig
+    ecfg = EngineConfig(mode=mode, head_sparsity=sparsity, neuron_sparsity=sparsity, batch=1,
+                        prompt_len=cfg["prompt_len"], gen_len=cfg["gen_len"], shadowllm=shadow_spec,
+                        dejavu=dejavu_spec, overlap=False, seed=cfg["seed"])
+    eng = DecodeEngine(shape, ecfg, weights=w, backend="triton", device="cuda", predictors=preds)
+    g = timing.capture(eng)
+    step_ms = timing.summarize(timing.time_decode(eng, g, warmup=cfg["warmup_steps"]))["ms_per_token"]
+    del g
+    prof = profile.profile_engine(eng)
+    heads, neurons = eng.plan.host_masks(shape)
+    nbytes = profile.part_bytes(shape, heads, neurons, context=cfg["prompt_len"] + cfg["gen_len"] / 2,
+                                predictor_bytes=eng.predictor_bytes())
+    out = {"mode": mode, "sparsity": sparsity, "overlap": False, **profile.summarize(prof, nbytes, step_ms, copy_gbps),
+           "kernels_us": prof["kernels_us"], "n_kernels": prof["n_kernels"]}
+    del eng
+    return out
+
+
 def run(cfg: dict, log=_log) -> dict:
     from . import kernels_triton as KT
     from . import microbench, report, timing
@@ -125,8 +150,9 @@ def run(cfg: dict, log=_log) -> dict:
         kb = microbench.KernelBench(ms)
         if cfg["sweep_tiles"]:
             for key, kern, cands in (("row", "gateup", microbench.ROW_CANDIDATES),
+                                     ("qkv", "qkv", microbench.SMALL_ROW_CANDIDATES),
+                                     ("o", "o", microbench.SMALL_ROW_CANDIDATES),
                                      ("col", "down", microbench.COL_CANDIDATES),
-                                     ("col_units", "o", microbench.COL_UNITS_CANDIDATES),
                                      ("attn", "attn", microbench.ATTN_CANDIDATES)):
                 sw = microbench.sweep(kb, key, kern, cands)
                 micro["sweeps"].append(sw)
@@ -140,7 +166,7 @@ def run(cfg: dict, log=_log) -> dict:
                     log(f"[bench] sweep {key}: best {sw['best']['config']} {sw['best']['gbps']:.0f} GB/s")
                 del kb16
         for kern, sps in (("gateup", (0.0, 0.5, 0.9)), ("down", (0.0, 0.5, 0.9)), ("qkv", (0.0, 0.5, 0.9)),
-                          ("o", (0.0, 0.5, 0.9)), ("attn", (0.0, 0.5)), ("torch_gateup", (0.0,)), ("torch_down", (0.0,))):
+                          ("o", (0.0, 0.5, 0.9)), ("o_col", (0.0, 0.5)), ("attn", (0.0, 0.5)), ("torch_gateup", (0.0,)), ("torch_down", (0.0,))):
             for sp in sps:
                 try:
                     r = kb.run(kern, sp)
@@ -204,6 +230,19 @@ def run(cfg: dict, log=_log) -> dict:
                             f"x={row['speedup_vs_dense'] or 1:.2f} (bound {row['speedup_bound']:.2f}) "
                             f"t={time.time() - t0:.0f}s")
                     results["rows"].append(row)
+        if model == cfg["summary_model"]:
+            for pc in cfg["profile"]:
+                try:
+                    pr = profile_one(shape, w, preds, mode=pc["mode"], sparsity=float(pc["sparsity"]), cfg=cfg,
+                                     shadow_spec=shadow_spec, dejavu_spec=dejavu_spec, copy_gbps=cp["copy_gbps"])
+                except Exception as e:
+                    log(f"[bench] profile {pc}: {type(e).__name__}: {str(e)[:300]}")
+                    continue
+                results.setdefault("profile", []).append(pr)
+                log(f"[bench] profile {pr['mode']}@{pr['sparsity']:.0%}: step {pr['step_us']:.0f} us = kernels "
+                    f"{pr['kernel_sum_us']:.0f} + between {pr['between_kernels_us']:.0f}; " + ", ".join(
+                        f"{r['part']} {r['us']:.0f}us" + (f" ({r['frac_of_copy']:.2f})" if r["frac_of_copy"] else "")
+                        for r in pr["parts"]))
         for ex in cfg["extra"]:
             if ex.get("model") != model or time.time() - t0 > budget:
                 continue

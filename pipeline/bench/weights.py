@@ -2,8 +2,9 @@
 
 Layout choices (all matrices row-major, one *unit* = a set of contiguous rows):
 - q, k and v are one matrix `wqkv` [(H + 2·KVH)·d, D]: head h owns rows h·d…h·d+d-1 (q), then the kv heads.
-- o and down/fc2 are stored **transposed** (`woT` [H·d, D], `w2T` [F, D]) so a kept head or neuron is a set of
-  contiguous rows there too: every gather kernel reads whole rows.
+- o stays row-major (`wo` [D, H·d]): a kept head owns a contiguous 2·d-byte segment of every row, which the row
+  kernel gathers (no atomics). down/fc2 is stored **transposed** (`w2T` [F, D]) so a kept neuron is a whole
+  contiguous row there (a kept neuron of row-major W2 would be a scattered 2-byte column).
 - The pre-norm's gain is folded into the following matrix (W' = W·diag(γ)); a LayerNorm's β becomes a bias
   (W·β), and its mean term needs the row sums c = W'·1. Kernels then normalise in the same pass that reads W.
   `keep_raw=True` also keeps the unfolded tensors for the reference model in the tests.
@@ -29,7 +30,7 @@ class Linear:
 @dataclass
 class LayerWeights:
     qkv: Linear
-    oT: Linear                           # w: [H·d, D]; bias: [D]
+    o: Linear                            # w: [D, H·d]; bias: [D]
     w1: Linear                           # gate or fc1, [F, D]
     w3: Linear | None                    # up, [F, D] (gated only)
     w2T: Linear                          # [F, D]; bias: [D]
@@ -48,7 +49,7 @@ class ModelWeights:
     def matrix_bytes(self) -> int:
         total = self.lm_head.w.numel() * self.lm_head.w.element_size()
         for lw in self.layers:
-            for lin in (lw.qkv, lw.oT, lw.w1, lw.w3, lw.w2T):
+            for lin in (lw.qkv, lw.o, lw.w1, lw.w3, lw.w2T):
                 if lin is not None:
                     total += lin.w.numel() * lin.w.element_size()
         return total
@@ -90,7 +91,7 @@ def build(shape: ModelShape, *, dtype: torch.dtype = torch.bfloat16, device: str
         be1, be2 = (vec(D), vec(D)) if ln else (None, None)
         wqkv = _randn((shape.qkv_rows, D), gen, device, dtype, s_in)
         bqkv = vec(shape.qkv_rows) if shape.qkv_bias else None
-        woT = _randn((H * d, D), gen, device, dtype, (H * d) ** -0.5)
+        wo = _randn((D, H * d), gen, device, dtype, (H * d) ** -0.5)
         bo = vec(D) if shape.o_bias else None
         w1 = _randn((F, D), gen, device, dtype, s_in)
         b1 = vec(F) if shape.mlp_bias else None
@@ -98,12 +99,12 @@ def build(shape: ModelShape, *, dtype: torch.dtype = torch.bfloat16, device: str
         w2T = _randn((F, D), gen, device, dtype, s_ff)
         b2 = vec(D) if shape.mlp_bias else None
         if keep_raw:
-            raw = {k: v.clone() for k, v in dict(ln1_w=g1, ln1_b=be1, wqkv=wqkv, bqkv=bqkv, woT=woT, bo=bo, ln2_w=g2,
+            raw = {k: v.clone() for k, v in dict(ln1_w=g1, ln1_b=be1, wqkv=wqkv, bqkv=bqkv, wo=wo, bo=bo, ln2_w=g2,
                                                  ln2_b=be2, w1=w1, b1=b1, w3=w3, w2T=w2T, b2=b2).items() if v is not None}
         norm = shape.norm
         layers.append(LayerWeights(
             qkv=fold(wqkv, g1, be1, bqkv, norm, inplace=not keep_raw),
-            oT=Linear(woT, bo),
+            o=Linear(wo, bo),
             w1=fold(w1, g2, be2, b1, norm, inplace=not keep_raw),
             w3=fold(w3, g2, be2, None, norm, inplace=not keep_raw) if w3 is not None else None,
             w2T=Linear(w2T, b2),
