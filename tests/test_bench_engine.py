@@ -93,6 +93,8 @@ def test_predicted_masks_union_over_batch(fam, mode):
     for l in range(s.layers):   # index lists ascending and of the right length
         row = idx[l, : int(cnt[l])]
         assert torch.equal(row, torch.sort(row).values) and int(cnt[l]) == int(nk[l].sum())
+        heads = eng.plan.head_idx[l, : int(eng.plan.head_count[l])]   # the o-projection's kept-head list
+        assert torch.equal(heads.long(), torch.nonzero(hk[l]).flatten())
     lr = ref.step(tok, 8, hk, nk)
     torch.testing.assert_close(eng.logits, lr, rtol=1e-4, atol=1e-4)
 

@@ -80,7 +80,7 @@ def test_row_gemv(trial):
 def test_row_gemv_input_units_accumulate(trial):
     """The o-projection's form: input columns gathered by head, result added into the fp32 residual stream."""
     from pipeline.bench import kernels_ref as KR
-    from pipeline.bench.sel import DENSE, units
+    from pipeline.bench.sel import DENSE, unit_index
     KT = _kt()
     random.seed(400 + trial)
     g = torch.Generator(device=DEV).manual_seed(400 + trial)
@@ -90,10 +90,13 @@ def test_row_gemv_input_units_accumulate(trial):
     N = random.choice([1024, 4096, 5120, 7168])
     lin = _lin(N, H * d, bias=random.random() < 0.5, rowsum=False, g=g)
     x = torch.randn(B, H * d, generator=g, device=DEV).to(BF)
-    m = (torch.rand(H + 4, generator=g, device=DEV) < 0.5).to(torch.int32)
+    m = (torch.rand(H, generator=g, device=DEV) < 0.5).to(torch.int32)
     m[0] = 1
-    x[:, m[:H].repeat_interleave(d) == 0] = float("nan")     # dropped heads' inputs are stale: must not be read
-    ks = units(m, d) if trial % 4 else None
+    x[:, m.repeat_interleave(d) == 0] = float("nan")     # dropped heads' inputs are stale: must not be read
+    kept = torch.nonzero(m).flatten().to(torch.int32)
+    idx = torch.full((H,), -1, dtype=torch.int32, device=DEV)
+    idx[: kept.numel()] = kept
+    ks = unit_index(idx, torch.tensor([kept.numel()], dtype=torch.int32, device=DEV), d) if trial % 4 else None
     if ks is None:
         x = torch.nan_to_num(x)
     base = torch.randn(B, N, generator=g, device=DEV)
@@ -186,10 +189,16 @@ def test_select_exact(trial):
         s = torch.randn(B, R, H, generator=g, device=DEV)
         m_t = torch.zeros(R + 1, H + 2 * KVH, dtype=torch.int32, device=DEV)
         m_r = m_t.clone()
+        hi_t = torch.full((R + 1, H), -1, dtype=torch.int32, device=DEV)
+        hi_r = hi_t.clone()
+        hc_t = torch.zeros(R + 1, dtype=torch.int32, device=DEV)
+        hc_r = hc_t.clone()
         union = torch.zeros(R * H, dtype=torch.int32, device=DEV)
-        KT.select_heads(s, k, m_t, out_row0=1, kv_heads=KVH, union=union)
-        KR.select_heads(s, k, m_r, out_row0=1, kv_heads=KVH)
-        assert torch.equal(m_t, m_r)
+        KT.select_heads(s, k, m_t, hi_t, hc_t, out_row0=1, kv_heads=KVH, union=union)
+        KR.select_heads(s, k, m_r, hi_r, hc_r, out_row0=1, kv_heads=KVH)
+        assert torch.equal(m_t, m_r) and torch.equal(hc_t, hc_r)
+        for r in range(1, R + 1):
+            assert torch.equal(hi_t[r, : int(hc_r[r])], hi_r[r, : int(hc_r[r])])
         assert (union == 0).all()
     else:
         F = random.choice([11008, 14336, 18944, 28672, 1000])

@@ -47,7 +47,9 @@ def row_gemv(x: torch.Tensor, lin: Linear, out: torch.Tensor, *, lin2: Linear | 
     `tile` names the Triton tile config and is ignored here."""
     xf = x.float()
     if ksel is not None:
-        xf = xf * ksel.mask.to(torch.bool).repeat_interleave(ksel.group)[: xf.shape[1]].to(xf.dtype)[None, :]
+        keep = torch.zeros(xf.shape[1], dtype=torch.bool, device=x.device)
+        keep[rows_of(ksel, xf.shape[1], x.device)] = True
+        xf = torch.where(keep[None, :], xf, torch.zeros((), dtype=xf.dtype, device=x.device))
     st = _stats(xf, norm, eps)
     rows = rows_of(sel, lin.w.shape[0], x.device)
     v = _finish(xf @ lin.w[rows].float().T, lin, rows, norm, st)
@@ -132,14 +134,18 @@ def _topk_union(scores: torch.Tensor, k: int) -> torch.Tensor:
     return m
 
 
-def select_heads(scores: torch.Tensor, k: int, qkv_mask: torch.Tensor, *, out_row0: int, kv_heads: int,
-                 union: torch.Tensor | None = None) -> None:
-    """scores [B, R, H] -> qkv_mask rows out_row0…out_row0+R-1 = [head keep | kv keep | kv keep] (int32)."""
+def select_heads(scores: torch.Tensor, k: int, qkv_mask: torch.Tensor, head_idx: torch.Tensor,
+                 head_count: torch.Tensor, *, out_row0: int, kv_heads: int, union: torch.Tensor | None = None) -> None:
+    """scores [B, R, H] -> qkv_mask rows out_row0…out_row0+R-1 = [head keep | kv keep | kv keep] (int32), and the
+    ascending kept-head list + count of those rows."""
     B, R, H = scores.shape
     for r in range(R):
         m = _topk_union(scores[:, r], k)
         kv = m.view(kv_heads, H // kv_heads).any(1)
         qkv_mask[out_row0 + r] = torch.cat([m, kv, kv]).to(qkv_mask.dtype)
+        nz = torch.nonzero(m).flatten()
+        head_idx[out_row0 + r, : nz.numel()] = nz.to(head_idx.dtype)
+        head_count[out_row0 + r] = nz.numel()
 
 
 def select_neurons(scores: torch.Tensor, k: int, idx: torch.Tensor, count: torch.Tensor, *, out_row0: int,

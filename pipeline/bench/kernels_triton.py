@@ -44,19 +44,22 @@ CONFIG = {   # defaults = the sweep's picks on the H200 (results/benchmark/h200.
 
 
 @triton.jit
-def _row_tile(x_ptrs, w_ptrs, w2_ptrs, k0, K, bmask, nmask, kmask_ptr,
+def _row_tile(x_ptrs, w_ptrs, w2_ptrs, k0, K, kcols, bmask, nmask, kidx_ptr,
               KSEL: tl.constexpr, GK: tl.constexpr, ACT: tl.constexpr, BK: tl.constexpr):
-    """One K-tile of x and of the kept rows of W (and W2). With KSEL, input columns of dropped units are masked:
-    neither read nor counted (their x may hold stale values)."""
+    """One K-tile of x and of the kept rows of W (and W2). With KSEL the K axis runs over the kept units' columns
+    only, packed: compact column j is column kidx[j // GK]·GK + j % GK (tiles past the kept ones are all masked)."""
     offs_k = k0 + tl.arange(0, BK)
-    kmask = offs_k < K
     if KSEL:
-        ku = tl.load(kmask_ptr + offs_k // GK, mask=kmask, other=0)
-        kmask = kmask & (ku != 0)
-    x = tl.load(x_ptrs + offs_k[None, :], mask=bmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-    w = tl.load(w_ptrs + offs_k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+        kmask = offs_k < kcols
+        unit = tl.load(kidx_ptr + offs_k // GK, mask=kmask, other=0)
+        cols = unit * GK + offs_k % GK
+    else:
+        kmask = offs_k < K
+        cols = offs_k
+    x = tl.load(x_ptrs + cols[None, :], mask=bmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+    w = tl.load(w_ptrs + cols[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
     if ACT == 2:
-        w2 = tl.load(w2_ptrs + offs_k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+        w2 = tl.load(w2_ptrs + cols[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
     else:
         w2 = w
     return x, w, w2, kmask
@@ -66,7 +69,7 @@ def _row_tile(x_ptrs, w_ptrs, w2_ptrs, k0, K, bmask, nmask, kmask_ptr,
 def _row_kernel(x_ptr, stride_xb, B, K,
                 w_ptr, b_ptr, c_ptr, w2_ptr, b2_ptr, c2_ptr,
                 out_ptr, stride_ob, N,
-                mask_ptr, idx_ptr, count_ptr, kmask_ptr, eps,
+                mask_ptr, idx_ptr, count_ptr, kidx_ptr, kcount_ptr, eps,
                 G: tl.constexpr, SEL: tl.constexpr, NORM: tl.constexpr, ACT: tl.constexpr,
                 HAS_BIAS: tl.constexpr, KSEL: tl.constexpr, GK: tl.constexpr, ACCUM: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
@@ -102,11 +105,14 @@ def _row_kernel(x_ptr, stride_xb, B, K,
     w_ptrs = w_ptr + rows64[:, None] * K
     w2_ptrs = w2_ptr + rows64[:, None] * K
     x_ptrs = x_ptr + offs_b[:, None] * stride_xb
+    kcols = K
+    if KSEL:
+        kcols = tl.load(kcount_ptr) * GK
     # software pipelining by hand: the next tile's loads are issued before the current tile is used
-    x, w, w2, kmask = _row_tile(x_ptrs, w_ptrs, w2_ptrs, 0, K, bmask, nmask, kmask_ptr, KSEL, GK, ACT, BK)
+    x, w, w2, kmask = _row_tile(x_ptrs, w_ptrs, w2_ptrs, 0, K, kcols, bmask, nmask, kidx_ptr, KSEL, GK, ACT, BK)
     for k0 in range(BK, K + BK, BK):
-        x_n, w_n, w2_n, kmask_n = _row_tile(x_ptrs, w_ptrs, w2_ptrs, k0, K, bmask, nmask, kmask_ptr, KSEL, GK,
-                                            ACT, BK)
+        x_n, w_n, w2_n, kmask_n = _row_tile(x_ptrs, w_ptrs, w2_ptrs, k0, K, kcols, bmask, nmask, kidx_ptr, KSEL,
+                                            GK, ACT, BK)
         if BM == 1:
             part += w.to(tl.float32) * x
             if ACT == 2:
@@ -270,16 +276,20 @@ def _attn_kernel(qkv_ptr, stride_qb, kc_ptr, vc_ptr, pos_ptr, mask_ptr, out_ptr,
         acc = tl.zeros([D], tl.float32)
     for i in range(NT):
         offs_t = (sp * NT + i) * BT + tl.arange(0, BT)
+        # the tile is read up to T, not up to pos: its loads need not wait for pos (positions >= pos are masked
+        # below; the cache is allocated in full, so they are readable)
+        lmask = offs_t < T
         tmask = offs_t < pos
-        kt = tl.load(kc_ptr + cbase + offs_t[:, None] * D + offs_d[None, :], mask=tmask[:, None], other=0.0)
-        vt = tl.load(vc_ptr + cbase + offs_t[:, None] * D + offs_d[None, :], mask=tmask[:, None], other=0.0)
+        kt = tl.load(kc_ptr + cbase + offs_t[:, None] * D + offs_d[None, :], mask=lmask[:, None], other=0.0)
+        vt = tl.load(vc_ptr + cbase + offs_t[:, None] * D + offs_d[None, :], mask=lmask[:, None], other=0.0)
+        vt = tl.where(tmask[:, None], vt.to(tl.float32), 0.0)
         s = tl.sum(kt.to(tl.float32) * q[None, :], axis=1)
         s = tl.where(tmask, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=0))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)      # an empty split keeps m = -inf, l = 0
         alpha = tl.exp(m - m_ref)
         p = tl.exp(s - m_ref)
-        acc = acc * alpha + tl.sum(p[:, None] * vt.to(tl.float32), axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * vt, axis=0)
         l_sum = l_sum * alpha + tl.sum(p, axis=0)
         m = m_new
     out_ptrs = out_ptr + b.to(tl.int64) * stride_ob + h * D + offs_d
@@ -309,8 +319,10 @@ def _attn_kernel(qkv_ptr, stride_qb, kc_ptr, vc_ptr, pos_ptr, mask_ptr, out_ptr,
 @triton.jit
 def _write_selection(sel, offs, valid, n, out_row, mask_ptr, stride_mr, idx_ptr, stride_ir, count_ptr, KVH,
                      GS: tl.constexpr, MODE: tl.constexpr, KV_BLOCK: tl.constexpr):
+    """Heads (MODE 0): the [head keep | kv keep | kv keep] mask row and the ascending kept-head list + count.
+    Neurons (MODE 1): the ascending kept-neuron list + count."""
     sel_i = sel.to(tl.int32)
-    if MODE == 0:   # heads -> [head keep | kv keep | kv keep]
+    if MODE == 0:
         row = mask_ptr + out_row * stride_mr
         tl.store(row + offs, sel_i, mask=valid)
         g = tl.arange(0, KV_BLOCK)
@@ -318,10 +330,38 @@ def _write_selection(sel, offs, valid, n, out_row, mask_ptr, stride_mr, idx_ptr,
         kv = tl.max(tl.where(member, sel_i[None, :], 0), axis=1)
         tl.store(row + n + g, kv, mask=g < KVH)
         tl.store(row + n + KVH + g, kv, mask=g < KVH)
-    else:           # neurons -> ascending index list + count
-        dest = tl.cumsum(sel_i, axis=0) - 1
-        tl.store(idx_ptr + out_row * stride_ir + dest, offs, mask=sel & valid)
-        tl.store(count_ptr + out_row, tl.sum(sel_i, axis=0))
+    dest = tl.cumsum(sel_i, axis=0) - 1
+    tl.store(idx_ptr + out_row * stride_ir + dest, offs, mask=sel & valid)
+    tl.store(count_ptr + out_row, tl.sum(sel_i, axis=0))
+
+
+@triton.jit
+def _topk_mask(s, valid, k, BLOCK: tl.constexpr):
+    """Exactly k of the valid entries of s (fp32): the k largest, ties to the lowest index. Radix select: four
+    8-bit passes over an order-preserving integer key, each a 256-bin histogram of the candidates' next digit."""
+    bits = s.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)               # signed order == float order
+    ukey = key ^ tl.full([BLOCK], -2147483648, tl.int32)              # unsigned order, as a bit pattern
+    bins = tl.arange(0, 256)
+    prefix = tl.zeros([], tl.int32)
+    need = tl.zeros([], tl.int32) + k
+    for p in tl.static_range(4):
+        shift: tl.constexpr = 24 - 8 * p
+        digit = (ukey >> shift) & 0xFF
+        if p == 0:
+            cand = valid
+        else:
+            cand = valid & (((ukey ^ prefix) >> (shift + 8)) == 0)   # same higher digits as the prefix so far
+        hist = tl.histogram(digit, 256, mask=cand)
+        ge = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist     # candidates whose digit is >= bin
+        dstar = tl.sum((ge >= need).to(tl.int32), axis=0) - 1
+        need -= tl.sum(tl.where(bins > dstar, hist, 0), axis=0)
+        prefix = prefix | (dstar << shift)
+    thr = prefix ^ -2147483648                                         # back to the signed key
+    gt = (key > thr) & valid
+    eq = (key == thr) & valid
+    rank = tl.cumsum(eq.to(tl.int32), axis=0)
+    return gt | (eq & (rank <= need))
 
 
 @triton.jit
@@ -334,23 +374,7 @@ def _select_kernel(s_ptr, stride_sb, stride_sr, n, k,
     offs = tl.arange(0, BLOCK)
     valid = offs < n
     s = tl.load(s_ptr + b.to(tl.int64) * stride_sb + r * stride_sr + offs, mask=valid, other=0.0).to(tl.float32)
-    bits = s.to(tl.int32, bitcast=True)
-    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    key = tl.where(valid, key, tl.full([BLOCK], -2147483648, tl.int32))
-    lo = tl.full([], -2147483648, tl.int64)
-    hi = tl.full([], 2147483647, tl.int64)
-    for _ in range(32):
-        mid = lo + (hi - lo) // 2
-        c = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0)
-        ge = c >= k
-        lo = tl.where(ge, mid, lo)
-        hi = tl.where(ge, hi, mid)
-    thr = lo.to(tl.int32)
-    gt = key > thr
-    eq = (key == thr) & valid
-    need = k - tl.sum(gt.to(tl.int32), axis=0)
-    rank = tl.cumsum(eq.to(tl.int32), axis=0)
-    sel = gt | (eq & (rank <= need))
+    sel = _topk_mask(s, valid, k, BLOCK)
     if SINGLE:
         _write_selection(sel, offs, valid, n, out_row0 + r, mask_ptr, stride_mr, idx_ptr, stride_ir, count_ptr, KVH,
                          GS, MODE, KV_BLOCK)
@@ -398,7 +422,7 @@ def row_gemv(x: torch.Tensor, lin: Linear, out: torch.Tensor, *, lin2: Linear | 
         BN = min(BN, sel.group)
         assert sel.group % BN == 0 and (B == 1 or BN >= 16), "unit size must be a multiple of the row tile"
     if ksel is not None:
-        assert ksel.kind == "units" and norm == "none", "input-column selection: whole units, no fused norm"
+        assert ksel.kind == "unit_index" and norm == "none", "input-column selection: a unit list, no fused norm"
     if accumulate:
         assert sel.kind == "dense" and out.dtype == torch.float32, "accumulate: dense rows into an fp32 output"
     has_bias = lin.bias is not None
@@ -408,10 +432,12 @@ def row_gemv(x: torch.Tensor, lin: Linear, out: torch.Tensor, *, lin2: Linear | 
     mask, idx, count = _sel_args(sel, x)
     c = lin.rowsum if lin.rowsum is not None else x
     b = lin.bias if has_bias else x
-    grid = (triton.cdiv(N, BN),)
+    n_rows = min(N, sel.bound) if sel.kind == "index" and sel.bound else N   # no programs for rows never kept
+    grid = (triton.cdiv(n_rows, BN),)
     _row_kernel[grid](x, x.stride(0), B, K,
                       lin.w, b, c, w2.w, w2.bias if has_bias else x, w2.rowsum if w2.rowsum is not None else x,
-                      out, out.stride(0), N, mask, idx, count, ksel.mask if ksel is not None else x, eps,
+                      out, out.stride(0), N, mask, idx, count,
+                      ksel.idx if ksel is not None else x, ksel.count if ksel is not None else x, eps,
                       G=sel.group, SEL=_SEL[sel.kind], NORM=_NORM[norm], ACT=_ACT[act], HAS_BIAS=has_bias,
                       KSEL=ksel is not None, GK=ksel.group if ksel is not None else 1, ACCUM=accumulate,
                       BM=1 if B == 1 else 16, BN=BN, BK=BK, num_warps=cfg["warps"])
@@ -432,7 +458,8 @@ def col_gemv_add(h: torch.Tensor, lin: Linear, out: torch.Tensor, *, sel: Sel) -
         kpp = max(min(kpp, 32), min(kpp, triton.next_power_of_2(max(1, int(want)))))
     bk = min(cfg["BK"], kpp)
     mask, idx, count = _sel_args(sel, h)
-    grid = (triton.cdiv(N, cfg["BN"]), triton.cdiv(R, kpp))
+    n_rows = min(R, sel.bound) if sel.kind == "index" and sel.bound else R
+    grid = (triton.cdiv(N, cfg["BN"]), triton.cdiv(n_rows, kpp))
     _col_kernel[grid](h, h.stride(0), B, lin.w, lin.bias if lin.bias is not None else out, out, out.stride(0), N, R,
                       mask, idx, count, G=sel.group, SEL=_SEL[sel.kind], HAS_BIAS=lin.bias is not None,
                       BM=1 if B == 1 else 16, BN=cfg["BN"], BK=bk, KPP=kpp, num_warps=cfg["warps"])
@@ -477,33 +504,31 @@ def _select_warps(block: int) -> int:
     return 1 if block <= 256 else 4 if block <= 2048 else 8 if block <= 8192 else 16
 
 
-def _select(scores, k, mode, *, mask=None, idx=None, count=None, out_row0, kv_heads=1, union=None):
+def _select(scores, k, mode, *, mask, idx, count, out_row0, kv_heads=1, union=None):
     B, R, n = scores.shape
     assert scores.stride(2) == 1
-    block = triton.next_power_of_2(n)
-    anchor = count if count is not None else mask
-    mask_t = mask if mask is not None else anchor
-    idx_t = idx if idx is not None else anchor
-    count_t = count if count is not None else anchor
+    block = triton.next_power_of_2(max(n, 256))
     single = B == 1
     if not single:
         assert union is not None and union.numel() >= R * n and union.dtype == torch.int32
     gs = n // kv_heads if mode == 0 else 1
     kvb = triton.next_power_of_2(kv_heads) if mode == 0 else 1
+    mask_t = mask if mask is not None else count
     stride_mr = mask_t.stride(0)
-    stride_ir = idx_t.stride(0)
+    stride_ir = idx.stride(0)
     _select_kernel[(R, B)](scores, scores.stride(0), scores.stride(1), n, k,
-                           mask_t, stride_mr, idx_t, stride_ir, count_t, union if union is not None else anchor,
+                           mask_t, stride_mr, idx, stride_ir, count, union if union is not None else count,
                            out_row0, kv_heads, GS=gs, MODE=mode, SINGLE=single, BLOCK=block, KV_BLOCK=kvb,
                            num_warps=_select_warps(block))
     if not single:
-        _compact_kernel[(R,)](union, n, mask_t, stride_mr, idx_t, stride_ir, count_t, out_row0, kv_heads,
+        _compact_kernel[(R,)](union, n, mask_t, stride_mr, idx, stride_ir, count, out_row0, kv_heads,
                               GS=gs, MODE=mode, BLOCK=block, KV_BLOCK=kvb, num_warps=_select_warps(block))
 
 
-def select_heads(scores, k, qkv_mask, *, out_row0, kv_heads, union=None) -> None:
-    _select(scores, k, 0, mask=qkv_mask, out_row0=out_row0, kv_heads=kv_heads, union=union)
+def select_heads(scores, k, qkv_mask, head_idx, head_count, *, out_row0, kv_heads, union=None) -> None:
+    _select(scores, k, 0, mask=qkv_mask, idx=head_idx, count=head_count, out_row0=out_row0, kv_heads=kv_heads,
+            union=union)
 
 
 def select_neurons(scores, k, idx, count, *, out_row0, union=None) -> None:
-    _select(scores, k, 1, idx=idx, count=count, out_row0=out_row0, union=union)
+    _select(scores, k, 1, mask=None, idx=idx, count=count, out_row0=out_row0, union=union)

@@ -2,6 +2,8 @@
 
 - `qkv_mask` [L, H + 2·KVH] int32: kept q heads, then kept kv heads (twice: k and v). A kv head is kept iff any
   q head of its group is kept (GQA). Row 0 (layer 0) is always all ones: layer 0 stays dense (SPEC §5).
+- `head_idx` [L, H] int32 + `head_count` [L] int32: ascending kept q heads of each layer (the o-projection
+  gathers their input columns).
 - `ffn_idx` [L, F] int32 + `ffn_count` [L] int32: ascending kept neurons of each layer.
 The predictors' selection kernels rewrite rows 1…L-1 in place every step; static plans are filled once.
 """
@@ -25,6 +27,8 @@ def kept(n: int, sparsity: float) -> int:
 @dataclass
 class Plan:
     qkv_mask: torch.Tensor
+    head_idx: torch.Tensor
+    head_count: torch.Tensor
     ffn_idx: torch.Tensor
     ffn_count: torch.Tensor
     k_heads: int
@@ -47,6 +51,8 @@ class Plan:
 def dense_plan(shape: ModelShape, device) -> Plan:
     L, H, KVH, F = shape.layers, shape.heads, shape.kv_heads, shape.ffn
     return Plan(torch.ones(L, H + 2 * KVH, dtype=torch.int32, device=device),
+                torch.arange(H, dtype=torch.int32, device=device).repeat(L, 1).contiguous(),
+                torch.full((L,), H, dtype=torch.int32, device=device),
                 torch.arange(F, dtype=torch.int32, device=device).repeat(L, 1).contiguous(),
                 torch.full((L,), F, dtype=torch.int32, device=device), H, F)
 
@@ -55,6 +61,9 @@ def set_layer(plan: Plan, shape: ModelShape, layer: int, heads: torch.Tensor, ne
     """Write one layer's kept heads (bool [H]) and neurons (bool [F]) into the plan."""
     kv = heads.view(shape.kv_heads, shape.group_size).any(1)
     plan.qkv_mask[layer] = torch.cat([heads, kv, kv]).to(torch.int32).to(plan.qkv_mask.device)
+    hz = torch.nonzero(heads).flatten().to(torch.int32)
+    plan.head_idx[layer, : hz.numel()] = hz.to(plan.head_idx.device)
+    plan.head_count[layer] = hz.numel()
     nz = torch.nonzero(neurons).flatten().to(torch.int32)
     plan.ffn_idx[layer, : nz.numel()] = nz.to(plan.ffn_idx.device)
     plan.ffn_count[layer] = nz.numel()
