@@ -47,21 +47,31 @@ CONFIG = {   # defaults = the sweep's picks on the H200 (results/benchmark/h200.
 def _row_tile(x_ptrs, w_ptrs, w2_ptrs, k0, K, kcols, bmask, nmask, kidx_ptr,
               KSEL: tl.constexpr, GK: tl.constexpr, ACT: tl.constexpr, BK: tl.constexpr):
     """One K-tile of x and of the kept rows of W (and W2). With KSEL the K axis runs over the kept units' columns
-    only, packed: compact column j is column kidx[j // GK]·GK + j % GK (tiles past the kept ones are all masked)."""
+    only, packed: compact column j is column kidx[j // GK]·GK + j % GK (tiles past the kept ones are all masked;
+    gated activations are not supported there)."""
     offs_k = k0 + tl.arange(0, BK)
     if KSEL:
-        kmask = offs_k < kcols
-        unit = tl.load(kidx_ptr + offs_k // GK, mask=kmask, other=0)
-        cols = unit * GK + offs_k % GK
+        # 3-D [rows, units, GK] so that each unit's GK columns are provably contiguous (vector loads), then 2-D
+        UPT: tl.constexpr = BK // GK
+        offs_u = k0 // GK + tl.arange(0, UPT)
+        umask = offs_u < kcols // GK
+        unit = tl.load(kidx_ptr + offs_u, mask=umask, other=0)
+        cols = unit[:, None] * GK + tl.arange(0, GK)[None, :]
+        m3 = umask[:, None] & (tl.arange(0, GK) < GK)[None, :]
+        x = tl.load(x_ptrs[:, :, None] + cols[None, :, :], mask=bmask[:, None, None] & m3[None, :, :], other=0.0)
+        x = tl.reshape(x, [x.shape[0], BK]).to(tl.float32)
+        w = tl.load(w_ptrs[:, :, None] + cols[None, :, :], mask=nmask[:, None, None] & m3[None, :, :], other=0.0)
+        w = tl.reshape(w, [w.shape[0], BK])
+        kmask = tl.reshape(m3, [BK])
+        w2 = w
     else:
         kmask = offs_k < K
-        cols = offs_k
-    x = tl.load(x_ptrs + cols[None, :], mask=bmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-    w = tl.load(w_ptrs + cols[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
-    if ACT == 2:
-        w2 = tl.load(w2_ptrs + cols[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
-    else:
-        w2 = w
+        x = tl.load(x_ptrs + offs_k[None, :], mask=bmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+        w = tl.load(w_ptrs + offs_k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+        if ACT == 2:
+            w2 = tl.load(w2_ptrs + offs_k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+        else:
+            w2 = w
     return x, w, w2, kmask
 
 
@@ -336,27 +346,34 @@ def _write_selection(sel, offs, valid, n, out_row, mask_ptr, stride_mr, idx_ptr,
 
 
 @triton.jit
+def _radix_pass(ukey, valid, prefix, need, SHIFT: tl.constexpr):
+    """One 8-bit digit of the k-th largest key: histogram of the candidates' digit at SHIFT, then the digit whose
+    suffix count first reaches `need`."""
+    digit = (ukey >> SHIFT) & 0xFF
+    if SHIFT == 24:
+        cand = valid
+    else:
+        cand = valid & (((ukey ^ prefix) >> (SHIFT + 8)) == 0)       # same higher digits as the prefix so far
+    hist = tl.histogram(digit, 256, mask=cand)
+    ge = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist         # candidates whose digit is >= bin
+    dstar = tl.sum((ge >= need).to(tl.int32), axis=0) - 1
+    need = need - tl.sum(tl.where(tl.arange(0, 256) > dstar, hist, 0), axis=0)
+    return prefix | (dstar << SHIFT), need
+
+
+@triton.jit
 def _topk_mask(s, valid, k, BLOCK: tl.constexpr):
     """Exactly k of the valid entries of s (fp32): the k largest, ties to the lowest index. Radix select: four
     8-bit passes over an order-preserving integer key, each a 256-bin histogram of the candidates' next digit."""
     bits = s.to(tl.int32, bitcast=True)
     key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)               # signed order == float order
     ukey = key ^ tl.full([BLOCK], -2147483648, tl.int32)              # unsigned order, as a bit pattern
-    bins = tl.arange(0, 256)
     prefix = tl.zeros([], tl.int32)
     need = tl.zeros([], tl.int32) + k
-    for p in tl.static_range(4):
-        shift: tl.constexpr = 24 - 8 * p
-        digit = (ukey >> shift) & 0xFF
-        if p == 0:
-            cand = valid
-        else:
-            cand = valid & (((ukey ^ prefix) >> (shift + 8)) == 0)   # same higher digits as the prefix so far
-        hist = tl.histogram(digit, 256, mask=cand)
-        ge = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist     # candidates whose digit is >= bin
-        dstar = tl.sum((ge >= need).to(tl.int32), axis=0) - 1
-        need -= tl.sum(tl.where(bins > dstar, hist, 0), axis=0)
-        prefix = prefix | (dstar << shift)
+    prefix, need = _radix_pass(ukey, valid, prefix, need, 24)
+    prefix, need = _radix_pass(ukey, valid, prefix, need, 16)
+    prefix, need = _radix_pass(ukey, valid, prefix, need, 8)
+    prefix, need = _radix_pass(ukey, valid, prefix, need, 0)
     thr = prefix ^ -2147483648                                         # back to the signed key
     gt = (key > thr) & valid
     eq = (key == thr) & valid
@@ -422,7 +439,8 @@ def row_gemv(x: torch.Tensor, lin: Linear, out: torch.Tensor, *, lin2: Linear | 
         BN = min(BN, sel.group)
         assert sel.group % BN == 0 and (B == 1 or BN >= 16), "unit size must be a multiple of the row tile"
     if ksel is not None:
-        assert ksel.kind == "unit_index" and norm == "none", "input-column selection: a unit list, no fused norm"
+        assert ksel.kind == "unit_index" and norm == "none" and act != "silu_gate", \
+            "input-column selection: a unit list, no fused norm or gate"
     if accumulate:
         assert sel.kind == "dense" and out.dtype == torch.float32, "accumulate: dense rows into an fp32 output"
     has_bias = lin.bias is not None
@@ -432,6 +450,9 @@ def row_gemv(x: torch.Tensor, lin: Linear, out: torch.Tensor, *, lin2: Linear | 
     mask, idx, count = _sel_args(sel, x)
     c = lin.rowsum if lin.rowsum is not None else x
     b = lin.bias if has_bias else x
+    if ksel is not None:
+        BK = max(BK, ksel.group)
+        assert BK % ksel.group == 0, "the K tile must hold whole units"
     n_rows = min(N, sel.bound) if sel.kind == "index" and sel.bound else N   # no programs for rows never kept
     grid = (triton.cdiv(n_rows, BN),)
     _row_kernel[grid](x, x.stride(0), B, K,

@@ -12,7 +12,7 @@ import torch
 
 from . import kernels_triton as KT
 from .plan import kept
-from .sel import DENSE, index, units
+from .sel import DENSE, index, unit_index, units
 from .shapes import ModelShape
 from .weights import Linear
 
@@ -63,14 +63,17 @@ class KernelBench:
         heads[torch.randperm(s.heads, generator=gen)[:kh]] = True
         kv = heads.view(s.kv_heads, s.group_size).any(1)
         qm = torch.cat([heads, kv, kv]).to(torch.int32).cuda()
-        fsel = index(idx.cuda(), torch.tensor([kf], dtype=torch.int32, device="cuda"), kf)
-        return fsel, units(qm, s.head_dim), kf, int(heads.sum()), int(kv.sum())
+        fsel = index(idx.cuda(), torch.tensor([kf], dtype=torch.int32, device="cuda"), kf, kf)
+        hidx = torch.zeros(s.heads, dtype=torch.int32)
+        hidx[:kh] = torch.nonzero(heads).flatten().to(torch.int32)
+        olist = unit_index(hidx.cuda(), torch.tensor([kh], dtype=torch.int32, device="cuda"), s.head_dim)
+        return fsel, units(qm, s.head_dim), olist, kf, int(heads.sum()), int(kv.sum())
 
     def run(self, kernel: str, sparsity: float) -> dict:
         """kernel: gateup | down | qkv | o (row form, the engine's) | o_col (column form with atomics, for
         comparison) | attn | torch_gateup | torch_down (cuBLAS dense reference)."""
         s, D = self.s, self.s.hidden
-        fsel, hsel, kf, kh, kkv = self._sels(sparsity)
+        fsel, hsel, olist, kf, kh, kkv = self._sels(sparsity)
         dense = sparsity == 0.0
         fs = DENSE if dense else fsel
         hs = DENSE if dense else hsel
@@ -86,7 +89,7 @@ class KernelBench:
                           for st in self.sets]
             nbytes = (kh + 2 * kkv) * s.head_dim * D * 2
         elif kernel == "o":
-            ks = None if dense else hsel
+            ks = None if dense else olist
             fn = lambda: [KT.row_gemv(self.attn, st["o"], self.out, sel=DENSE, ksel=ks, accumulate=True, tile="o")
                           for st in self.sets]
             nbytes = kh * s.head_dim * D * 2
