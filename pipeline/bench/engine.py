@@ -41,6 +41,7 @@ class EngineConfig:
     shadowllm: PredictorSpec = field(default_factory=lambda: PredictorSpec(2048, 1024))
     dejavu: PredictorSpec = field(default_factory=lambda: PredictorSpec(1024, 1024))
     overlap: bool = True
+    pdl: bool = True               # programmatic dependent launch of the layer kernels (Triton backend, sm_90+)
     eps: float = 1e-5
     seed: int = 0
 
@@ -162,7 +163,7 @@ class DecodeEngine:
     def step(self) -> None:
         k, s, cfg, w = self.k, self.shape, self.cfg, self.w
         L, H, KVH, d = s.layers, s.heads, s.kv_heads, s.head_dim
-        mode, mark = cfg.mode, self._mark
+        mode, mark, pdl = cfg.mode, self._mark, cfg.pdl
         with mark("embed"):
             x = self.w.embed.index_select(0, self.tok).float()
             if w.pos_embed is not None:  # OPT's learned positions are offset by 2
@@ -189,31 +190,31 @@ class DecodeEngine:
             qm = self.plan.qkv_mask[l]
             with mark("qkv"):
                 k.row_gemv(self.resid, lw.qkv, self.qkv, norm=s.norm, eps=cfg.eps,
-                           sel=units(qm, d) if sparse else DENSE, tile="qkv")
+                           sel=units(qm, d) if sparse else DENSE, tile="qkv", pdl=pdl)
             with mark("attention"):
                 k.attention_decode(self.qkv, self.k_cache[l], self.v_cache[l], self.pos, qm, self.attn, heads=H,
-                                   kv_heads=KVH, head_dim=d, rope=self.rope, work=self.attn_work)
+                                   kv_heads=KVH, head_dim=d, rope=self.rope, work=self.attn_work, pdl=pdl)
             if mode == "shadowllm" and l == 0:
                 with mark("predictor"), self._fork():
                     self._run_predictor(self.shadow, self.attn, 1, L - 1, skip_first_row=True)
                 pending = self.side is not None
             with mark("o"):
                 hsel = unit_index(self.plan.head_idx[l], self.plan.head_count[l:l + 1], d) if sparse else None
-                k.row_gemv(self.attn, lw.o, self.resid, sel=DENSE, ksel=hsel, accumulate=True, tile="o")
+                k.row_gemv(self.attn, lw.o, self.resid, sel=DENSE, ksel=hsel, accumulate=True, tile="o", pdl=pdl)
             fsel = (index(self.plan.ffn_idx[l], self.plan.ffn_count[l:l + 1], self.expect_neurons, self.bound_neurons)
                     if sparse else DENSE)
             with mark("mlp_in"):
                 if s.gated:
                     k.row_gemv(self.resid, lw.w1, self.h, lin2=lw.w3, norm=s.norm, eps=cfg.eps, act="silu_gate",
-                               sel=fsel)
+                               sel=fsel, pdl=pdl)
                 else:
-                    k.row_gemv(self.resid, lw.w1, self.h, norm=s.norm, eps=cfg.eps, act="relu", sel=fsel)
+                    k.row_gemv(self.resid, lw.w1, self.h, norm=s.norm, eps=cfg.eps, act="relu", sel=fsel, pdl=pdl)
             with mark("mlp_out"):
-                k.col_gemv_add(self.h, lw.w2T, self.resid, sel=fsel)
+                k.col_gemv_add(self.h, lw.w2T, self.resid, sel=fsel, pdl=pdl)
         if pending:
             self._join()
         with mark("lm_head"):
-            k.row_gemv(self.resid, w.lm_head, self.logits, norm=s.norm, eps=cfg.eps, sel=DENSE)
+            k.row_gemv(self.resid, w.lm_head, self.logits, norm=s.norm, eps=cfg.eps, sel=DENSE, pdl=pdl)
         with mark("sample"):
             B = cfg.batch
             best, where = self.logits_pad.view(B, _CHUNKS, -1).max(dim=-1)

@@ -40,11 +40,11 @@ def _finish(acc, lin: Linear, rows, norm, st):
 
 def row_gemv(x: torch.Tensor, lin: Linear, out: torch.Tensor, *, lin2: Linear | None = None, norm: str = "none",
              eps: float = 1e-5, act: str = "none", sel: Sel, ksel: Sel | None = None, accumulate: bool = False,
-             tile: str = "row") -> None:
+             tile: str = "row", pdl: bool = False) -> None:
     """out[:, j] = act(norm(x) · W[row_j]) for the selected rows (see sel.py for the output layout).
 
     ksel: only the input columns of kept units count (the rest of x is treated as 0); accumulate: out += result.
-    `tile` names the Triton tile config and is ignored here."""
+    `tile` (the Triton tile config) and `pdl` (programmatic dependent launch) are ignored here."""
     xf = x.float()
     if ksel is not None:
         keep = torch.zeros(xf.shape[1], dtype=torch.bool, device=x.device)
@@ -67,7 +67,7 @@ def row_gemv(x: torch.Tensor, lin: Linear, out: torch.Tensor, *, lin2: Linear | 
         out[:, cols] = v.to(out.dtype)
 
 
-def col_gemv_add(h: torch.Tensor, lin: Linear, out: torch.Tensor, *, sel: Sel) -> None:
+def col_gemv_add(h: torch.Tensor, lin: Linear, out: torch.Tensor, *, sel: Sel, pdl: bool = False) -> None:
     """out += h_sel · W^T[rows] (+ bias), W^T stored [rows, N]; out is the fp32 residual stream."""
     rows = rows_of(sel, lin.w.shape[0], h.device)
     hcols = torch.arange(rows.numel(), device=h.device) if sel.kind == "index" else rows
@@ -97,7 +97,7 @@ def attention_workspace(batch: int, heads: int, max_len: int, head_dim: int, dev
 
 def attention_decode(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                      head_mask: torch.Tensor, out: torch.Tensor, *, heads: int, kv_heads: int, head_dim: int,
-                     rope: tuple[torch.Tensor, torch.Tensor] | None, work: None = None) -> None:
+                     rope: tuple[torch.Tensor, torch.Tensor] | None, work: None = None, pdl: bool = False) -> None:
     """One decode step of attention for the kept heads; writes the new k/v at `pos` for kept kv groups.
 
     qkv [B, (H+2KVH)·d]; caches [B, KVH, T, d]; out [B, H·d] (dropped heads are not written)."""

@@ -11,7 +11,7 @@
   the kept rows with fp32 atomic adds straight into the residual stream (residual add fused).
 - `_attn_kernel`: decode attention for the kept heads, RoPE and the KV-cache write fused, split over the cache
   length (flash-decoding) with the merge done by the last split of each head in the same launch.
-- `_select_kernel` / `_compact_kernel`: exact top-k per layer by bisection on the float bit pattern (no sort),
+- `_select_kernel` / `_compact_kernel`: exact top-k per layer by a 4-way search on the float bit pattern (no sort),
   union over the batch, and index compaction, all on the device (graph-capturable, fixed grids).
 Every loop has a static trip count and every data-dependent bound is a mask, so the kernels also run under
 TRITON_INTERPRET=1 on a CPU.
@@ -32,47 +32,54 @@ _SEL = {"dense": 0, "units": 1, "index": 2}
 
 # Tile choices; run_all may overwrite them from the micro-benchmark sweep.
 CONFIG = {   # defaults = the sweep's picks on the H200 (results/benchmark/h200.json, micro.config)
-    "row": {"BN": 4, "BK": 512, "warps": 4},                  # batch 1
+    "row": {"BN": 2, "BK": 512, "warps": 2},                  # batch 1 (gate/up, fc1, LM head, predictors)
+    "qkv": {"BN": 4, "BK": 512, "warps": 4},                  # batch 1, per-role row tiles
+    "o": {"BN": 4, "BK": 512, "warps": 4},
     "row_dot": {"BN": 32, "BK": 256, "warps": 4},             # batch 2..16 (tensor cores, M padded to 16)
-    "col": {"BN": 512, "BK": 8, "KPP": 256, "warps": 4, "TP": 768},   # batch 1, index lists (down/fc2); TP below
+    "col": {"BN": 512, "BK": 8, "KPP": 256, "warps": 4, "TP": 1536},   # batch 1, index lists (down/fc2); TP below
     "col_units": {"BN": 512, "BK": 8, "KPP": 32, "warps": 4},   # batch 1, head units (o in column form: comparison)
     "col_dot": {"BN": 128, "BK": 64, "KPP": 256, "warps": 4},
-    "attn": {"BT": 64, "NT": 1, "warps": 4},                  # split-T: ceil(T / (BT·NT)) programs per head
-    "qkv": {"BN": 4, "BK": 512, "warps": 4},                  # batch 1, per-role row tiles (default: "row")
-    "o": {"BN": 4, "BK": 512, "warps": 4},
+    "attn": {"BT": 16, "NT": 1, "warps": 1},                  # split-T: ceil(T / (BT·NT)) programs per head
+    "pdl": True,                                              # programmatic dependent launch (sm_90+)
 }
 
 
 @triton.jit
-def _row_tile(x_ptrs, w_ptrs, w2_ptrs, k0, K, kcols, bmask, nmask, kidx_ptr,
-              KSEL: tl.constexpr, GK: tl.constexpr, ACT: tl.constexpr, BK: tl.constexpr):
-    """One K-tile of x and of the kept rows of W (and W2). With KSEL the K axis runs over the kept units' columns
-    only, packed: compact column j is column kidx[j // GK]·GK + j % GK (tiles past the kept ones are all masked;
-    gated activations are not supported there)."""
-    offs_k = k0 + tl.arange(0, BK)
+def _row_cols(k0, K, kcols, kidx_ptr, KSEL: tl.constexpr, GK: tl.constexpr, BK: tl.constexpr):
+    """Input columns of one K-tile and their mask. With KSEL the K axis runs over the kept units' columns only,
+    packed: compact column j is column kidx[j // GK]·GK + j % GK (tiles past the kept ones are all masked). Then
+    the columns are 2-D [units, GK], so that each unit's GK columns are provably contiguous (vector loads)."""
     if KSEL:
-        # 3-D [rows, units, GK] so that each unit's GK columns are provably contiguous (vector loads), then 2-D
         UPT: tl.constexpr = BK // GK
         offs_u = k0 // GK + tl.arange(0, UPT)
         umask = offs_u < kcols // GK
         unit = tl.load(kidx_ptr + offs_u, mask=umask, other=0)
         cols = unit[:, None] * GK + tl.arange(0, GK)[None, :]
-        m3 = umask[:, None] & (tl.arange(0, GK) < GK)[None, :]
-        x = tl.load(x_ptrs[:, :, None] + cols[None, :, :], mask=bmask[:, None, None] & m3[None, :, :], other=0.0)
-        x = tl.reshape(x, [x.shape[0], BK]).to(tl.float32)
-        w = tl.load(w_ptrs[:, :, None] + cols[None, :, :], mask=nmask[:, None, None] & m3[None, :, :], other=0.0)
-        w = tl.reshape(w, [w.shape[0], BK])
-        kmask = tl.reshape(m3, [BK])
-        w2 = w
+        cmask = umask[:, None] & (tl.arange(0, GK) < GK)[None, :]
     else:
-        kmask = offs_k < K
-        x = tl.load(x_ptrs + offs_k[None, :], mask=bmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-        w = tl.load(w_ptrs + offs_k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
-        if ACT == 2:
-            w2 = tl.load(w2_ptrs + offs_k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
-        else:
-            w2 = w
-    return x, w, w2, kmask
+        cols = k0 + tl.arange(0, BK)
+        cmask = cols < K
+    return cols, cmask
+
+
+@triton.jit
+def _row_load(ptrs, cols, cmask, rmask, KSEL: tl.constexpr, BK: tl.constexpr):
+    """[rows, BK] tile at `cols` of every row pointer in `ptrs` ([rows, 1])."""
+    if KSEL:
+        t = tl.load(ptrs[:, :, None] + cols[None, :, :], mask=rmask[:, None, None] & cmask[None, :, :], other=0.0)
+        return tl.reshape(t, [t.shape[0], BK])
+    else:
+        return tl.load(ptrs + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+
+
+@triton.jit
+def _grid_dep(PDL: tl.constexpr):
+    """Programmatic dependent launch: everything before this call may only read what kernels before the previous
+    one wrote (weights, the plan); afterwards the previous kernel is complete, and the next one may launch (it can
+    then stream its own weights while this one runs)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -82,7 +89,7 @@ def _row_kernel(x_ptr, stride_xb, B, K,
                 mask_ptr, idx_ptr, count_ptr, kidx_ptr, kcount_ptr, eps,
                 G: tl.constexpr, SEL: tl.constexpr, NORM: tl.constexpr, ACT: tl.constexpr,
                 HAS_BIAS: tl.constexpr, KSEL: tl.constexpr, GK: tl.constexpr, ACCUM: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                PDL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid = tl.program_id(0)
     r0 = pid * BN
     offs_n = r0 + tl.arange(0, BN)
@@ -118,11 +125,26 @@ def _row_kernel(x_ptr, stride_xb, B, K,
     kcols = K
     if KSEL:
         kcols = tl.load(kcount_ptr) * GK
-    # software pipelining by hand: the next tile's loads are issued before the current tile is used
-    x, w, w2, kmask = _row_tile(x_ptrs, w_ptrs, w2_ptrs, 0, K, kcols, bmask, nmask, kidx_ptr, KSEL, GK, ACT, BK)
+    # software pipelining by hand: the next tile's loads are issued before the current tile is used; the first
+    # weight tile is requested before waiting on the previous kernel (PDL)
+    cols, cmask = _row_cols(0, K, kcols, kidx_ptr, KSEL, GK, BK)
+    w = _row_load(w_ptrs, cols, cmask, nmask, KSEL, BK)
+    if ACT == 2:
+        w2 = _row_load(w2_ptrs, cols, cmask, nmask, KSEL, BK)
+    else:
+        w2 = w
+    _grid_dep(PDL)
+    x = _row_load(x_ptrs, cols, cmask, bmask, KSEL, BK).to(tl.float32)
+    kmask = tl.reshape(cmask, [BK])
     for k0 in range(BK, K + BK, BK):
-        x_n, w_n, w2_n, kmask_n = _row_tile(x_ptrs, w_ptrs, w2_ptrs, k0, K, kcols, bmask, nmask, kidx_ptr, KSEL,
-                                            GK, ACT, BK)
+        cols_n, cmask_n = _row_cols(k0, K, kcols, kidx_ptr, KSEL, GK, BK)
+        w_n = _row_load(w_ptrs, cols_n, cmask_n, nmask, KSEL, BK)
+        if ACT == 2:
+            w2_n = _row_load(w2_ptrs, cols_n, cmask_n, nmask, KSEL, BK)
+        else:
+            w2_n = w_n
+        x_n = _row_load(x_ptrs, cols_n, cmask_n, bmask, KSEL, BK).to(tl.float32)
+        kmask_n = tl.reshape(cmask_n, [BK])
         if BM == 1:
             part += w.to(tl.float32) * x
             if ACT == 2:
@@ -181,7 +203,7 @@ def _row_kernel(x_ptr, stride_xb, B, K,
 @triton.jit
 def _col_kernel(h_ptr, stride_hb, B, w_ptr, b_ptr, out_ptr, stride_ob, N, R,
                 mask_ptr, idx_ptr, count_ptr,
-                G: tl.constexpr, SEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                G: tl.constexpr, SEL: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KPP: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -193,6 +215,7 @@ def _col_kernel(h_ptr, stride_hb, B, w_ptr, b_ptr, out_ptr, stride_ob, N, R,
     omask = bmask[:, None] & nmask[None, :]
     if HAS_BIAS:
         if pid_k == 0:
+            _grid_dep(PDL)
             bias = tl.load(b_ptr + offs_n, mask=nmask, other=0.0)
             tl.atomic_add(out_ptrs, tl.zeros([BM, BN], tl.float32) + bias[None, :], mask=omask, sem="relaxed")
     k_start = pid_k * KPP
@@ -207,7 +230,8 @@ def _col_kernel(h_ptr, stride_hb, B, w_ptr, b_ptr, out_ptr, stride_ob, N, R,
             return
     acc = tl.zeros([BM, BN], tl.float32)
     part = tl.zeros([BK, BN], tl.float32)
-    # software pipelining by hand: tile i+1 (and its row indices) are loaded before tile i is used
+    # software pipelining by hand: tile i+1 (and its row indices) are loaded before tile i is used; the first
+    # weight tile is requested before waiting on the previous kernel (PDL)
     offs_k = k_start + tl.arange(0, BK)
     kmask = offs_k < lim
     if SEL == 2:
@@ -216,6 +240,7 @@ def _col_kernel(h_ptr, stride_hb, B, w_ptr, b_ptr, out_ptr, stride_ob, N, R,
         rows = offs_k
     w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * N + offs_n[None, :], mask=kmask[:, None] & nmask[None, :],
                 other=0.0)
+    _grid_dep(PDL)
     h = tl.load(h_ptr + offs_b[:, None] * stride_hb + offs_k[None, :], mask=bmask[:, None] & kmask[None, :],
                 other=0.0)
     for k0 in range(BK, KPP + BK, BK):
@@ -243,7 +268,7 @@ def _col_kernel(h_ptr, stride_hb, B, w_ptr, b_ptr, out_ptr, stride_ob, N, R,
 def _attn_kernel(qkv_ptr, stride_qb, kc_ptr, vc_ptr, pos_ptr, mask_ptr, out_ptr, stride_ob, cos_ptr, sin_ptr,
                  part_acc_ptr, part_ml_ptr, count_ptr, H, KVH, T, scale,
                  GS: tl.constexpr, D: tl.constexpr, ROPE: tl.constexpr, BT: tl.constexpr, NT: tl.constexpr,
-                 S: tl.constexpr, SB: tl.constexpr):
+                 S: tl.constexpr, SB: tl.constexpr, PDL: tl.constexpr):
     """Program (b, h, s) attends over cache positions [s·NT·BT, (s+1)·NT·BT) (split-T, flash-decoding); split 0
     also handles the new token (RoPE, cache write). With S > 1 every split leaves (m, l, acc) in a workspace and
     the last split to finish (an acq_rel counter per (b, h), reset by that split) merges them: one launch."""
@@ -253,6 +278,7 @@ def _attn_kernel(qkv_ptr, stride_qb, kc_ptr, vc_ptr, pos_ptr, mask_ptr, out_ptr,
     keep = tl.load(mask_ptr + h)
     if keep == 0:
         return
+    _grid_dep(PDL)
     g = h // GS
     pos = tl.load(pos_ptr)
     offs_d = tl.arange(0, D)
@@ -346,39 +372,28 @@ def _write_selection(sel, offs, valid, n, out_row, mask_ptr, stride_mr, idx_ptr,
 
 
 @triton.jit
-def _radix_pass(ukey, valid, prefix, need, SHIFT: tl.constexpr):
-    """One 8-bit digit of the k-th largest key: histogram of the candidates' digit at SHIFT, then the digit whose
-    suffix count first reaches `need`."""
-    digit = (ukey >> SHIFT) & 0xFF
-    if SHIFT == 24:
-        cand = valid
-    else:
-        cand = valid & (((ukey ^ prefix) >> (SHIFT + 8)) == 0)       # same higher digits as the prefix so far
-    hist = tl.histogram(digit, 256, mask=cand)
-    ge = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist         # candidates whose digit is >= bin
-    dstar = tl.sum((ge >= need).to(tl.int32), axis=0) - 1
-    need = need - tl.sum(tl.where(tl.arange(0, 256) > dstar, hist, 0), axis=0)
-    return prefix | (dstar << SHIFT), need
-
-
-@triton.jit
 def _topk_mask(s, valid, k, BLOCK: tl.constexpr):
-    """Exactly k of the valid entries of s (fp32): the k largest, ties to the lowest index. Radix select: four
-    8-bit passes over an order-preserving integer key, each a 256-bin histogram of the candidates' next digit."""
+    """Exactly k of the valid entries of s (fp32): the k largest, ties to the lowest index. The k-th largest key
+    (an order-preserving integer view of the float) is found by a 4-way search: each pass counts the keys at or
+    above three thresholds in one reduction and keeps the quarter that holds it, 16 passes for 32 bits."""
     bits = s.to(tl.int32, bitcast=True)
     key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)               # signed order == float order
-    ukey = key ^ tl.full([BLOCK], -2147483648, tl.int32)              # unsigned order, as a bit pattern
-    prefix = tl.zeros([], tl.int32)
-    need = tl.zeros([], tl.int32) + k
-    prefix, need = _radix_pass(ukey, valid, prefix, need, 24)
-    prefix, need = _radix_pass(ukey, valid, prefix, need, 16)
-    prefix, need = _radix_pass(ukey, valid, prefix, need, 8)
-    prefix, need = _radix_pass(ukey, valid, prefix, need, 0)
-    thr = prefix ^ -2147483648                                         # back to the signed key
+    key = tl.where(valid, key, tl.full([BLOCK], -2147483648, tl.int32))
+    key64 = key.to(tl.int64)
+    q = tl.arange(0, 4)
+    lo = tl.full([], -2147483648, tl.int64)       # count(key >= lo) >= k
+    hi = tl.full([], 2147483648, tl.int64)        # count(key >= hi) < k
+    for _ in range(16):
+        span = hi - lo
+        t = lo + (span * q) // 4                  # t[0] = lo (padding), t[1..3] the thresholds
+        c = tl.sum((key64[None, :] >= t[:, None]).to(tl.int32), axis=1)
+        lo = tl.max(tl.where(c >= k, t, lo), axis=0)
+        hi = tl.min(tl.where((c < k) & (q > 0), t, hi), axis=0)
+    thr = lo.to(tl.int32)
     gt = (key > thr) & valid
     eq = (key == thr) & valid
     rank = tl.cumsum(eq.to(tl.int32), axis=0)
-    return gt | (eq & (rank <= need))
+    return gt | (eq & (rank <= k - tl.sum(gt.to(tl.int32), axis=0)))
 
 
 @triton.jit
@@ -413,8 +428,9 @@ def _compact_kernel(union_ptr, n, mask_ptr, stride_mr, idx_ptr, stride_ir, count
 
 # ----------------------------------------------------------------------------------------------- wrappers
 
-def _dummy(t: torch.Tensor) -> torch.Tensor:
-    return t
+def _pdl(requested: bool, t: torch.Tensor) -> bool:
+    """Programmatic dependent launch where asked for, enabled in CONFIG and supported (CUDA, sm_90+)."""
+    return bool(requested and CONFIG["pdl"] and t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9)
 
 
 def _sel_args(sel: Sel, anchor: torch.Tensor):
@@ -425,7 +441,7 @@ def _sel_args(sel: Sel, anchor: torch.Tensor):
 
 def row_gemv(x: torch.Tensor, lin: Linear, out: torch.Tensor, *, lin2: Linear | None = None, norm: str = "none",
              eps: float = 1e-5, act: str = "none", sel: Sel, ksel: Sel | None = None, accumulate: bool = False,
-             tile: str = "row") -> None:
+             tile: str = "row", pdl: bool = False) -> None:
     B, K = x.shape
     N = lin.w.shape[0]
     assert x.stride(1) == 1 and out.stride(1) == 1 and lin.w.is_contiguous() and B <= 16
@@ -461,10 +477,11 @@ def row_gemv(x: torch.Tensor, lin: Linear, out: torch.Tensor, *, lin2: Linear | 
                       ksel.idx if ksel is not None else x, ksel.count if ksel is not None else x, eps,
                       G=sel.group, SEL=_SEL[sel.kind], NORM=_NORM[norm], ACT=_ACT[act], HAS_BIAS=has_bias,
                       KSEL=ksel is not None, GK=ksel.group if ksel is not None else 1, ACCUM=accumulate,
-                      BM=1 if B == 1 else 16, BN=BN, BK=BK, num_warps=cfg["warps"])
+                      PDL=_pdl(pdl, x), BM=1 if B == 1 else 16, BN=BN, BK=BK, num_warps=cfg["warps"],
+                      launch_pdl=_pdl(pdl, x))
 
 
-def col_gemv_add(h: torch.Tensor, lin: Linear, out: torch.Tensor, *, sel: Sel) -> None:
+def col_gemv_add(h: torch.Tensor, lin: Linear, out: torch.Tensor, *, sel: Sel, pdl: bool = False) -> None:
     B = h.shape[0]
     R, N = lin.w.shape
     assert h.stride(1) == 1 and out.stride(1) == 1 and out.dtype == torch.float32 and lin.w.is_contiguous()
@@ -483,7 +500,8 @@ def col_gemv_add(h: torch.Tensor, lin: Linear, out: torch.Tensor, *, sel: Sel) -
     grid = (triton.cdiv(N, cfg["BN"]), triton.cdiv(n_rows, kpp))
     _col_kernel[grid](h, h.stride(0), B, lin.w, lin.bias if lin.bias is not None else out, out, out.stride(0), N, R,
                       mask, idx, count, G=sel.group, SEL=_SEL[sel.kind], HAS_BIAS=lin.bias is not None,
-                      BM=1 if B == 1 else 16, BN=cfg["BN"], BK=bk, KPP=kpp, num_warps=cfg["warps"])
+                      PDL=_pdl(pdl, h), BM=1 if B == 1 else 16, BN=cfg["BN"], BK=bk, KPP=kpp, num_warps=cfg["warps"],
+                      launch_pdl=_pdl(pdl, h))
 
 
 def rope_tables(max_pos, head_dim, theta, device):
@@ -503,7 +521,7 @@ def attention_workspace(batch: int, heads: int, max_len: int, head_dim: int, dev
 
 
 def attention_decode(qkv, k_cache, v_cache, pos, head_mask, out, *, heads, kv_heads, head_dim, rope,
-                     work: dict | None = None) -> None:
+                     work: dict | None = None, pdl: bool = False) -> None:
     B = qkv.shape[0]
     T = k_cache.shape[2]
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
@@ -518,7 +536,8 @@ def attention_decode(qkv, k_cache, v_cache, pos, head_mask, out, *, heads, kv_he
     _attn_kernel[(B, heads, splits)](qkv, qkv.stride(0), k_cache, v_cache, pos, head_mask, out, out.stride(0),
                                      cos, sin, acc, ml, count, heads, kv_heads, T, head_dim ** -0.5,
                                      GS=heads // kv_heads, D=head_dim, ROPE=rope is not None, BT=bt, NT=nt, S=splits,
-                                     SB=triton.next_power_of_2(splits), num_warps=warps)
+                                     SB=triton.next_power_of_2(splits), PDL=_pdl(pdl, qkv), num_warps=warps,
+                                     launch_pdl=_pdl(pdl, qkv))
 
 
 def _select_warps(block: int) -> int:
@@ -528,7 +547,7 @@ def _select_warps(block: int) -> int:
 def _select(scores, k, mode, *, mask, idx, count, out_row0, kv_heads=1, union=None):
     B, R, n = scores.shape
     assert scores.stride(2) == 1
-    block = triton.next_power_of_2(max(n, 256))
+    block = triton.next_power_of_2(n)
     single = B == 1
     if not single:
         assert union is not None and union.numel() >= R * n and union.dtype == torch.int32

@@ -1,7 +1,9 @@
 """Kernel-level bandwidth: the gather kernels alone, on the bytes they actually read, against the copy bandwidth.
 
 Each measurement captures `n_sets` launches over distinct weight sets (so L2 never holds the weights) in one
-CUDA graph and times its replays with CUDA events. Also sweeps a few tile shapes and keeps the fastest.
+CUDA graph and times its replays with CUDA events; the kernels are launched as in the engine (programmatic
+dependent launch when `CONFIG["pdl"]`), so back-to-back launches overlap as they do in a decode step. Also sweeps
+a few tile shapes and keeps the fastest.
 """
 
 from __future__ import annotations
@@ -78,19 +80,19 @@ class KernelBench:
         fs = DENSE if dense else fsel
         hs = DENSE if dense else hsel
         if kernel == "gateup":
-            fn = lambda: [KT.row_gemv(self.x, st["w1"], self.h, lin2=st["w3"], norm="rms", act="silu_gate", sel=fs)
+            fn = lambda: [KT.row_gemv(self.x, st["w1"], self.h, lin2=st["w3"], norm="rms", act="silu_gate", sel=fs, pdl=True)
                           for st in self.sets]
             nbytes = 2 * kf * D * 2
         elif kernel == "down":
-            fn = lambda: [KT.col_gemv_add(self.h, st["w2T"], self.out, sel=fs) for st in self.sets]
+            fn = lambda: [KT.col_gemv_add(self.h, st["w2T"], self.out, sel=fs, pdl=True) for st in self.sets]
             nbytes = kf * D * 2
         elif kernel == "qkv":
-            fn = lambda: [KT.row_gemv(self.x, st["qkv"], self.qkv_out, norm="rms", sel=hs, tile="qkv")
+            fn = lambda: [KT.row_gemv(self.x, st["qkv"], self.qkv_out, norm="rms", sel=hs, tile="qkv", pdl=True)
                           for st in self.sets]
             nbytes = (kh + 2 * kkv) * s.head_dim * D * 2
         elif kernel == "o":
             ks = None if dense else olist
-            fn = lambda: [KT.row_gemv(self.attn, st["o"], self.out, sel=DENSE, ksel=ks, accumulate=True, tile="o")
+            fn = lambda: [KT.row_gemv(self.attn, st["o"], self.out, sel=DENSE, ksel=ks, accumulate=True, tile="o", pdl=True)
                           for st in self.sets]
             nbytes = kh * s.head_dim * D * 2
         elif kernel == "o_col":
@@ -109,7 +111,7 @@ class KernelBench:
             qm = hsel.mask if not dense else torch.ones(H + 2 * KVH, dtype=torch.int32, device="cuda")
             work = KT.attention_workspace(self.B, H, T, d, "cuda")
             fn = lambda: [KT.attention_decode(self.qkv_in, kc, vc, self.pos, qm, self.attn, heads=H, kv_heads=KVH,
-                                              head_dim=d, rope=self.rope, work=work) for kc, vc in self.kv]
+                                              head_dim=d, rope=self.rope, work=work, pdl=True) for kc, vc in self.kv]
             nbytes = (kkv if not dense else KVH) * 2 * 192 * d * 2 * self.B
         elif kernel == "torch_gateup":
             xb = self.x.to(torch.bfloat16)

@@ -102,9 +102,11 @@ def to_markdown(results: dict) -> str:
     extra = [r for r in results.get("extra_rows", []) if r.get("status") == "ok"]
     if extra:
         lines += ["", "## Ablations (batch 1)", "",
-                  "| variant | model | mode | sparsity | overlap | ms/token | × dense | pred MB |", "|---|---|---|---|---|---|---|---|"]
+                  "| variant | model | mode | sparsity | overlap | PDL | ms/token | × dense | pred MB |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in extra:
             lines.append(f"| {r['variant']} | {r['model']} | {r['mode']} | {r['head_sparsity']:.0%} | {r.get('overlap')} | "
+                         f"{r.get('pdl', True)} | "
                          f"{r['ms_per_token']:.3f} | {_fmt(r.get('speedup_vs_dense'))} | {r['predictor_bytes'] / 1e6:.0f} |")
     micro = results.get("micro") or {}
     if micro.get("kernels"):

@@ -34,8 +34,11 @@ DEFAULTS: dict = {
     # the widths of train.widths.shadowllm (the predictor the train stage fits): rank-256 neuron output
     "shadowllm": {"hidden_heads": 2048, "hidden_neurons": 1024, "rank_heads": 0, "rank_neurons": 256},
     "dejavu": {"hidden_heads": 1024, "hidden_neurons": 1024, "rank_heads": 0, "rank_neurons": 0},
-    # ablations (reported apart): [{name, model, mode, sparsity, batch?, overlap?, shadowllm?: widths, dejavu?: widths}]
+    # ablations (reported apart): [{name, model, mode, sparsity, batch?, overlap?, pdl?, shadowllm?: widths,
+    # dejavu?: widths}]
     "extra": [
+        {"name": "dense-nopdl", "model": "llama-3-8b", "mode": "dense", "sparsity": 0.0, "pdl": False},
+        {"name": "static-nopdl", "model": "llama-3-8b", "mode": "static", "sparsity": 0.5, "pdl": False},
         {"name": "dejavu-sync", "model": "llama-3-8b", "mode": "dejavu", "sparsity": 0.5, "overlap": False},
         {"name": "shadowllm-sync", "model": "llama-3-8b", "mode": "shadowllm", "sparsity": 0.5, "overlap": False},
         {"name": "dejavu-sync@0", "model": "llama-3-8b", "mode": "dejavu", "sparsity": 0.0, "overlap": False},
@@ -78,12 +81,12 @@ def _log(*a):
 
 
 def measure_one(shape, w, preds, *, mode, sparsity, batch, cfg, overlap, shadow_spec, dejavu_spec, copy_gbps,
-                dense_ms):
+                dense_ms, pdl=True):
     from . import bounds, timing
     from .engine import DecodeEngine, EngineConfig
     ecfg = EngineConfig(mode=mode, head_sparsity=sparsity, neuron_sparsity=sparsity, batch=batch,
                         prompt_len=cfg["prompt_len"], gen_len=cfg["gen_len"], shadowllm=shadow_spec,
-                        dejavu=dejavu_spec, overlap=overlap, seed=cfg["seed"])
+                        dejavu=dejavu_spec, overlap=overlap, pdl=pdl, seed=cfg["seed"])
     eng = DecodeEngine(shape, ecfg, weights=w, backend="triton", device="cuda", predictors=preds)
     g = timing.capture(eng)
     times = timing.time_decode(eng, g, warmup=cfg["warmup_steps"], repeats=cfg["repeats"])
@@ -101,7 +104,7 @@ def measure_one(shape, w, preds, *, mode, sparsity, batch, cfg, overlap, shadow_
            "predictor_params": eng.predictor_params(), "predictor_share": by["predictor_bytes"] / dense_by["total_bytes"],
            "kept_heads_mean": float(heads[1:].sum(1).double().mean()) if shape.layers > 1 else float(shape.heads),
            "kept_neurons_mean": float(neurons[1:].sum(1).double().mean()) if shape.layers > 1 else float(shape.ffn),
-           "overlap": overlap, "status": "ok"}
+           "overlap": overlap, "pdl": pdl, "status": "ok"}
     del g, eng
     return row
 
@@ -257,7 +260,7 @@ def run(cfg: dict, log=_log) -> dict:
                 row = measure_one(shape, w, xpreds, mode=ex["mode"], sparsity=float(ex["sparsity"]),
                                   batch=int(ex.get("batch", 1)), cfg=cfg, overlap=bool(ex.get("overlap", cfg["overlap"])),
                                   shadow_spec=sspec, dejavu_spec=dspec, copy_gbps=cp["copy_gbps"],
-                                  dense_ms=None)
+                                  dense_ms=None, pdl=bool(ex.get("pdl", True)))
                 del xpreds
                 row["variant"] = ex.get("name", "extra")
                 dm = next((r["ms_per_token"] for r in results["rows"] if r.get("status") == "ok"
