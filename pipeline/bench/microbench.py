@@ -131,20 +131,47 @@ class KernelBench:
 ROW_CANDIDATES = [dict(BN=4, BK=512, warps=4), dict(BN=2, BK=512, warps=2), dict(BN=2, BK=1024, warps=4),
                   dict(BN=4, BK=256, warps=2), dict(BN=8, BK=512, warps=8), dict(BN=4, BK=1024, warps=8),
                   dict(BN=2, BK=512, warps=4), dict(BN=8, BK=256, warps=4)]
-# q/k/v and o are 4-8x smaller than gate+up: shorter programs (more of them) may pay
-SMALL_ROW_CANDIDATES = [dict(BN=4, BK=512, warps=4), dict(BN=1, BK=512, warps=2), dict(BN=1, BK=1024, warps=4),
-                        dict(BN=2, BK=512, warps=2), dict(BN=2, BK=1024, warps=4), dict(BN=4, BK=256, warps=2),
-                        dict(BN=2, BK=256, warps=1), dict(BN=8, BK=256, warps=4), dict(BN=1, BK=2048, warps=8)]
 COL_CANDIDATES = [dict(BN=512, BK=8, KPP=256, warps=4), dict(BN=512, BK=8, KPP=128, warps=4),
                   dict(BN=256, BK=8, KPP=256, warps=2), dict(BN=1024, BK=4, KPP=256, warps=4),
                   dict(BN=512, BK=8, KPP=256, warps=4, TP=1536), dict(BN=512, BK=8, KPP=256, warps=4, TP=384),
                   dict(BN=256, BK=16, KPP=256, warps=4), dict(BN=512, BK=16, KPP=256, warps=8)]
 ROW_DOT_CANDIDATES = [dict(BN=64, BK=128, warps=4), dict(BN=32, BK=256, warps=4), dict(BN=64, BK=256, warps=8)]
-ATTN_CANDIDATES = [dict(BT=64, NT=1, warps=4), dict(BT=32, NT=1, warps=2), dict(BT=32, NT=2, warps=4),
-                   dict(BT=64, NT=1, warps=8), dict(BT=128, NT=1, warps=4), dict(BT=16, NT=1, warps=1),
-                   dict(BT=128, NT=2, warps=4)]
 COL_DOT_CANDIDATES = [dict(BN=128, BK=64, KPP=256, warps=4), dict(BN=256, BK=64, KPP=256, warps=8),
                       dict(BN=64, BK=64, KPP=128, warps=4)]
+# q/k/v, o and attention are short kernels whose cost depends on their neighbours (with programmatic dependent
+# launch a kernel streams its first weight tile while the previous one runs: a larger K tile prefetches more), so
+# they are swept on whole decode steps (`engine_sweep`), not alone.
+SMALL_ROW_CANDIDATES = [dict(BN=4, BK=512, warps=4), dict(BN=2, BK=1024, warps=4), dict(BN=4, BK=1024, warps=8),
+                        dict(BN=2, BK=2048, warps=8), dict(BN=1, BK=4096, warps=8)]
+ATTN_CANDIDATES = [dict(BT=16, NT=1, warps=1), dict(BT=32, NT=1, warps=2), dict(BT=64, NT=1, warps=4),
+                   dict(BT=16, NT=2, warps=2), dict(BT=32, NT=1, warps=1)]
+
+
+def engine_sweep(shape: ModelShape, weights, key: str, candidates: list[dict], *, points=(("dense", 0.0),
+                 ("static", 0.5)), steps: int = 32) -> dict:
+    """Time whole decode steps (CUDA graph, batch 1) for each tile candidate of `key`; keep the fastest (sum of
+    the median ms/token over `points`) in KT.CONFIG."""
+    from . import timing
+    from .engine import DecodeEngine, EngineConfig
+    results = []
+    for cand in candidates:
+        KT.CONFIG[key] = dict(cand)
+        try:
+            total = 0.0
+            for mode, sp in points:
+                eng = DecodeEngine(shape, EngineConfig(mode=mode, head_sparsity=sp, neuron_sparsity=sp,
+                                                       gen_len=steps), weights=weights)
+                g = timing.capture(eng)
+                total += timing.summarize(timing.time_decode(eng, g, warmup=4))["ms_per_token"]
+                del g, eng
+        except Exception as e:  # a tile that does not compile is skipped, not fatal
+            results.append({"config": cand, "ms": None, "error": repr(e)[:200]})
+            continue
+        results.append({"config": cand, "ms": total})
+    best = min((r for r in results if r["ms"]), key=lambda r: r["ms"])
+    KT.CONFIG[key] = dict(best["config"])
+    return {"key": key, "kernel": f"decode step ({', '.join(f'{m}@{sp:.0%}' for m, sp in points)})",
+            "best": best, "all": results}
 
 
 def sweep(bench: KernelBench, key: str, kernel: str, candidates: list[dict], sparsities=(0.0, 0.5, 0.9)) -> dict:

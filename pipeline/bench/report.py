@@ -116,7 +116,7 @@ def to_markdown(results: dict) -> str:
             lines.append(f"| {r['kernel']} | {r['sparsity']:.0%} | {r['us']:.1f} | {r['gbps']:.0f} | {r['frac_of_copy']:.2f} |")
     for pr in results.get("profile", []):
         lines += ["", f"## Profile: {results.get('summary_model')} {pr['mode']} at {pr['sparsity']:.0%}, batch 1 "
-                  "(predictors not overlapped)", "",
+                  "(predictors not overlapped, no PDL)", "",
                   f"Graph step {pr['step_us']:.0f} µs = device time of the kernels {pr['kernel_sum_us']:.0f} µs "
                   f"({pr['n_kernels']:.0f} kernels, timed eagerly) + {pr['between_kernels_us']:.0f} µs between them.",
                   "", "| part | µs / step | MB read | GB/s | frac of copy | µs over copy speed |",

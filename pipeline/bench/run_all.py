@@ -110,12 +110,13 @@ def measure_one(shape, w, preds, *, mode, sparsity, batch, cfg, overlap, shadow_
 
 
 def profile_one(shape, w, preds, *, mode, sparsity, cfg, shadow_spec, dejavu_spec, copy_gbps) -> dict:
-    """Graph-replayed step time and the eager per-part device-time profile of one configuration."""
+    """Graph-replayed step time and the eager per-part device-time profile of one configuration. Without PDL and
+    with the predictors on the main stream, so that every kernel's time is its own."""
     from . import profile, timing
     from .engine import DecodeEngine, EngineConfig
     ecfg = EngineConfig(mode=mode, head_sparsity=sparsity, neuron_sparsity=sparsity, batch=1,
                         prompt_len=cfg["prompt_len"], gen_len=cfg["gen_len"], shadowllm=shadow_spec,
-                        dejavu=dejavu_spec, overlap=False, seed=cfg["seed"])
+                        dejavu=dejavu_spec, overlap=False, pdl=False, seed=cfg["seed"])
     eng = DecodeEngine(shape, ecfg, weights=w, backend="triton", device="cuda", predictors=preds)
     g = timing.capture(eng)
     step_ms = timing.summarize(timing.time_decode(eng, g, warmup=cfg["warmup_steps"]))["ms_per_token"]
@@ -124,10 +125,27 @@ def profile_one(shape, w, preds, *, mode, sparsity, cfg, shadow_spec, dejavu_spe
     heads, neurons = eng.plan.host_masks(shape)
     nbytes = profile.part_bytes(shape, heads, neurons, context=cfg["prompt_len"] + cfg["gen_len"] / 2,
                                 predictor_bytes=eng.predictor_bytes())
-    out = {"mode": mode, "sparsity": sparsity, "overlap": False, **profile.summarize(prof, nbytes, step_ms, copy_gbps),
+    out = {"mode": mode, "sparsity": sparsity, "overlap": False, "pdl": False, **profile.summarize(prof, nbytes, step_ms, copy_gbps),
            "kernels_us": prof["kernels_us"], "n_kernels": prof["n_kernels"]}
     del eng
     return out
+
+
+def _kernel_table(kb, copy_gbps: float, micro: dict, log) -> None:
+    """Each gather kernel alone at 0/50/90% (bytes it reads, time, fraction of the copy bandwidth)."""
+    for kern, sps in (("gateup", (0.0, 0.5, 0.9)), ("down", (0.0, 0.5, 0.9)), ("qkv", (0.0, 0.5, 0.9)),
+                      ("o", (0.0, 0.5, 0.9)), ("o_col", (0.0, 0.5)), ("attn", (0.0, 0.5)), ("torch_gateup", (0.0,)),
+                      ("torch_down", (0.0,))):
+        for sp in sps:
+            try:
+                r = kb.run(kern, sp)
+            except Exception as e:
+                log(f"[bench] kernel {kern} s={sp}: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            r["frac_of_copy"] = r["gbps"] / copy_gbps
+            micro["kernels"].append(r)
+            log(f"[bench] kernel {r['kernel']:13s} s={r['sparsity']:.1f} {r['us']:8.1f} us {r['gbps']:6.0f} GB/s "
+                f"{r['frac_of_copy']:.2f} of copy")
 
 
 def run(cfg: dict, log=_log) -> dict:
@@ -148,15 +166,13 @@ def run(cfg: dict, log=_log) -> dict:
     results["copy"] = cp
     log(f"[bench] {props.name}: copy {cp['copy_gbps']:.0f} GB/s")
     micro: dict = {"sweeps": [], "kernels": []}
+    kb = None
     if cfg["micro_model"]:
         ms = get(cfg["micro_model"])
         kb = microbench.KernelBench(ms)
         if cfg["sweep_tiles"]:
             for key, kern, cands in (("row", "gateup", microbench.ROW_CANDIDATES),
-                                     ("qkv", "qkv", microbench.SMALL_ROW_CANDIDATES),
-                                     ("o", "o", microbench.SMALL_ROW_CANDIDATES),
-                                     ("col", "down", microbench.COL_CANDIDATES),
-                                     ("attn", "attn", microbench.ATTN_CANDIDATES)):
+                                     ("col", "down", microbench.COL_CANDIDATES)):
                 sw = microbench.sweep(kb, key, kern, cands)
                 micro["sweeps"].append(sw)
                 log(f"[bench] sweep {key}: best {sw['best']['config']} {sw['best']['gbps']:.0f} GB/s")
@@ -168,22 +184,9 @@ def run(cfg: dict, log=_log) -> dict:
                     micro["sweeps"].append(sw)
                     log(f"[bench] sweep {key}: best {sw['best']['config']} {sw['best']['gbps']:.0f} GB/s")
                 del kb16
-        for kern, sps in (("gateup", (0.0, 0.5, 0.9)), ("down", (0.0, 0.5, 0.9)), ("qkv", (0.0, 0.5, 0.9)),
-                          ("o", (0.0, 0.5, 0.9)), ("o_col", (0.0, 0.5)), ("attn", (0.0, 0.5)), ("torch_gateup", (0.0,)), ("torch_down", (0.0,))):
-            for sp in sps:
-                try:
-                    r = kb.run(kern, sp)
-                except Exception as e:
-                    log(f"[bench] kernel {kern} s={sp}: {type(e).__name__}: {str(e)[:200]}")
-                    continue
-                r["frac_of_copy"] = r["gbps"] / cp["copy_gbps"]
-                micro["kernels"].append(r)
-        for r in micro["kernels"]:
-            log(f"[bench] kernel {r['kernel']:13s} s={r['sparsity']:.1f} {r['us']:8.1f} us {r['gbps']:6.0f} GB/s "
-                f"{r['frac_of_copy']:.2f} of copy")
-        del kb
-        gc.collect()
-        torch.cuda.empty_cache()
+        if not (cfg["sweep_tiles"] and cfg["micro_model"] in cfg["models"]):
+            _kernel_table(kb, cp["copy_gbps"], micro, log)
+            kb = None
     micro["config"] = copy.deepcopy(KT.CONFIG)
     results["micro"] = micro
 
@@ -208,6 +211,18 @@ def run(cfg: dict, log=_log) -> dict:
             preds["shadowllm"] = build_shadowllm(shape, shadow_spec, device="cuda", dtype=torch.bfloat16)
         if "dejavu" in modes or any(e.get("mode") == "dejavu" for e in cfg["extra"]):
             preds["dejavu"] = build_dejavu(shape, dejavu_spec, device="cuda", dtype=torch.bfloat16)
+        if cfg["sweep_tiles"] and model == cfg["micro_model"]:
+            for key, cands in (("qkv", microbench.SMALL_ROW_CANDIDATES), ("o", microbench.SMALL_ROW_CANDIDATES),
+                               ("attn", microbench.ATTN_CANDIDATES)):
+                sw = microbench.engine_sweep(shape, w, key, cands)
+                micro["sweeps"].append(sw)
+                log(f"[bench] sweep {key} (decode steps): best {sw['best']['config']} {sw['best']['ms']:.3f} ms")
+            micro["config"] = copy.deepcopy(KT.CONFIG)
+            if kb is not None:       # the kernels alone, with the tiles the decode steps use
+                _kernel_table(kb, cp["copy_gbps"], micro, log)
+                kb = None
+                gc.collect()
+                torch.cuda.empty_cache()
         for b in batches:
             dense_ms = None
             for mode in modes:
