@@ -148,7 +148,7 @@ ATTN_CANDIDATES = [dict(BT=16, NT=1, warps=1), dict(BT=32, NT=1, warps=2), dict(
 
 
 def engine_sweep(shape: ModelShape, weights, key: str, candidates: list[dict], *, points=(("dense", 0.0),
-                 ("static", 0.5)), steps: int = 32) -> dict:
+                 ("static", 0.5))) -> dict:
     """Time whole decode steps (CUDA graph, batch 1) for each tile candidate of `key`; keep the fastest (sum of
     the median ms/token over `points`) in KT.CONFIG."""
     from . import timing
@@ -159,8 +159,8 @@ def engine_sweep(shape: ModelShape, weights, key: str, candidates: list[dict], *
         try:
             total = 0.0
             for mode, sp in points:
-                eng = DecodeEngine(shape, EngineConfig(mode=mode, head_sparsity=sp, neuron_sparsity=sp,
-                                                       gen_len=steps), weights=weights)
+                eng = DecodeEngine(shape, EngineConfig(mode=mode, head_sparsity=sp, neuron_sparsity=sp),
+                                   weights=weights)
                 g = timing.capture(eng)
                 total += timing.summarize(timing.time_decode(eng, g, warmup=4))["ms_per_token"]
                 del g, eng
