@@ -122,17 +122,17 @@ class DecodeEngine:
     def _run_predictor(self, p: MLPPredictor, x: torch.Tensor, out_row0: int, n_rows: int, skip_first_row: bool):
         k, s, B = self.k, self.shape, self.cfg.batch
         hh = p.spec.hidden_heads
-        k.row_gemv(x, p.first, self.p_hid, norm="minmax", eps=1e-6, act="relu", sel=DENSE)
+        k.row_gemv(x, p.first, self.p_hid, norm="minmax", eps=1e-6, act="relu", sel=DENSE, tile="pred")
         xh = self.p_hid[:, :hh]
         if p.head_mid is not None:
-            k.row_gemv(xh, p.head_mid, self.p_hmid, sel=DENSE)
+            k.row_gemv(xh, p.head_mid, self.p_hmid, sel=DENSE, tile="pred")
             xh = self.p_hmid
-        k.row_gemv(xh, p.head_out, self.s_heads, sel=DENSE)
+        k.row_gemv(xh, p.head_out, self.s_heads, sel=DENSE, tile="pred")
         xin = self.p_hid[:, hh:]
         if p.neuron_mid is not None:
-            k.row_gemv(xin, p.neuron_mid, self.p_mid, sel=DENSE)
+            k.row_gemv(xin, p.neuron_mid, self.p_mid, sel=DENSE, tile="pred")
             xin = self.p_mid
-        k.row_gemv(xin, p.neuron_out, self.s_neurons, sel=DENSE)
+        k.row_gemv(xin, p.neuron_out, self.s_neurons, sel=DENSE, tile="pred")
         r0 = 1 if skip_first_row else 0
         sh = self.s_heads.view(B, -1, s.heads)[:, r0:r0 + n_rows]
         sn = self.s_neurons.view(B, -1, s.ffn)[:, r0:r0 + n_rows]
@@ -214,7 +214,7 @@ class DecodeEngine:
         if pending:
             self._join()
         with mark("lm_head"):
-            k.row_gemv(self.resid, w.lm_head, self.logits, norm=s.norm, eps=cfg.eps, sel=DENSE, pdl=pdl)
+            k.row_gemv(self.resid, w.lm_head, self.logits, norm=s.norm, eps=cfg.eps, sel=DENSE, tile="head", pdl=pdl)
         with mark("sample"):
             B = cfg.batch
             best, where = self.logits_pad.view(B, _CHUNKS, -1).max(dim=-1)

@@ -30,10 +30,12 @@ _NORM = {"none": 0, "rms": 1, "ln": 2, "minmax": 3}
 _ACT = {"none": 0, "relu": 1, "silu_gate": 2}
 _SEL = {"dense": 0, "units": 1, "index": 2}
 
-# Tile choices; run_all may overwrite them from the micro-benchmark sweep.
-CONFIG = {   # defaults = the sweep's picks on the H200 (results/benchmark/h200.json, micro.config)
-    "row": {"BN": 2, "BK": 512, "warps": 2},                  # batch 1 (gate/up, fc1, LM head, predictors)
+# Tile choices; run_all may overwrite them from its sweeps.
+CONFIG = {   # defaults = sweep picks on the H200 (results/benchmark/h200.json, micro.config)
+    "row": {"BN": 4, "BK": 512, "warps": 4},                  # batch 1, gate/up or fc1
     "qkv": {"BN": 4, "BK": 512, "warps": 4},                  # batch 1, per-role row tiles
+    "head": {"BN": 4, "BK": 512, "warps": 4},                 # LM head
+    "pred": {"BN": 4, "BK": 512, "warps": 4},                 # predictor layers
     "o": {"BN": 4, "BK": 512, "warps": 4},
     "row_dot": {"BN": 32, "BK": 256, "warps": 4},             # batch 2..16 (tensor cores, M padded to 16)
     "col": {"BN": 512, "BK": 8, "KPP": 256, "warps": 4, "TP": 1536},   # batch 1, index lists (down/fc2); TP below
@@ -453,7 +455,7 @@ def row_gemv(x: torch.Tensor, lin: Linear, out: torch.Tensor, *, lin2: Linear | 
     BK = cfg["BK"]
     if B == 1 and K < BK and sel.kind != "units":   # short rows (predictor output layers): more rows per program
         BK = max(16, triton.next_power_of_2(K))
-        BN *= cfg["BK"] // BK
+        BN *= 2 * (cfg["BK"] // BK)
     if sel.kind == "units":
         BN = min(BN, sel.group)
         assert sel.group % BN == 0 and (B == 1 or BN >= 16), "unit size must be a multiple of the row tile"

@@ -128,19 +128,17 @@ class KernelBench:
                 "gbps": nbytes / (ms * 1e-3) / 1e9}
 
 
-ROW_CANDIDATES = [dict(BN=4, BK=512, warps=4), dict(BN=2, BK=512, warps=2), dict(BN=2, BK=1024, warps=4),
-                  dict(BN=4, BK=256, warps=2), dict(BN=8, BK=512, warps=8), dict(BN=4, BK=1024, warps=8),
-                  dict(BN=2, BK=512, warps=4), dict(BN=8, BK=256, warps=4)]
-COL_CANDIDATES = [dict(BN=512, BK=8, KPP=256, warps=4), dict(BN=512, BK=8, KPP=128, warps=4),
-                  dict(BN=256, BK=8, KPP=256, warps=2), dict(BN=1024, BK=4, KPP=256, warps=4),
-                  dict(BN=512, BK=8, KPP=256, warps=4, TP=1536), dict(BN=512, BK=8, KPP=256, warps=4, TP=384),
-                  dict(BN=256, BK=16, KPP=256, warps=4), dict(BN=512, BK=16, KPP=256, warps=8)]
+ROW_CANDIDATES = [dict(BN=4, BK=512, warps=4), dict(BN=2, BK=512, warps=2), dict(BN=2, BK=512, warps=4),
+                  dict(BN=4, BK=256, warps=2), dict(BN=2, BK=1024, warps=4)]
+COL_CANDIDATES = [dict(BN=512, BK=8, KPP=256, warps=4, TP=1536), dict(BN=512, BK=8, KPP=256, warps=4, TP=768),
+                  dict(BN=512, BK=8, KPP=128, warps=4), dict(BN=256, BK=8, KPP=256, warps=2),
+                  dict(BN=1024, BK=4, KPP=256, warps=4)]
 ROW_DOT_CANDIDATES = [dict(BN=64, BK=128, warps=4), dict(BN=32, BK=256, warps=4), dict(BN=64, BK=256, warps=8)]
 COL_DOT_CANDIDATES = [dict(BN=128, BK=64, KPP=256, warps=4), dict(BN=256, BK=64, KPP=256, warps=8),
                       dict(BN=64, BK=64, KPP=128, warps=4)]
-# q/k/v, o and attention are short kernels whose cost depends on their neighbours (with programmatic dependent
-# launch a kernel streams its first weight tile while the previous one runs: a larger K tile prefetches more), so
-# they are swept on whole decode steps (`engine_sweep`), not alone.
+# Batch-1 tiles are swept on whole decode steps (`engine_sweep`): a kernel's cost depends on its neighbours (with
+# programmatic dependent launch it streams its first weight tile while the previous one runs), and a sweep of
+# one kernel chained with itself picked tiles that were slower in the decode.
 SMALL_ROW_CANDIDATES = [dict(BN=4, BK=512, warps=4), dict(BN=2, BK=1024, warps=4), dict(BN=4, BK=1024, warps=8),
                         dict(BN=2, BK=2048, warps=8), dict(BN=1, BK=4096, warps=8)]
 ATTN_CANDIDATES = [dict(BT=16, NT=1, warps=1), dict(BT=32, NT=1, warps=2), dict(BT=64, NT=1, warps=4),

@@ -171,11 +171,6 @@ def run(cfg: dict, log=_log) -> dict:
         ms = get(cfg["micro_model"])
         kb = microbench.KernelBench(ms)
         if cfg["sweep_tiles"]:
-            for key, kern, cands in (("row", "gateup", microbench.ROW_CANDIDATES),
-                                     ("col", "down", microbench.COL_CANDIDATES)):
-                sw = microbench.sweep(kb, key, kern, cands)
-                micro["sweeps"].append(sw)
-                log(f"[bench] sweep {key}: best {sw['best']['config']} {sw['best']['gbps']:.0f} GB/s")
             if any(b > 1 for b in cfg["batches"]):
                 kb16 = microbench.KernelBench(ms, batch=16, n_sets=3)
                 for key, kern, cands in (("row_dot", "gateup", microbench.ROW_DOT_CANDIDATES),
@@ -212,7 +207,8 @@ def run(cfg: dict, log=_log) -> dict:
         if "dejavu" in modes or any(e.get("mode") == "dejavu" for e in cfg["extra"]):
             preds["dejavu"] = build_dejavu(shape, dejavu_spec, device="cuda", dtype=torch.bfloat16)
         if cfg["sweep_tiles"] and model == cfg["micro_model"]:
-            for key, cands in (("qkv", microbench.SMALL_ROW_CANDIDATES), ("o", microbench.SMALL_ROW_CANDIDATES),
+            for key, cands in (("row", microbench.ROW_CANDIDATES), ("col", microbench.COL_CANDIDATES),
+                               ("qkv", microbench.SMALL_ROW_CANDIDATES), ("o", microbench.SMALL_ROW_CANDIDATES),
                                ("attn", microbench.ATTN_CANDIDATES)):
                 sw = microbench.engine_sweep(shape, w, key, cands)
                 micro["sweeps"].append(sw)
