@@ -32,8 +32,8 @@ _SEL = {"dense": 0, "units": 1, "index": 2}
 
 # Tile choices; run_all may overwrite them from its sweeps.
 CONFIG = {   # defaults = sweep picks on the H200 (results/benchmark/h200.json, micro.config)
-    "row": {"BN": 4, "BK": 512, "warps": 4},                  # batch 1, gate/up or fc1
-    "qkv": {"BN": 4, "BK": 512, "warps": 4},                  # batch 1, per-role row tiles
+    "row": {"BN": 2, "BK": 512, "warps": 4},                  # batch 1, gate/up or fc1
+    "qkv": {"BN": 2, "BK": 1024, "warps": 4},                 # batch 1, per-role row tiles
     "head": {"BN": 4, "BK": 512, "warps": 4},                 # LM head
     "pred": {"BN": 4, "BK": 512, "warps": 4},                 # predictor layers
     "o": {"BN": 4, "BK": 512, "warps": 4},
@@ -41,7 +41,7 @@ CONFIG = {   # defaults = sweep picks on the H200 (results/benchmark/h200.json, 
     "col": {"BN": 512, "BK": 8, "KPP": 256, "warps": 4, "TP": 1536},   # batch 1, index lists (down/fc2); TP below
     "col_units": {"BN": 512, "BK": 8, "KPP": 32, "warps": 4},   # batch 1, head units (o in column form: comparison)
     "col_dot": {"BN": 128, "BK": 64, "KPP": 256, "warps": 4},
-    "attn": {"BT": 16, "NT": 1, "warps": 1},                  # split-T: ceil(T / (BT·NT)) programs per head
+    "attn": {"BT": 32, "NT": 1, "warps": 2},                  # split-T: ceil(T / (BT·NT)) programs per head
     "pdl": True,                                              # programmatic dependent launch (sm_90+)
 }
 
