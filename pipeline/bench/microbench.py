@@ -145,46 +145,46 @@ ATTN_CANDIDATES = [dict(BT=16, NT=1, warps=1), dict(BT=32, NT=1, warps=2), dict(
                    dict(BT=16, NT=2, warps=2), dict(BT=32, NT=1, warps=1)]
 
 
+def _pick(key: str, candidates: list[dict], measure, unit: str, lower_is_better: bool) -> dict:
+    """Set KT.CONFIG[key] to each candidate, measure it, keep the best there; a tile that does not compile is
+    recorded and skipped, not fatal."""
+    results = []
+    for cand in candidates:
+        KT.CONFIG[key] = dict(cand)
+        try:
+            value = measure()
+        except Exception as e:
+            results.append({"config": cand, unit: None, "error": repr(e)[:200]})
+            continue
+        results.append({"config": cand, unit: value})
+    best = (min if lower_is_better else max)((r for r in results if r[unit]), key=lambda r: r[unit])
+    KT.CONFIG[key] = dict(best["config"])
+    return {"key": key, "best": best, "all": results}
+
+
 def engine_sweep(shape: ModelShape, weights, key: str, candidates: list[dict], *, points=(("dense", 0.0),
                  ("static", 0.5))) -> dict:
     """Time whole decode steps (CUDA graph, batch 1) for each tile candidate of `key`; keep the fastest (sum of
     the median ms/token over `points`) in KT.CONFIG."""
     from . import timing
     from .engine import DecodeEngine, EngineConfig
-    results = []
-    for cand in candidates:
-        KT.CONFIG[key] = dict(cand)
-        try:
-            total = 0.0
-            for mode, sp in points:
-                eng = DecodeEngine(shape, EngineConfig(mode=mode, head_sparsity=sp, neuron_sparsity=sp),
-                                   weights=weights)
-                g = timing.capture(eng)
-                total += timing.summarize(timing.time_decode(eng, g, warmup=4))["ms_per_token"]
-                del g, eng
-        except Exception as e:  # a tile that does not compile is skipped, not fatal
-            results.append({"config": cand, "ms": None, "error": repr(e)[:200]})
-            continue
-        results.append({"config": cand, "ms": total})
-    best = min((r for r in results if r["ms"]), key=lambda r: r["ms"])
-    KT.CONFIG[key] = dict(best["config"])
-    return {"key": key, "kernel": f"decode step ({', '.join(f'{m}@{sp:.0%}' for m, sp in points)})",
-            "best": best, "all": results}
+
+    def measure() -> float:
+        total = 0.0
+        for mode, sp in points:
+            eng = DecodeEngine(shape, EngineConfig(mode=mode, head_sparsity=sp, neuron_sparsity=sp), weights=weights)
+            g = timing.capture(eng)
+            total += timing.summarize(timing.time_decode(eng, g, warmup=4))["ms_per_token"]
+            del g, eng
+        return total
+    out = _pick(key, candidates, measure, "ms", lower_is_better=True)
+    return {**out, "kernel": f"decode step ({', '.join(f'{m}@{sp:.0%}' for m, sp in points)})"}
 
 
 def sweep(bench: KernelBench, key: str, kernel: str, candidates: list[dict], sparsities=(0.0, 0.5, 0.9)) -> dict:
     """Time each tile candidate on `kernel` (GB/s = total bytes / total time over the sparsities, i.e. what a
     decode at those sparsities would see); keep the best in KT.CONFIG."""
-    results = []
-    for cand in candidates:
-        KT.CONFIG[key] = dict(cand)
-        try:
-            runs = [bench.run(kernel, sp) for sp in sparsities]
-            gb = sum(r["bytes"] for r in runs) / (sum(r["us"] for r in runs) * 1e-6) / 1e9
-        except Exception as e:  # a tile that does not compile is skipped, not fatal
-            results.append({"config": cand, "gbps": None, "error": repr(e)[:200]})
-            continue
-        results.append({"config": cand, "gbps": gb})
-    best = max((r for r in results if r["gbps"]), key=lambda r: r["gbps"])
-    KT.CONFIG[key] = dict(best["config"])
-    return {"key": key, "kernel": kernel, "best": best, "all": results}
+    def measure() -> float:
+        runs = [bench.run(kernel, sp) for sp in sparsities]
+        return sum(r["bytes"] for r in runs) / (sum(r["us"] for r in runs) * 1e-6) / 1e9
+    return {**_pick(key, candidates, measure, "gbps", lower_is_better=False), "kernel": kernel}
