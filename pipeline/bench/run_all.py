@@ -104,7 +104,7 @@ def measure_one(shape, w, preds, *, mode, sparsity, batch, cfg, overlap, shadow_
            "predictor_params": eng.predictor_params(), "predictor_share": by["predictor_bytes"] / dense_by["total_bytes"],
            "kept_heads_mean": float(heads[1:].sum(1).double().mean()) if shape.layers > 1 else float(shape.heads),
            "kept_neurons_mean": float(neurons[1:].sum(1).double().mean()) if shape.layers > 1 else float(shape.ffn),
-           "overlap": overlap, "pdl": pdl, "status": "ok"}
+           "overlap": overlap, "pdl": eng.pdl, "status": "ok"}     # pdl as launched (off for overlapped DejaVu)
     del g, eng
     return row
 
