@@ -23,13 +23,16 @@ def step_bytes(shape: ModelShape, head_keep: torch.Tensor, neuron_keep: torch.Te
     q_heads = head_keep.sum(1).double()
     kv_heads = head_keep.view(s.layers, s.kv_heads, s.group_size).any(2).sum(1).double()
     neurons = neuron_keep.sum(1).double()
-    attn = ((q_heads + 2 * kv_heads) * d * D + q_heads * d * D).sum().item() * elem
-    mlp = (neurons * D * (3 if s.gated else 2)).sum().item() * elem
+    qkv = ((q_heads + 2 * kv_heads) * d * D).sum().item() * elem
+    o = (q_heads * d * D).sum().item() * elem
+    mlp_in = (neurons * D * (2 if s.gated else 1)).sum().item() * elem
+    mlp_out = (neurons * D).sum().item() * elem
     head = s.vocab * D * elem
     kv = (kv_heads * 2 * d).sum().item() * context * batch * elem
-    total = attn + mlp + head + kv + predictor_bytes
-    return {"attn_bytes": attn, "mlp_bytes": mlp, "lm_head_bytes": head, "kv_bytes": kv,
-            "predictor_bytes": float(predictor_bytes), "total_bytes": total}
+    total = qkv + o + mlp_in + mlp_out + head + kv + predictor_bytes
+    return {"attn_bytes": qkv + o, "mlp_bytes": mlp_in + mlp_out, "lm_head_bytes": head, "kv_bytes": kv,
+            "predictor_bytes": float(predictor_bytes), "total_bytes": total,
+            "qkv_bytes": qkv, "o_bytes": o, "mlp_in_bytes": mlp_in, "mlp_out_bytes": mlp_out}
 
 
 def dense_bytes(shape: ModelShape, *, batch: int, context: float) -> dict[str, float]:

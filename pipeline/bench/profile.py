@@ -11,26 +11,18 @@ from __future__ import annotations
 
 import torch
 
+from .bounds import step_bytes
 from .shapes import ModelShape
 
 PARTS = ("embed", "qkv", "attention", "o", "mlp_in", "mlp_out", "predictor", "lm_head", "sample")
 
 
 def part_bytes(shape: ModelShape, head_keep: torch.Tensor, neuron_keep: torch.Tensor, *, context: float,
-               predictor_bytes: int, batch: int = 1, elem: int = 2) -> dict[str, float]:
-    """Bytes each part reads in one step (weights; the KV cache for attention)."""
-    s = shape
-    D, d = s.hidden, s.head_dim
-    q = head_keep.sum(1).double()
-    kv = head_keep.view(s.layers, s.kv_heads, s.group_size).any(2).sum(1).double()
-    n = neuron_keep.sum(1).double()
-    return {"qkv": float(((q + 2 * kv) * d * D).sum()) * elem,
-            "attention": float((kv * 2 * d).sum()) * context * batch * elem,
-            "o": float((q * d * D).sum()) * elem,
-            "mlp_in": float((n * D * (2 if s.gated else 1)).sum()) * elem,
-            "mlp_out": float((n * D).sum()) * elem,
-            "predictor": float(predictor_bytes),
-            "lm_head": float(s.vocab * D * elem)}
+               predictor_bytes: int, batch: int = 1) -> dict[str, float]:
+    """Bytes each part reads in one step (weights; the KV cache for attention), from the bound's accounting."""
+    by = step_bytes(shape, head_keep, neuron_keep, batch=batch, context=context, predictor_bytes=predictor_bytes)
+    return {"qkv": by["qkv_bytes"], "attention": by["kv_bytes"], "o": by["o_bytes"], "mlp_in": by["mlp_in_bytes"],
+            "mlp_out": by["mlp_out_bytes"], "predictor": by["predictor_bytes"], "lm_head": by["lm_head_bytes"]}
 
 
 def _on_device(evt) -> bool:
