@@ -525,19 +525,16 @@ def attention_workspace(batch: int, heads: int, max_len: int, head_dim: int, dev
             "count": torch.zeros(batch * heads, dtype=torch.int32, device=device)}
 
 
-def attention_decode(qkv, k_cache, v_cache, pos, head_mask, out, *, heads, kv_heads, head_dim, rope,
-                     work: dict | None = None, pdl: bool = False) -> None:
+def attention_decode(qkv, k_cache, v_cache, pos, head_mask, out, *, heads, kv_heads, head_dim, rope, work: dict,
+                     pdl: bool = False) -> None:
+    """`work` from `attention_workspace` (its tiling; one split when BT·NT covers the cache)."""
     B = qkv.shape[0]
     T = k_cache.shape[2]
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert work["max_len"] == T and work["count"].numel() >= B * heads
     cos, sin = rope if rope is not None else (qkv, qkv)
-    if work is None:      # one program per (b, h) over the whole cache
-        bt, nt, splits, warps = 128, triton.cdiv(T, 128), 1, 4
-        acc = ml = count = out
-    else:
-        assert work["max_len"] == T and work["count"].numel() >= B * heads
-        bt, nt, splits, warps = work["BT"], work["NT"], work["splits"], work["warps"]
-        acc, ml, count = work["acc"], work["ml"], work["count"]
+    bt, nt, splits, warps = work["BT"], work["NT"], work["splits"], work["warps"]
+    acc, ml, count = work["acc"], work["ml"], work["count"]
     _attn_kernel[(B, heads, splits)](qkv, qkv.stride(0), k_cache, v_cache, pos, head_mask, out, out.stride(0),
                                      cos, sin, acc, ml, count, heads, kv_heads, T, head_dim ** -0.5,
                                      GS=heads // kv_heads, D=head_dim, ROPE=rope is not None, BT=bt, NT=nt, S=splits,
