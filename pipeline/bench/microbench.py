@@ -9,10 +9,12 @@ a few tile shapes and keeps the fastest.
 from __future__ import annotations
 
 import statistics
+from dataclasses import replace
 
 import torch
 
 from . import kernels_triton as KT
+from . import plan as plan_mod
 from .plan import kept
 from .sel import DENSE, index, unit_index, units
 from .shapes import ModelShape
@@ -55,21 +57,22 @@ class KernelBench:
         self.attn = torch.randn(batch, H * d, generator=g, device="cuda").to(torch.bfloat16)
         self.out = torch.zeros(batch, D, device="cuda")
 
-    def _sels(self, sparsity: float):
+    def _sels(self, sparsity: float, device="cuda"):
+        """Random kept heads and neurons for one layer, laid out by the engine's plan (`plan.set_layer`)."""
         s = self.s
         kf, kh = kept(s.ffn, sparsity), kept(s.heads, sparsity)
         gen = torch.Generator().manual_seed(1)
-        idx = torch.zeros(s.ffn, dtype=torch.int32)
-        idx[:kf] = torch.randperm(s.ffn, generator=gen)[:kf].sort().values.to(torch.int32)
+        neurons = torch.zeros(s.ffn, dtype=torch.bool)
+        neurons[torch.randperm(s.ffn, generator=gen)[:kf]] = True
         heads = torch.zeros(s.heads, dtype=torch.bool)
         heads[torch.randperm(s.heads, generator=gen)[:kh]] = True
-        kv = heads.view(s.kv_heads, s.group_size).any(1)
-        qm = torch.cat([heads, kv, kv]).to(torch.int32).cuda()
-        fsel = index(idx.cuda(), torch.tensor([kf], dtype=torch.int32, device="cuda"), kf, kf)
-        hidx = torch.zeros(s.heads, dtype=torch.int32)
-        hidx[:kh] = torch.nonzero(heads).flatten().to(torch.int32)
-        olist = unit_index(hidx.cuda(), torch.tensor([kh], dtype=torch.int32, device="cuda"), s.head_dim)
-        return fsel, units(qm, s.head_dim), olist, kf, int(heads.sum()), int(kv.sum())
+        one = replace(s, layers=1)
+        p = plan_mod.dense_plan(one, device)
+        plan_mod.set_layer(p, one, 0, heads, neurons)
+        fsel = index(p.ffn_idx[0], p.ffn_count[0:1], kf, kf)
+        olist = unit_index(p.head_idx[0], p.head_count[0:1], s.head_dim)
+        kkv = int(p.qkv_mask[0, s.heads: s.heads + s.kv_heads].sum())
+        return fsel, units(p.qkv_mask[0], s.head_dim), olist, kf, kh, kkv
 
     def run(self, kernel: str, sparsity: float) -> dict:
         """kernel: gateup | down | qkv | o (row form, the engine's) | o_col (column form with atomics, for
