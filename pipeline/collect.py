@@ -13,7 +13,7 @@ import math
 import time
 from contextlib import nullcontext
 from collections.abc import Sequence as Seq
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline import criteria as crit
+from pipeline.features import context_position, text_position
 from pipeline.hooks import UnitCapture, embeddings_require_grad
 from pipeline.models.adapters import Layout
 from pipeline.traces import SCHEMA_VERSION, head_col, neuron_col, read_meta, shard_name, write_shard
@@ -41,10 +42,17 @@ class Sequence:
     task: str
     input_ids: tuple[int, ...]
     n_target: int
+    text: bool = False  # plain text: every token after the first is a target (pipeline.features)
 
     def __post_init__(self):
         if not 0 < self.n_target < len(self.input_ids):
             raise ValueError(f"{self.id}: n_target {self.n_target} must be in [1, {len(self.input_ids) - 1}]")
+
+    @property
+    def feature_pos(self) -> int:
+        """Where the predictor features are read (`pipeline.features`: the last context token)."""
+        n = len(self.input_ids)
+        return text_position(n) if self.text else context_position(n, self.n_target)
 
 
 def mc_sequence(ex_id: str, task: str, ctx: list[int], cont: list[int], max_tokens: int) -> Sequence:
@@ -55,7 +63,7 @@ def mc_sequence(ex_id: str, task: str, ctx: list[int], cont: list[int], max_toke
 
 def text_sequence(ex_id: str, task: str, ids: list[int]) -> Sequence:
     """Plain text: every token after the first is a target."""
-    return Sequence(ex_id, task, tuple(ids), len(ids) - 1)
+    return Sequence(ex_id, task, tuple(ids), len(ids) - 1, text=True)
 
 
 @dataclass
@@ -90,10 +98,9 @@ def _pad(seqs: Seq[Sequence], device: torch.device) -> tuple[Tensor, Tensor, Ten
     return ids.to(device), valid.to(device), labels.to(device)
 
 
-def _last(x: Tensor, valid: Tensor) -> Tensor:
-    """x [B, T, ...] at each example's last real token -> [B, ...]."""
-    idx = valid.sum(1) - 1
-    return x[torch.arange(x.shape[0], device=x.device), idx]
+def _at(x: Tensor, pos: Tensor) -> Tensor:
+    """x [B, T, ...] at one position per row, pos [B] -> [B, ...]."""
+    return x[torch.arange(x.shape[0], device=x.device), pos.to(x.device)]
 
 
 def score_batch(model: nn.Module, layout: Layout, seqs: Seq[Sequence], settings: CollectSettings) -> dict[str, Any]:
@@ -126,6 +133,7 @@ def score_batch(model: nn.Module, layout: Layout, seqs: Seq[Sequence], settings:
                 grads = [g.detach() for g in grads]
     _check_finite(seqs, loss, grads)
     L = layout.n_layers
+    pos = torch.tensor([s.feature_pos for s in seqs], dtype=torch.long)
 
     def units(view, tensors: list[Tensor | None], offset: int) -> Tensor | None:
         """All layers' units side by side: heads [B, T, L·H, D], neurons [B, T, L·F] (float32)."""
@@ -148,10 +156,11 @@ def score_batch(model: nn.Module, layout: Layout, seqs: Seq[Sequence], settings:
         "n_tokens": np.array([len(s.input_ids) for s in seqs], dtype=np.int32),
         "n_target": np.array([s.n_target for s in seqs], dtype=np.int32),
         "loss": loss.detach().float().cpu().numpy(),
-        "feat_l0": _last(cap.heads(raw[0].detach()), valid).flatten(1).float().cpu().numpy(),
+        "feat_pos": np.array([s.feature_pos for s in seqs], dtype=np.int32),
+        "feat_l0": _at(cap.heads(raw[0].detach()), pos).flatten(1).float().cpu().numpy(),
     }
     if settings.layer_inputs:
-        feats = torch.stack([_last(h, valid) for h in cap.layer_inputs], 1)  # [B, L, E]
+        feats = torch.stack([_at(h, pos) for h in cap.layer_inputs], 1)  # [B, L, E]
         out["feat_layers"] = feats.flatten(1).float().cpu().numpy()
     for name, value in scores.items():
         out[name] = value.cpu().numpy()
@@ -172,6 +181,28 @@ def params_hash(params: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# The source files that decide what a trace row holds (scoring, capture, criteria, storage, features,
+# calibration data and tokenisation, architecture adapters). Their hash is part of every shard's
+# metadata: a resumed run reuses a shard only when this code is unchanged, so an edit never mixes
+# new rows with stale ones (DVC reruns the stage, but `persist: true` keeps the old shards).
+_PKG = Path(__file__).resolve().parent
+CODE_FILES: tuple[str, ...] = ("collect.py", "criteria.py", "hooks.py", "traces.py", "features.py", "calibration.py",
+                               "models/adapters.py", "data")
+
+
+def code_hash(files: Seq[str | Path] = CODE_FILES, root: Path = _PKG) -> str:
+    """Content hash of `files` (paths relative to `root`; a directory means every file under it)."""
+    h = hashlib.sha256()
+    for entry in files:
+        path = root / entry
+        for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if f.is_file() and "__pycache__" not in f.parts:
+                h.update(str(f.relative_to(root)).encode())
+                h.update(b"\0")
+                h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 @dataclass
 class CollectStats:
     examples: int = 0
@@ -180,13 +211,20 @@ class CollectStats:
     bytes_written: int = 0
     shards_written: int = 0
     shards_reused: int = 0
+    shards_discarded: dict[str, int] = field(default_factory=dict)  # reason -> count
+
+    def resume_line(self) -> str:
+        """One line: how many shards were reused and why the others were not."""
+        why = ", ".join(f"{n} {reason}" for reason, n in sorted(self.shards_discarded.items()))
+        return f"{self.shards_reused} shards reused" + (f", discarded {why}" if why else "")
 
     def metrics(self) -> dict[str, float]:
         s = max(self.seconds, 1e-9)
         return {"examples": self.examples, "tokens": self.tokens, "seconds": round(self.seconds, 3),
                 "examples_per_s": self.examples / s, "tokens_per_s": self.tokens / s,
                 "bytes_written": self.bytes_written, "shards_written": self.shards_written,
-                "shards_reused": self.shards_reused}
+                "shards_reused": self.shards_reused,
+                "shards_discarded": sum(self.shards_discarded.values())}
 
 
 def collect(model: nn.Module, layout: Layout, seqs: list[Sequence], out_dir: str | Path,
@@ -201,19 +239,24 @@ def collect(model: nn.Module, layout: Layout, seqs: list[Sequence], out_dir: str
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = dict(meta, schema_version=SCHEMA_VERSION, criteria=list(settings.criteria), storage=settings.storage,
                 settings=asdict(settings), n_examples=len(seqs))
+    meta.setdefault("code_hash", code_hash())
     meta["params_hash"] = params_hash({k: v for k, v in meta.items() if k != "shard"})
     n_shards = math.ceil(len(seqs) / settings.shard_size)
     for stale in out_dir.glob(".part-*.tmp"):
         stale.unlink()
     done = set()
-    for p in out_dir.glob("part-*.parquet"):
+    discarded: dict[str, int] = {}
+    for p in sorted(out_dir.glob("part-*.parquet")):
         m = read_meta(p)
         k = int(p.stem.split("-")[1])
         if m is not None and m.get("params_hash") == meta["params_hash"] and k < n_shards:
             done.add(k)
-        else:
-            p.unlink()
-    stats = CollectStats(shards_reused=len(done))
+            continue
+        reason = ("unreadable" if m is None else "code changed" if m.get("code_hash") != meta["code_hash"]
+                  else "params changed" if m.get("params_hash") != meta["params_hash"] else "beyond the example list")
+        discarded[reason] = discarded.get(reason, 0) + 1
+        p.unlink()
+    stats = CollectStats(shards_reused=len(done), shards_discarded=discarded)
     todo = [k for k in range(n_shards) if k not in done]
     total = sum(len(seqs[k * settings.shard_size:(k + 1) * settings.shard_size]) for k in todo)
     bar = tqdm(total=total, unit="ex", desc="collect", disable=not progress, dynamic_ncols=True)

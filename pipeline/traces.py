@@ -1,17 +1,20 @@
 """The trace format: Parquet shards, one row per calibration example.
 
-Columns (SCHEMA_VERSION 1):
+Columns (SCHEMA_VERSION 2):
 - `example_id` string, `task` string, `n_tokens` int32 (sequence length), `n_target` int32
-  (tokens in the loss), `loss` float32 (mean CE over the target tokens)
-- `feat_l0`: fixed_size_list<float32>[H·D] — layer-0 head outputs (pre-o_proj) at the last token
+  (tokens in the loss), `loss` float32 (mean CE over the target tokens), `feat_pos` int32 (the
+  token the features below are read at: the last context token, `pipeline.features`)
+- `feat_l0`: fixed_size_list<float32>[H·D] — layer-0 head outputs (pre-o_proj) at `feat_pos`
   (the ShadowLLM predictor input)
-- `feat_layers`: fixed_size_list<float32>[L·E] — each layer's input hidden state at the last token
+- `feat_layers`: fixed_size_list<float32>[L·E] — each layer's input hidden state at `feat_pos`
   (the DejaVu predictor inputs), present when `layer_inputs` was collected
 - per criterion c: `{c}_heads` fixed_size_list[L·H] and, where defined, `{c}_neurons`
   fixed_size_list[L·F] (row-major: layer, then unit). With float32 storage the values are stored
-  as they are. With float16 storage each row is divided by its largest magnitude, kept in a
-  float32 column `{col}_scale`, so that neither tiny (fisher ~1e-10) nor huge (jacov ~1e5)
-  scores under- or overflow; `Traces.array` multiplies the scale back.
+  as they are. With float16 storage each (row, layer) is divided by its largest magnitude, kept in
+  a fixed_size_list<float32>[L] column `{col}_scale`, so that neither tiny (fisher ~1e-10) nor huge
+  (jacov ~1e5) scores under- or overflow, and a layer whose scores are 1e-6 of another layer's
+  keeps its own ranks (one scale per row, schema 1, left 21-31 % ties and many subnormals in such
+  layers); `Traces.array` multiplies the scales back.
 
 File metadata key `shadowllm` holds JSON: schema_version, model (id, fingerprint, dims),
 criteria, storage dtype, the collect params and their hash. Shards are `part-NNNNN.parquet`,
@@ -31,7 +34,7 @@ import pyarrow.parquet as pq
 
 from pipeline.io import atomic_path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 META_KEY = b"shadowllm"
 
 
@@ -53,17 +56,32 @@ def _fixed(values: np.ndarray, dtype: pa.DataType) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
 
 
+def _layer_scales(value: np.ndarray, n_layers: int) -> np.ndarray:
+    """[N, L·U] -> [N, L] largest magnitude of each (row, layer); 1 where it is 0 or not finite."""
+    x = np.abs(value.reshape(value.shape[0], n_layers, -1))
+    with np.errstate(invalid="ignore"):
+        scale = np.where(np.isfinite(x), x, 0.0).max(-1).astype(np.float32)
+    scale[~np.isfinite(scale) | (scale == 0)] = 1.0
+    return scale
+
+
 def write_shard(path: Path, columns: dict[str, Any], meta: dict[str, Any], storage: str) -> int:
-    """Write one shard atomically. Array columns are [N, K] numpy arrays. Returns bytes written."""
+    """Write one shard atomically. Array columns are [N, K] numpy arrays. Returns bytes written.
+
+    With float16 storage each score column is scaled per (row, layer); the layer count comes from
+    `meta["model"]["dims"]["n_layers"]`."""
     arrays, names = [], []
+    n_layers = int(meta["model"]["dims"]["n_layers"]) if storage == "float16" else 1
     for name, value in columns.items():
         if isinstance(value, np.ndarray) and value.ndim == 2:
             if storage == "float16" and not name.startswith("feat_"):
-                scale = np.abs(value).max(1, keepdims=True).astype(np.float32)
-                scale[~np.isfinite(scale) | (scale == 0)] = 1.0
-                arrays.append(_fixed((value / scale).astype(np.float16), pa.float16()))
+                if value.shape[1] % n_layers:
+                    raise ValueError(f"column {name}: {value.shape[1]} values do not split into {n_layers} layers")
+                scale = _layer_scales(value, n_layers)
+                scaled = value.reshape(value.shape[0], n_layers, -1) / scale[:, :, None]
+                arrays.append(_fixed(scaled.reshape(value.shape).astype(np.float16), pa.float16()))
                 names.append(name)
-                arrays.append(pa.array(scale[:, 0]))
+                arrays.append(_fixed(scale, pa.float32()))
                 names.append(f"{name}_scale")
                 continue
             arrays.append(_fixed(value.astype(np.float32), pa.float32()))
@@ -130,7 +148,10 @@ class Traces:
         k = col.type.list_size
         out = col.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, k)
         if has_scale:
-            out *= table.column(scale_col).to_numpy().astype(np.float32)[:, None]
+            sc = table.column(scale_col).combine_chunks()
+            n_layers = sc.type.list_size
+            scale = sc.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, n_layers)
+            out = (out.reshape(out.shape[0], n_layers, -1) * scale[:, :, None]).reshape(out.shape)
         return out
 
     def scores(self, criterion: str, unit: str) -> np.ndarray:

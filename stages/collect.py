@@ -89,7 +89,7 @@ def run_collect(params: dict, plan, settings, out_dir: Path, metrics_path: Path,
     metrics = dict(stats.metrics(), load_seconds=round(load_s, 3), model_fingerprint=fp,
                    examples_total=len(seqs), tokens_total=sum(len(s.input_ids) for s in seqs))
     write_json(metrics_path, metrics)
-    click.echo(f"collect: {stats.examples} examples ({stats.shards_reused} shards reused), "
+    click.echo(f"collect: {stats.examples} examples ({stats.resume_line()}), "
                f"{metrics['examples_per_s']:.2f} ex/s, {metrics['tokens_per_s']:.0f} tok/s, "
                f"{stats.bytes_written / 1e6:.1f} MB -> {out_dir}")
     with stage_run("collect", tags={"model_fingerprint": fp}) as run:

@@ -107,7 +107,7 @@ def test_float16_storage_keeps_tiny_and_huge_scores(tmp_path):
 
     vals = np.array([[1e-10, 3e-11, 2e-12], [1e5, -2.5e5, 7.0]], dtype=np.float64)
     dims = {"n_layers": 1, "n_heads": 3, "ffn_dim": 3}
-    meta = {"schema_version": 1, "params_hash": "h", "criteria": ["x"], "model": {"dims": dims}}
+    meta = {"schema_version": 2, "params_hash": "h", "criteria": ["x"], "model": {"dims": dims}}
     write_shard(tmp_path / "part-00000.parquet", {"example_id": ["a", "b"], "x_heads": vals}, meta, "float16")
     back = Traces.open(tmp_path).scores("x", "heads").reshape(2, 3)
     np.testing.assert_allclose(back[0, :2], vals[0, :2], rtol=1e-3)
@@ -129,3 +129,69 @@ def test_all_layer_scoring_equals_layer_by_layer():
         a = cap.heads(cap.raw_heads[l]).float()
         u = crit.UnitBatch(a=a, g=None, valid=valid, labels=labels)
         np.testing.assert_allclose(out["nwot_heads"][:, l * 4:(l + 1) * 4], crit.get("nwot").heads(u).numpy(), rtol=1e-5)
+
+
+def test_a_code_change_invalidates_resumed_shards(tmp_path, monkeypatch):
+    model = tiny_model("llama")
+    _run(tmp_path, model)
+    again = _run(tmp_path, model)
+    assert again.shards_reused == 3 and again.resume_line() == "3 shards reused"
+    monkeypatch.setattr(C, "code_hash", lambda *a, **k: "edited-criteria")
+    stats = _run(tmp_path, model)
+    assert stats.shards_reused == 0 and stats.shards_written == 3
+    assert stats.resume_line() == "0 shards reused, discarded 3 code changed"
+    assert Traces.open(tmp_path).meta["code_hash"] == "edited-criteria"
+
+
+def test_code_hash_follows_the_content_of_the_files_that_make_traces(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "criteria.py").write_text("a = 1\n")
+    (tmp_path / "data" / "t.yaml").write_text("x: 1\n")
+    files = ("criteria.py", "data")
+    h0 = C.code_hash(files, tmp_path)
+    assert C.code_hash(files, tmp_path) == h0
+    (tmp_path / "data" / "t.yaml").write_text("x: 2\n")
+    h1 = C.code_hash(files, tmp_path)
+    (tmp_path / "criteria.py").write_text("a = 2\n")
+    assert len({h0, h1, C.code_hash(files, tmp_path)}) == 3
+    # the real list names files that exist: a renamed module must not silently drop out of the hash
+    assert all((C._PKG / f).exists() for f in C.CODE_FILES)
+
+
+def test_features_are_read_at_the_last_context_token(tmp_path):
+    """Trace features = layer-0 head outputs / layer inputs at the token before the first target."""
+    from pipeline.hooks import UnitCapture
+
+    model = tiny_model("llama")
+    layout = resolve(model)
+    mc = C.mc_sequence("m", "t", [5, 6, 7, 8], [9, 10], max_tokens=64)
+    txt = C.text_sequence("w", "t", [3, 4, 5, 6, 7])
+    assert (mc.feature_pos, txt.feature_pos) == (3, 3)
+    out = C.score_batch(model, layout, [mc, txt], C.CollectSettings(criteria=["plainact"]))
+    assert out["feat_pos"].tolist() == [3, 3]
+    for b, s in enumerate([mc, txt]):
+        ids = torch.tensor([s.input_ids[: s.feature_pos + 1]])  # the context alone: causal, same features
+        with UnitCapture(model, layout, layer_inputs=True) as cap, torch.no_grad():
+            model(input_ids=ids)
+        np.testing.assert_allclose(out["feat_l0"][b], cap.heads(cap.raw_heads[0])[0, -1].flatten().numpy(),
+                                   rtol=1e-4, atol=1e-6)
+        layers = torch.stack([h[0, -1] for h in cap.layer_inputs]).flatten().numpy()
+        np.testing.assert_allclose(out["feat_layers"][b], layers, rtol=1e-4, atol=1e-6)
+
+
+def test_float16_row_spanning_1e12_to_1_across_layers_keeps_every_layers_ranks(tmp_path):
+    from pipeline.traces import write_shard
+
+    rng = np.random.default_rng(0)
+    L, U = 4, 64
+    row = np.concatenate([rng.permutation(U) / U + 0.5 for _ in range(L)]) * np.repeat(
+        [1e-12, 1e-9, 1e-6, 1.0], U)
+    dims = {"n_layers": L, "n_heads": U, "ffn_dim": U}
+    meta = {"schema_version": 2, "params_hash": "h", "criteria": ["x"], "model": {"dims": dims}}
+    write_shard(tmp_path / "part-00000.parquet", {"example_id": ["a"], "x_heads": row[None]}, meta, "float16")
+    back = Traces.open(tmp_path).scores("x", "heads")[0]
+    want = row.reshape(L, U)
+    for l in range(L):
+        assert len(np.unique(back[l])) == U, f"layer {l} has ties"
+        assert (np.argsort(back[l]) == np.argsort(want[l])).all()
+        np.testing.assert_allclose(back[l], want[l], rtol=1e-3)
