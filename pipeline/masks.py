@@ -1,17 +1,19 @@
 """Mask construction (SPEC §5): which heads and neurons to keep, from importance scores.
 
 Two pools, heads [L, H] and neurons [L, F], each pruned at its own sparsity s in [0, 1).
-Layer 0 (more generally `dense_layers`) is never pruned; the nominal sparsity s is applied to the
-*prunable* layers and the removed count is `round(s · n_prunable_units)`:
+Layer 0 (more generally `dense_layers`) is never pruned; s applies to the L_p *prunable* layers. How
+many units go is `pipeline.units` (one definition for masks, ranking metrics and the benchmark): every
+scope removes the same total, L_p · n_removed(U, s), where n_removed(U, s) = floor(s·U + 1/2) ≤ U − 1:
 
-- `local`:  every prunable layer loses round(s · U) of its lowest-scored units;
-- `global`: round(s · (L_p · U)) lowest units of all prunable layers ranked together (each layer
+- `local`:  every prunable layer loses n_removed(U, s) of its lowest-scored units;
+- `global`: the same total, the lowest units of all prunable layers ranked together (each layer
   keeps at least its best unit);
-- `hybrid`: global, but every prunable layer keeps at least ceil(min_keep · U) units (its best ones).
+- `hybrid`: global, but every prunable layer keeps at least ceil(min_keep · U) (≥ 1) units, its best;
+  where that floor makes the total impossible it is capped (`removal_counts` reports both figures).
 
 The *effective* sparsity counts layer 0: removed / (L · U). Counts are fixed, so every token of a
 contextual mask has the same effective sparsity. Scores may carry leading batch dims: [..., L, U] ->
-keep mask [..., L, U] (bool). Higher score = more important. Exactly the requested number of units
+keep mask [..., L, U] (bool). Higher score = more important. Exactly the counted number of units
 is removed even with ties (ties are broken by index order of a stable sort).
 """
 
@@ -25,7 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-SCOPES = ("local", "global", "hybrid")
+from pipeline.units import SCOPES, layer_floor, n_removed, pool_removed, removed_total
+
 POOLS = ("heads", "neurons")
 NORMALIZE = ("minmax", "none")
 
@@ -71,20 +74,15 @@ def prunable_layers(n_layers: int, dense_layers: tuple[int, ...]) -> list[int]:
 
 def removal_counts(n_layers: int, n_units: int, sparsity: float, scope: str, *, min_keep: float = 0.1,
                    dense_layers: tuple[int, ...] = (0,)) -> dict[str, Any]:
-    """How many units are removed: total, per layer (local only), and the effective sparsity."""
-    layers = prunable_layers(n_layers, dense_layers)
-    if scope == "local":
-        per = int(round(sparsity * n_units))
-        per = min(per, n_units - 1) if per else 0  # a layer always keeps one unit
-        total = per * len(layers)
-    else:
-        pool = len(layers) * n_units
-        total = int(round(sparsity * pool))
-        floor = int(math.ceil(min_keep * n_units)) if scope == "hybrid" else 1
-        total = min(total, pool - len(layers) * floor) if total else 0
-        per = None
-    return {"removed": total, "per_layer": per, "prunable_layers": len(layers),
-            "nominal": float(sparsity), "effective": total / float(n_layers * n_units)}
+    """How many units are removed (`pipeline.units`): `removed` (actual total), `requested` (L_p ·
+    n_removed(U, s), the same in every scope; larger than `removed` only where hybrid's floor caps it),
+    `per_layer` (local only), and the effective sparsity of the actual total."""
+    n_prunable = len(prunable_layers(n_layers, dense_layers))
+    total = removed_total(n_prunable, n_units, sparsity, scope, min_keep)
+    return {"removed": total, "requested": pool_removed(n_prunable, n_units, sparsity),
+            "per_layer": n_removed(n_units, sparsity) if scope == "local" else None,
+            "prunable_layers": n_prunable, "nominal": float(sparsity),
+            "effective": total / float(n_layers * n_units)}
 
 
 def normalize_scores(scores: Tensor, how: str = "minmax") -> Tensor:
@@ -111,18 +109,18 @@ def keep_mask(scores: Tensor | np.ndarray, sparsity: float, scope: str = "global
         return keep
     idx = torch.tensor(layers, device=x.device)
     sub = x.index_select(-2, idx)  # [..., Lp, U]
-    sub = torch.nan_to_num(sub, nan=-math.inf)
+    # nan scores go first; a real +inf becomes the largest finite value so the +inf guard below outranks it
+    sub = torch.nan_to_num(sub, nan=-math.inf, posinf=torch.finfo(sub.dtype).max, neginf=-math.inf)
     if scope == "local":
         k = counts["per_layer"]
         order = torch.sort(sub, dim=-1, stable=True).indices[..., :k]
         sub_keep = torch.ones_like(sub, dtype=torch.bool).scatter(-1, order, False)
     else:
         flat = sub.flatten(-2)
-        floor = int(math.ceil(min_keep * U)) if scope == "hybrid" else 1
-        if floor > 0:  # protect each layer's best `floor` units (global: one, so no layer vanishes)
-            top = torch.topk(sub, min(floor, U), dim=-1).indices
-            guard = torch.zeros_like(sub, dtype=torch.bool).scatter(-1, top, True).flatten(-2)
-            flat = flat.masked_fill(guard, math.inf)
+        floor = layer_floor(U, scope, min_keep)  # protect each layer's best `floor` units
+        top = torch.topk(sub, floor, dim=-1).indices
+        guard = torch.zeros_like(sub, dtype=torch.bool).scatter(-1, top, True).flatten(-2)
+        flat = flat.masked_fill(guard, math.inf)
         order = torch.sort(flat, dim=-1, stable=True).indices[..., : counts["removed"]]
         sub_keep = torch.ones_like(flat, dtype=torch.bool).scatter(-1, order, False).view(sub.shape)
     keep.index_copy_(-2, idx, sub_keep)
@@ -165,5 +163,5 @@ def describe(spec: MaskSpec, n_layers: int, units: dict[str, int]) -> dict[str, 
         c = removal_counts(n_layers, units[pool], spec.s(pool), spec.scope, min_keep=spec.min_keep,
                            dense_layers=spec.dense_layers)
         out[pool] = {"nominal": spec.s(pool), "effective": c["effective"], "removed": c["removed"],
-                     "total": n_layers * units[pool]}
+                     "requested": c["requested"], "total": n_layers * units[pool]}
     return out

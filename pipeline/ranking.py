@@ -7,9 +7,11 @@ units) and return plain floats. Layer 0 is normally excluded by the caller (it a
   *global* mask uses), then the mean over examples.
 - `spearman_per_layer`: per example and layer, ρ over that layer's units (the ranking a *local*
   mask uses), then the mean over layers and examples.
-- `topk_recall`: at sparsity s, the kept set is the top-k with k = round((1 - s) · n);
-  recall = |predicted kept ∩ true kept| / k, averaged over examples.
-  `pool='global'` ranks all units of all given layers jointly; `pool='local'` ranks each layer.
+- `topk_recall`: at sparsity s, the kept set is the top-k, with k the units a mask keeps at s
+  (`pipeline.units`, the masks' own count): `pool='local'` ranks each layer and keeps
+  k = n_kept(U, s) of it; `pool='global'` ranks all units of all given layers jointly and keeps
+  k = L · n_kept(U, s), the total a global mask keeps over those layers (without its one-per-layer
+  floor: recall scores the ranking). recall = |predicted kept ∩ true kept| / k, averaged over examples.
 Rows whose true (or predicted) scores are constant have no defined ρ and are skipped (nan-mean).
 """
 
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.stats import rankdata
+
+from pipeline.units import n_kept, pool_kept
 
 
 def _rowwise_spearman(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
@@ -49,14 +53,18 @@ def spearman_per_layer(pred: np.ndarray, true: np.ndarray) -> float:
     return _nanmean(_rowwise_spearman(pred.reshape(-1, u), true.reshape(-1, u)))
 
 
-def n_keep(n_units: int, sparsity: float) -> int:
-    """Units kept at `sparsity` out of a pool of `n_units` (at least one)."""
-    return max(1, int(round((1.0 - sparsity) * n_units)))
+def n_keep(n_layers: int, n_units: int, sparsity: float, pool: str = "global") -> int:
+    """k of the top-k recall over `n_layers` layers of `n_units`: per layer (`local`) n_kept(U, s),
+    over all of them (`global`) L · n_kept(U, s) — what a mask of that scope keeps (`pipeline.units`)."""
+    if pool == "local":
+        return n_kept(n_units, sparsity)
+    if pool == "global":
+        return pool_kept(n_layers, n_units, sparsity)
+    raise ValueError(f"pool must be 'global' or 'local', got {pool!r}")
 
 
-def _recall_rows(pred: np.ndarray, true: np.ndarray, sparsity: float) -> np.ndarray:
+def _recall_rows(pred: np.ndarray, true: np.ndarray, k: int) -> np.ndarray:
     """Top-k recall per row of two [R, U] arrays."""
-    k = n_keep(pred.shape[-1], sparsity)
     top_p = np.argpartition(-pred, k - 1, axis=-1)[:, :k]
     top_t = np.argpartition(-true, k - 1, axis=-1)[:, :k]
     hit = np.zeros(pred.shape, dtype=bool)
@@ -66,13 +74,10 @@ def _recall_rows(pred: np.ndarray, true: np.ndarray, sparsity: float) -> np.ndar
 
 def topk_recall(pred: np.ndarray, true: np.ndarray, sparsity: float, pool: str = "global") -> float:
     """Mean recall of the true kept set at `sparsity`. pred/true: [N, L, U]; pool 'global' or 'local'."""
-    if pool == "global":
-        n = pred.shape[0]
-        return float(_recall_rows(pred.reshape(n, -1), true.reshape(n, -1), sparsity).mean())
-    if pool == "local":
-        u = pred.shape[-1]
-        return float(_recall_rows(pred.reshape(-1, u), true.reshape(-1, u), sparsity).mean())
-    raise ValueError(f"pool must be 'global' or 'local', got {pool!r}")
+    k = n_keep(pred.shape[-2], pred.shape[-1], sparsity, pool)
+    rows = pred.shape[0] if pool == "global" else -1  # global: one row per example; local: per example and layer
+    cols = -1 if pool == "global" else pred.shape[-1]
+    return float(_recall_rows(pred.reshape(rows, cols), true.reshape(rows, cols), k).mean())
 
 
 def ranking_metrics(pred: np.ndarray, true: np.ndarray, sparsities: list[float]) -> dict[str, float]:

@@ -60,6 +60,23 @@ def test_hybrid_keeps_a_floor_per_layer():
     assert int((~keep).sum()) == 15
 
 
+def test_global_keeps_a_unit_per_layer_against_inf_scores():
+    """A real +inf score must not outrank the guard that keeps each layer's best unit (before, the stable sort
+    removed layer 1's guarded unit ahead of the other layers' +inf ones and emptied the layer)."""
+    x = torch.full((L, U), math.inf)
+    x[1] = torch.linspace(0.0, 0.5, U)
+    for scope in ("global", "hybrid"):
+        keep = keep_mask(x, 0.5, scope, min_keep=0.0)
+        assert keep[1].sum() >= 1 and int((~keep).sum()) == removal_counts(L, U, 0.5, scope)["removed"]
+
+
+def test_hybrid_without_a_floor_still_keeps_one_unit_per_layer():
+    x = torch.ones(L, U)
+    x[1] = 0.0
+    keep = keep_mask(x, 0.5, "hybrid", min_keep=0.0)
+    assert keep[1].sum() == 1 and int((~keep).sum()) == 15
+
+
 def test_batched_contextual_masks_match_per_row():
     x = _scores(1, lead=(2, 3))
     keep = keep_mask(x, 0.5, "global")

@@ -14,14 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.units import n_kept
+
 from .shapes import ModelShape
 
 
-def kept(n: int, sparsity: float) -> int:
-    """Units kept out of n at a given sparsity (at least one)."""
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    return max(1, n - int(round(sparsity * n)))
+# Units each pruned layer keeps out of n at a sparsity: the one definition, n − floor(s·n + 1/2) and at least 1,
+# which the accuracy masks and the ranking recall use too (`pipeline.units`).
+kept = n_kept
 
 
 @dataclass
