@@ -10,7 +10,7 @@ import numpy as np
 from pipeline.collect import Sequence, mc_sequence, text_sequence
 from pipeline.data import tasks as task_registry
 from pipeline.data.split import Split, split_examples, stable_key, with_fewshot
-from pipeline.data.tokenize import encode_pair, encode_text_windows
+from pipeline.data.tokenize import encode_pair, encode_text_windows, require_bos_id
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class CalibrationPlan:
     seed: int
     num_fewshot: int = 0
     max_tokens: int = 256
-    add_bos: bool = False
+    add_bos: bool = False  # the model's resolved BOS policy (`pipeline.data.tokenize.resolve_add_bos`)
 
 
 def text_split(task: str, n_windows: int, *, calib_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -34,14 +34,19 @@ def text_split(task: str, n_windows: int, *, calib_fraction: float, seed: int) -
 
 
 def build(plan: CalibrationPlan, tokenizer: Any) -> tuple[list[Sequence], list[dict[str, Any]]]:
-    """Tokenised calibration sequences (tasks in order, `n_per_task` each) and the split records."""
+    """Tokenised calibration sequences (tasks in order, `n_per_task` each) and the split records.
+
+    With `plan.add_bos` every sequence starts with the BOS: text windows are [BOS] + max_tokens - 1 text
+    tokens (as evaluation's perplexity windows), multiple-choice contexts get it prepended and keep it
+    when they are cut from the left to `max_tokens`."""
+    bos_id = require_bos_id(tokenizer) if plan.add_bos else None
     seqs: list[Sequence] = []
     records: list[dict[str, Any]] = []
     for name in plan.tasks:
         spec = task_registry.get_task(name)
         if spec.kind == "perplexity":
             text = task_registry.load_text(name, plan.mirror_dir)
-            windows = encode_text_windows(tokenizer, text, plan.max_tokens)
+            windows = encode_text_windows(tokenizer, text, plan.max_tokens, add_bos=plan.add_bos)
             calib, evals = text_split(name, len(windows), calib_fraction=plan.calib_fraction, seed=plan.seed)
             chosen = calib[: plan.n_per_task]
             seqs += [text_sequence(f"{name}/w{i}", name, windows[i]) for i in chosen if len(windows[i]) > 1]
@@ -55,7 +60,7 @@ def build(plan: CalibrationPlan, tokenizer: Any) -> tuple[list[Sequence], list[d
         for ex in calib:
             ex = with_fewshot(ex, pool, plan.num_fewshot, plan.seed)
             ctx, cont = encode_pair(tokenizer, ex.contexts[ex.gold], ex.continuations[ex.gold], add_bos=plan.add_bos)
-            seqs.append(mc_sequence(ex.id, name, ctx, cont, plan.max_tokens))
+            seqs.append(mc_sequence(ex.id, name, ctx, cont, plan.max_tokens, bos_id=bos_id))
         records.append(record.to_dict())
     if not seqs:
         raise ValueError("no calibration examples (params: collect.n_per_task, data.calib_fraction)")

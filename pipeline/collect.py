@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline import criteria as crit
+from pipeline.data.tokenize import keep_last
 from pipeline.features import context_position, text_position
 from pipeline.hooks import UnitCapture, embeddings_require_grad
 from pipeline.models.adapters import Layout
@@ -55,14 +56,19 @@ class Sequence:
         return text_position(n) if self.text else context_position(n, self.n_target)
 
 
-def mc_sequence(ex_id: str, task: str, ctx: list[int], cont: list[int], max_tokens: int) -> Sequence:
-    """Context + gold continuation, truncated from the left to `max_tokens` (the target is kept)."""
-    ids = (list(ctx) + list(cont))[-max_tokens:]
+def mc_sequence(ex_id: str, task: str, ctx: list[int], cont: list[int], max_tokens: int, *,
+                bos_id: int | None = None) -> Sequence:
+    """Context + gold continuation, truncated from the left to `max_tokens` (the target is kept).
+
+    `bos_id` (set when the model's BOS policy is on): a sequence starting with it keeps the BOS at
+    position 0 and is cut after it, as evaluation's `_prepare` does (`keep_last`)."""
+    ids = keep_last(list(ctx) + list(cont), max_tokens, bos_id=bos_id)
     return Sequence(ex_id, task, tuple(ids), min(len(cont), len(ids) - 1))
 
 
 def text_sequence(ex_id: str, task: str, ids: list[int]) -> Sequence:
-    """Plain text: every token after the first is a target."""
+    """Plain text: every token after the first is a target (under the BOS policy the first token of a
+    window is the BOS, so then every text token is one)."""
     return Sequence(ex_id, task, tuple(ids), len(ids) - 1, text=True)
 
 

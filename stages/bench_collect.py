@@ -21,6 +21,7 @@ def cli(params_path: Path, n_per_task: int, sets: str, repeats: int, out_path: P
     """Print examples/s and tokens/s of collect, and its time relative to a bare forward+backward."""
     from pipeline import params as P
     from pipeline.calibration import CalibrationPlan, build
+    from pipeline.data.tokenize import resolve_add_bos
     from pipeline.collect_bench import CRITERIA_SETS, format_table, measure, save_sequences as save
     from pipeline.io import write_json
     from pipeline.models.adapters import resolve
@@ -35,7 +36,7 @@ def cli(params_path: Path, n_per_task: int, sets: str, repeats: int, out_path: P
     plan = CalibrationPlan(tasks=tuple(c["tasks"]), mirror_dir=d.get("mirror_dir"), n_per_task=n_per_task,
                            calib_fraction=float(d["calib_fraction"]), seed=int(d["seed"]),
                            num_fewshot=int(c.get("num_fewshot", 0)), max_tokens=int(c["max_tokens"]),
-                           add_bos=bool(c.get("add_bos", False)))
+                           add_bos=resolve_add_bos(m.get("add_bos", "auto"), tok))
     seqs, _ = build(plan, tok)
     if save_sequences:
         save(seqs, save_sequences)

@@ -25,6 +25,7 @@ def cli(params_path: Path, out_dir: Path, metrics_path: Path, progress: bool) ->
     from pipeline.collect import CollectSettings
     from pipeline.data.errors import DataError
     from pipeline.data.tasks import check_tasks
+    from pipeline.data.tokenize import add_bos_setting
     from pipeline.models.loading import ModelError, load_config, parse_dtype
 
     # ---- validate everything cheap before any weights are read ----
@@ -43,8 +44,12 @@ def cli(params_path: Path, out_dir: Path, metrics_path: Path, progress: bool) ->
             tasks=tuple(tasks), mirror_dir=d.get("mirror_dir"), n_per_task=int(P.require(c, "n_per_task", "collect", int)),
             calib_fraction=P.check_fraction(P.require(d, "calib_fraction", "data"), "data.calib_fraction"),
             seed=int(P.require(d, "seed", "data", int)), num_fewshot=int(c.get("num_fewshot", 0)),
-            max_tokens=int(P.require(c, "max_tokens", "collect", int)), add_bos=bool(c.get("add_bos", False)),
-        )
+            max_tokens=int(P.require(c, "max_tokens", "collect", int)),
+        )  # add_bos: the model's policy, resolved against the tokenizer once it is loaded (run_collect)
+        if "add_bos" in c:
+            _fail("parameter collect.add_bos was replaced by model.add_bos (auto | true | false): "
+                  "one BOS policy per model, shared by collect and evaluate")
+        add_bos_setting(m)
         if plan.n_per_task < 1:
             _fail(f"parameter collect.n_per_task must be >= 1, got {plan.n_per_task}")
         if plan.max_tokens < 2:
@@ -59,7 +64,10 @@ def cli(params_path: Path, out_dir: Path, metrics_path: Path, progress: bool) ->
 def run_collect(params: dict, plan, settings, out_dir: Path, metrics_path: Path, progress: bool) -> None:
     import torch
 
+    from dataclasses import replace
+
     from pipeline.calibration import build
+    from pipeline.data.tokenize import resolve_add_bos
     from pipeline.collect import collect
     from pipeline.io import write_json
     from pipeline.models.adapters import resolve
@@ -72,6 +80,7 @@ def run_collect(params: dict, plan, settings, out_dir: Path, metrics_path: Path,
     model, tokenizer = load_from_params(m)
     layout = resolve(model)
     fp = fingerprint(model)
+    plan = replace(plan, add_bos=resolve_add_bos(m.get("add_bos", "auto"), tokenizer))
     seqs, splits = build(plan, tokenizer)
     load_s = time.perf_counter() - t_load
     meta = {
@@ -80,7 +89,7 @@ def run_collect(params: dict, plan, settings, out_dir: Path, metrics_path: Path,
                   "dtype": str(m.get("dtype", "float32"))},
         "calibration": {"tasks": list(plan.tasks), "n_per_task": plan.n_per_task, "calib_fraction": plan.calib_fraction,
                         "seed": plan.seed, "num_fewshot": plan.num_fewshot, "max_tokens": plan.max_tokens,
-                        "add_bos": plan.add_bos},
+                        "add_bos": plan.add_bos},  # resolved model.add_bos (part of the shards' params_hash)
         "splits": splits,
     }
     stats = collect(model, layout, seqs, out_dir, settings, meta, progress=progress)
@@ -93,7 +102,7 @@ def run_collect(params: dict, plan, settings, out_dir: Path, metrics_path: Path,
                f"{metrics['examples_per_s']:.2f} ex/s, {metrics['tokens_per_s']:.0f} tok/s, "
                f"{stats.bytes_written / 1e6:.1f} MB -> {out_dir}")
     with stage_run("collect", tags={"model_fingerprint": fp}) as run:
-        run.log_params({"model": m, "data": params.get("data", {}), "collect": c})
+        run.log_params({"model": m, "data": params.get("data", {}), "collect": c, "add_bos": plan.add_bos})
         run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
 

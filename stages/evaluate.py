@@ -97,7 +97,7 @@ def run_evaluate(params: dict, cfg, out_dir: Path, metrics_path: Path | None, fo
     ev = Evaluator(cfg, model, tokenizer, layout, fp, model_id=str(m["id"]), log=click.echo)
     click.echo(f"evaluate: model {m['id']} ({fp}) loaded in {load_s:.1f}s; "
                f"{len(cfg.methods)} methods x {len(cfg.sparsities)} sparsities, tasks {', '.join(cfg.tasks)}"
-               f"{', ' + cfg.ppl_task if cfg.ppl_task else ''}")
+               f"{', ' + cfg.ppl_task if cfg.ppl_task else ''}; BOS {'on' if ev.cfg.add_bos else 'off'}")
     t1 = time.perf_counter()
     records = ev.run(force=force)
     eval_s = time.perf_counter() - t1
@@ -106,14 +106,14 @@ def run_evaluate(params: dict, cfg, out_dir: Path, metrics_path: Path | None, fo
     info = {"model": str(m["id"]), "fingerprint": fp, "scope": cfg.scope, "pools": cfg.pools,
             "granularity": cfg.granularity, "seed": cfg.seed, "calib_fraction": cfg.calib_fraction,
             "limit": cfg.raw.get("limit"), "seq_len": cfg.seq_len, "max_windows": cfg.max_windows,
-            "cache_dir": cfg.cache_dir}
+            "cache_dir": cfg.cache_dir, "add_bos": ev.cfg.add_bos}  # the resolved model.add_bos
     out = write_all(out_dir, records, cfg, info, metrics_path)
     write_json(out_dir / "split.json", {"seed": cfg.seed, "calib_fraction": cfg.calib_fraction, "tasks": ev.splits})
     n_new = sum(not r["cached"] for r in records)
     click.echo(f"evaluate: {len(records)} points ({n_new} evaluated, {len(records) - n_new} cached) in {eval_s:.1f}s "
                f"-> {out_dir}")
     with stage_run("evaluate", tags={"model_fingerprint": fp}) as run:
-        run.log_params({"model": m, "data": params.get("data", {}), "evaluate": cfg.raw})
+        run.log_params({"model": m, "data": params.get("data", {}), "evaluate": cfg.raw, "add_bos": ev.cfg.add_bos})
         flat = {}
         for label, by_s in out["metrics"].items():
             for s, vals in by_s.items():

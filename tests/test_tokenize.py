@@ -6,7 +6,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from pipeline.data.errors import DataError
-from pipeline.data.tokenize import encode_pair, encode_text_windows
+from pipeline.data.tokenize import encode_pair, encode_text_windows, keep_last
 
 CORPUS = ["Question: How do I open a jar?\nAnswer: Twist the lid.",
           "The man turned on the faucet therefore water flowed from the spout.",
@@ -80,3 +80,26 @@ def test_windows_cover_text_exactly(tok):
         encode_text_windows(tok, text, 0)
     with pytest.raises(DataError, match="empty"):
         encode_text_windows(tok, "", 8)
+
+
+def test_bos_windows_are_bos_then_seq_len_minus_one_text_tokens(tok):
+    text = "\n\n".join(CORPUS)
+    ids = enc(tok, text)
+    for seq_len in (2, 7, 64, len(ids) + 1, len(ids) + 5):
+        wins = encode_text_windows(tok, text, seq_len, add_bos=True)
+        assert all(w[0] == tok.bos_token_id and tok.bos_token_id not in w[1:] for w in wins)
+        assert [t for w in wins for t in w[1:]] == ids
+        assert all(len(w) == seq_len for w in wins[:-1]) and 2 <= len(wins[-1]) <= seq_len
+        assert len(wins) == -(-len(ids) // (seq_len - 1))
+    assert encode_text_windows(tok, text, 64, add_bos=False) == encode_text_windows(tok, text, 64)
+    with pytest.raises(DataError, match="seq_len"):
+        encode_text_windows(tok, text, 1, add_bos=True)
+    with pytest.raises(DataError, match="bos"):
+        encode_text_windows(_tokenizer(bos=False), text, 8, add_bos=True)
+
+
+def test_left_truncation_keeps_a_leading_bos():
+    assert keep_last([0, 5, 6, 7, 8], 3, bos_id=0) == [0, 7, 8]
+    assert keep_last([0, 5, 6, 7, 8], 3) == [6, 7, 8]  # no BOS policy: plain lm-eval truncation
+    assert keep_last([5, 6, 7, 8], 3, bos_id=0) == [6, 7, 8]  # no BOS in front: nothing to keep
+    assert keep_last([0, 5, 6], 3, bos_id=0) == [0, 5, 6]  # short enough: unchanged

@@ -10,6 +10,7 @@ from typing import Any
 from pipeline import params as P
 from pipeline.data import tasks as registry
 from pipeline.data.errors import DataError
+from pipeline.data.tokenize import add_bos_setting
 from pipeline.masks import NORMALIZE, POOLS, SCOPES, MaskSpec
 from pipeline.evaluate import methods as M
 
@@ -44,7 +45,7 @@ class EvalConfig:
     ppl_batch_size: int
     max_length: int
     num_fewshot: int
-    add_bos: bool
+    add_bos: bool | str  # model.add_bos: "auto" until the Evaluator resolves it against the tokenizer
     scores_dir: str | None
     predictors_dir: str | None
     cache_dir: str
@@ -79,8 +80,11 @@ def _parse(params: dict[str, Any]) -> EvalConfig:
     e = P.section(params, W)
     d = params.get("data", {}) or {}
     known_keys = {"tasks", "limit", "perplexity", "methods", "sparsities", "pools", "scope", "hybrid_min_keep",
-                  "normalize", "granularity", "batch_size", "max_length", "num_fewshot", "add_bos", "scores_dir",
+                  "normalize", "granularity", "batch_size", "max_length", "num_fewshot", "scores_dir",
                   "predictors_dir", "cache_dir"}
+    if "add_bos" in e:
+        raise P.ParamError("parameter evaluate.add_bos was replaced by model.add_bos (auto | true | false): "
+                           "one BOS policy per model, shared by collect and evaluate")
     unknown = sorted(set(e) - known_keys)
     if unknown:
         raise P.ParamError(f"unknown parameter evaluate.{unknown[0]}; known: {', '.join(sorted(known_keys))}")
@@ -182,7 +186,7 @@ def _parse(params: dict[str, Any]) -> EvalConfig:
         tasks=list(tasks), limit=limit, ppl_task=ppl_task, seq_len=seq_len, max_windows=max_windows,
         methods=methods, sparsities=sparsities, pools=pools, scope=scope, min_keep=float(min_keep),
         normalize=normalize, granularity=gran, batch_size=batch_size, ppl_batch_size=ppl_batch,
-        max_length=max_length, num_fewshot=num_fewshot, add_bos=bool(e.get("add_bos", False)),
+        max_length=max_length, num_fewshot=num_fewshot, add_bos=add_bos_setting(params.get("model") or {}),
         scores_dir=e.get("scores_dir"), predictors_dir=e.get("predictors_dir"),
         cache_dir=str(e.get("cache_dir", "results/cache")), mirror_dir=mirror,
         calib_fraction=calib_fraction, seed=int(d["seed"]), calib_text=calib_text, raw=dict(e),

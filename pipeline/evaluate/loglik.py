@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.data.tokenize import keep_last
 from pipeline.evaluate.forward import ForwardInfo, Masking, dense_masking
 
 
@@ -35,11 +36,15 @@ class Scored:
     n_tokens: int
 
 
-def _prepare(ctx: Sequence[int], cont: Sequence[int], max_length: int) -> tuple[list[int], int]:
-    """(whole token list truncated from the left to max_length + 1, number of continuation tokens)."""
+def _prepare(ctx: Sequence[int], cont: Sequence[int], max_length: int,
+             bos_id: int | None = None) -> tuple[list[int], int]:
+    """(whole token list truncated from the left to max_length + 1, number of continuation tokens).
+
+    `bos_id` (the model's BOS policy is on): a request starting with the BOS keeps it at position 0 and
+    is cut after it (`keep_last`; lm-eval would drop it), as calibration's `mc_sequence` does."""
     if not cont:
         raise ValueError("empty continuation")
-    whole = (list(ctx) + list(cont))[-(max_length + 1):]
+    whole = keep_last(list(ctx) + list(cont), max_length + 1, bos_id=bos_id)
     return whole, min(len(cont), len(whole) - 1)
 
 
@@ -90,11 +95,12 @@ def _pad(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
 def loglikelihoods(model: nn.Module, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *,
                    masking: Masking | None = None, batch_size: int = 16, max_length: int = 2048,
                    reuse_context: bool = True, progress: Callable[[int, int], None] | None = None,
-                   stats: dict | None = None) -> list[Scored]:
-    """Score every request; results in request order. `stats` (if given) receives token counts."""
+                   stats: dict | None = None, bos_id: int | None = None) -> list[Scored]:
+    """Score every request; results in request order. `stats` (if given) receives token counts;
+    `bos_id` (the model's BOS policy is on) survives left truncation (`_prepare`)."""
     masking = masking or dense_masking()
     device = next(model.parameters()).device
-    prepared = [_prepare(c, k, max_length) for c, k in requests]
+    prepared = [_prepare(c, k, max_length, bos_id) for c, k in requests]
     results: list[Scored | None] = [None] * len(prepared)
     st = {"forward_tokens": 0, "request_tokens": sum(len(w) - 1 for w, _ in prepared), "forwards": 0}
 

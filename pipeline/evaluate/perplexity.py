@@ -1,8 +1,14 @@
 """Perplexity over a long text cut into non-overlapping windows (the GPTQ/SparseGPT/Wanda convention).
 
-The whole text is tokenised once without special tokens (no BOS) and cut into windows of `seq_len`
-tokens; each window is an independent forward pass and every token but its first is scored
-(predicted from the tokens before it in the same window). The last, partial window is scored too.
+The whole text is tokenised once without special tokens and cut into windows of `seq_len` tokens;
+each window is an independent forward pass and every token but its first is scored (predicted from
+the tokens before it in the same window). The last, partial window is scored too.
+
+BOS (`add_bos`, the model's resolved policy, `pipeline.data.tokenize.resolve_add_bos`): off, a window is
+`seq_len` text tokens and its first text token is context only; on, a window is [BOS] + `seq_len - 1`
+text tokens, the BOS is input only (never a target) and every text token is scored exactly once. A
+model trained with a BOS at position 0 can score windows without it several times worse (issue 9: ~3x);
+SmolLM2's tokenizer adds none, so its policy is off.
 
 Reported (see docs/evaluate.md):
 - token perplexity  = exp(-Σ loglik / n_scored_tokens);
@@ -10,8 +16,9 @@ Reported (see docs/evaluate.md):
   n_words = len(re.split(r"\\s+", doc)) summed over the docs (here: one doc, the scored text);
 - byte perplexity   = exp(-Σ loglik / n_bytes) and bits_per_byte = -Σ loglik / (n_bytes · ln 2),
   n_bytes = len(doc.encode("utf-8")).
-The unscored first token of every window (1 in `seq_len`) still counts in n_words and n_bytes, as the
-whole text does in lm-eval; the effect is ≤ 1/seq_len on the exponent.
+Without BOS the unscored first token of every window (1 in `seq_len`) still counts in n_words and n_bytes,
+as the whole text does in lm-eval; the effect is ≤ 1/seq_len on the exponent. The BOS itself is never
+part of the doc (not in n_words, n_bytes or n_scored_tokens; it is in n_tokens, the tokens run).
 """
 
 from __future__ import annotations
@@ -75,10 +82,11 @@ def window_logliks(model: nn.Module, windows: list[list[int]], *, batch_size: in
 
 def perplexity(model: nn.Module, tokenizer: Any, text: str, *, seq_len: int, batch_size: int = 1,
                max_windows: int | None = None, masking: Masking | None = None, exclude: set[int] | None = None,
-               progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+               progress: Callable[[int, int], None] | None = None, add_bos: bool = False) -> dict[str, Any]:
     """Token, word and byte perplexity of `text` (first `max_windows` windows when set; windows whose
-    index is in `exclude` — those overlapping calibration text — are skipped)."""
-    windows = encode_text_windows(tokenizer, text, seq_len)
+    index is in `exclude` — those overlapping calibration text — are skipped). `add_bos`: every window
+    starts with the BOS, which is never scored (module docstring)."""
+    windows = encode_text_windows(tokenizer, text, seq_len, add_bos=add_bos)
     n_all = len(windows)
     exclude = exclude or set()
     keep = [i for i in range(n_all) if i not in exclude]
@@ -88,7 +96,7 @@ def perplexity(model: nn.Module, tokenizer: Any, text: str, *, seq_len: int, bat
     t0 = time.perf_counter()
     lls = window_logliks(model, windows, batch_size=batch_size, masking=masking, progress=progress)
     elapsed = time.perf_counter() - t0
-    doc = text if len(windows) == n_all else tokenizer.decode([t for w in windows for t in w])
+    doc = text if len(windows) == n_all else tokenizer.decode([t for w in windows for t in w[int(add_bos):]])
     n_scored = sum(max(len(w) - 1, 0) for w in windows)
     total = sum(lls)
     n_words, n_bytes = count_words(doc), len(doc.encode("utf-8"))
@@ -110,6 +118,7 @@ def perplexity(model: nn.Module, tokenizer: Any, text: str, *, seq_len: int, bat
         "n_words": n_words,
         "n_bytes": n_bytes,
         "seq_len": seq_len,
+        "add_bos": bool(add_bos),
         "seconds": elapsed,
         "window_logliks": lls,
     }

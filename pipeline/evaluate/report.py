@@ -158,7 +158,8 @@ def markdown(summ: list[dict[str, Any]], records: list[dict[str, Any]], tasks: l
              f"pools {', '.join(info['pools'])}, contextual granularity `{info['granularity']}`. "
              f"Evaluation split: data.seed {info['seed']}, calib_fraction {info['calib_fraction']} "
              f"(calibration examples never evaluated); per-task limit: {info['limit']}. "
-             f"Perplexity: {ppl_task or 'off'}, seq_len {info['seq_len']}, windows {info['max_windows'] or 'all'}.")
+             f"Perplexity: {ppl_task or 'off'}, seq_len {info['seq_len']}, windows {info['max_windows'] or 'all'}. "
+             f"BOS (resolved model.add_bos): {'on' if info.get('add_bos') else 'off'}.")
     L.append("")
     L.append("## Mean accuracy and perplexity per method and sparsity")
     L.append("")

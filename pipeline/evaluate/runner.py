@@ -14,7 +14,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,9 +77,14 @@ def granularity_of(cfg: EvalConfig, m: MethodSpec) -> str:
 
 
 def task_settings(cfg: EvalConfig, task: str) -> dict[str, Any]:
+    """The evaluation settings of `task` that enter its point key; `add_bos` is the model's *resolved* BOS
+    policy (a bool: the same setting resolves differently for different tokenizers), for every task."""
+    if not isinstance(cfg.add_bos, bool):
+        raise ValueError(f"add_bos is unresolved ({cfg.add_bos!r}): resolve model.add_bos against the tokenizer "
+                         f"(pipeline.data.tokenize.resolve_add_bos) before keying points")
     if task == cfg.ppl_task:
         return {"seq_len": cfg.seq_len, "max_windows": cfg.max_windows, "calib_text": cfg.calib_text,
-                "calib_fraction": cfg.calib_fraction, "seed": cfg.seed}
+                "calib_fraction": cfg.calib_fraction, "seed": cfg.seed, "add_bos": cfg.add_bos}
     return {"limit": cfg.limit.get(task), "calib_fraction": cfg.calib_fraction, "seed": cfg.seed,
             "num_fewshot": cfg.num_fewshot, "add_bos": cfg.add_bos, "max_length": cfg.max_length}
 
@@ -103,8 +108,10 @@ class Evaluator:
 
     def __init__(self, cfg: EvalConfig, model: nn.Module, tokenizer: Any, layout: Any, fingerprint: str, *,
                  model_id: str, log: Callable[[str], None] = print):
+        from pipeline.data.tokenize import resolve_add_bos
         from pipeline.evaluate.methods import MethodContext
 
+        cfg = replace(cfg, add_bos=resolve_add_bos(cfg.add_bos, tokenizer))  # one BOS policy, resolved once
         self.cfg, self.model, self.tok, self.layout, self.fp = cfg, model, tokenizer, layout, fingerprint
         self.model_id, self.log = model_id, log
         self.ctx = MethodContext(model=model, layout=layout, fingerprint=fingerprint, scores_dir=cfg.scores_dir,
@@ -136,10 +143,11 @@ class Evaluator:
         from pipeline.calibration import text_split
         from pipeline.data.tokenize import encode_text_windows
 
-        n_cal = len(encode_text_windows(self.tok, self.text(), ct["max_tokens"]))
+        n_cal = len(encode_text_windows(self.tok, self.text(), ct["max_tokens"], add_bos=self.cfg.add_bos))
         calib, _ = text_split(self.cfg.ppl_task, n_cal, calib_fraction=self.cfg.calib_fraction, seed=self.cfg.seed)
         out = set()
-        S, Mt = self.cfg.seq_len, ct["max_tokens"]
+        b = int(self.cfg.add_bos)  # text tokens per window: a BOS window holds one fewer
+        S, Mt = self.cfg.seq_len - b, ct["max_tokens"] - b
         for i in calib[: ct["n_per_task"]]:
             lo, hi = i * Mt, (i + 1) * Mt
             out.update(range(lo // S, (hi - 1) // S + 1))
@@ -166,11 +174,11 @@ class Evaluator:
             from pipeline.data.tokenize import encode_text_windows
             from pipeline.evaluate.perplexity import perplexity
 
-            n_win = len(encode_text_windows(self.tok, self.text(), self.cfg.seq_len))
+            n_win = len(encode_text_windows(self.tok, self.text(), self.cfg.seq_len, add_bos=self.cfg.add_bos))
             excl = self.ppl_exclusions(n_win)
             r = perplexity(self.model, self.tok, self.text(), seq_len=self.cfg.seq_len,
                            batch_size=self.cfg.ppl_batch_size, max_windows=self.cfg.max_windows, masking=masking,
-                           exclude=excl)
+                           exclude=excl, add_bos=self.cfg.add_bos)
             n = r["n_windows"]
             metrics = {k: {"value": r[k], "stderr": None, "n": n}
                        for k in ("token_perplexity", "word_perplexity", "bits_per_byte")}
@@ -180,7 +188,8 @@ class Evaluator:
         t0 = time.perf_counter()
         stats: dict[str, int] = {}
         scored = loglikelihoods(self.model, reqs, masking=masking, batch_size=self.cfg.batch_size,
-                                max_length=self.cfg.max_length, stats=stats)
+                                max_length=self.cfg.max_length, stats=stats,
+                                bos_id=int(self.tok.bos_token_id) if self.cfg.add_bos else None)
         rows = per_example(td.examples, [s.loglik for s in scored], [s.is_greedy for s in scored])
         metrics = aggregate(task, rows)
         return {"metrics": metrics, "seconds": time.perf_counter() - t0, "details": stats,

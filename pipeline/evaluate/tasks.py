@@ -52,6 +52,8 @@ def eval_examples(name: str, mirror_dir: str | None, *, calib_fraction: float, s
 
 
 def requests_of(examples: list[Example], tokenizer: Any, *, add_bos: bool = False) -> list[tuple[list[int], list[int]]]:
+    """(context ids, continuation ids) of every choice of every example, in order; `add_bos` is the model's
+    resolved BOS policy (prepended to every context; `loglikelihoods` keeps it when it truncates)."""
     reqs = []
     for ex in examples:
         for ctx, cont in zip(ex.contexts, ex.continuations):
