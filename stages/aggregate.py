@@ -94,13 +94,14 @@ def run(params_path: str, traces_dir: str, out_dir: str, plots_dir: str | None =
     with stage_run("aggregate", tags={"model_fingerprint": traces.meta["model"]["fingerprint"]}) as mlrun:
         mlrun.log_params({"aggregate": section(params, "aggregate"), "trace_params_hash": traces.meta["params_hash"]})
         static = {c: agg.static_scores(traces, c) for c in traces.criteria}
+        raw_static = {c: agg.static_scores(traces, c, raw=True) for c in traces.criteria}
         targets, non_finite = {}, {}
         for c in p.targets:
             targets[c], non_finite[c] = agg.targets(traces, c)
             if non_finite[c]:
                 click.echo(f"aggregate: {non_finite[c]} non-finite {c} scores clipped to their layer's range", err=True)
         meta = agg.scores_meta(traces, list(static), p.targets, non_finite=non_finite)
-        agg.save_scores(out, static, targets, meta, dtype=p.dtype)
+        agg.save_scores(out, static, targets, meta, dtype=p.dtype, raw_static=raw_static)
         png = Path(plots_dir or out) / f"heatmap-{p.heatmap}.png"
         heatmap(static[p.heatmap], p.heatmap, png)
         metrics = {"n_examples": meta["n_examples"], "non_finite": non_finite}

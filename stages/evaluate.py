@@ -29,14 +29,17 @@ def preflight(params: dict):
     m = P.section(params, "model")
     model_id = str(P.require(m, "id", "model"))
     parse_dtype(str(m.get("dtype", "float32")))
+    from pipeline.evaluate import methods as M
+
     for meth in cfg.methods:
-        if meth.name == "static":
+        needs = M.info(meth.name)["needs"]
+        if needs == "scores":
             if not cfg.scores_dir:
-                raise P.ParamError(f"parameter evaluate.scores_dir is required by method static:{meth.criterion}")
+                raise P.ParamError(f"parameter evaluate.scores_dir is required by method {meth.name}:{meth.criterion}")
             if not (Path(cfg.scores_dir) / "scores.json").is_file():
                 raise P.ParamError(f"parameter evaluate.scores_dir: {cfg.scores_dir}/scores.json not found "
                                    f"(run the aggregate stage first)")
-        if meth.name in ("shadowllm", "dejavu", "dejavu_lookahead"):
+        if needs == "predictor":
             if not cfg.predictors_dir:
                 raise P.ParamError(f"parameter evaluate.predictors_dir is required by method {meth.label}")
             d = Path(cfg.predictors_dir) / f"{meth.name}-{meth.criterion}"

@@ -74,10 +74,26 @@ def test_minmax_per_layer_by_hand():
 def test_static_scores_is_the_mean_by_hand():
     heads = np.array([[[1.0, 2.0]], [[3.0, 6.0]]])  # N=2, L=1, H=2
     neurons = np.array([[[0.0, 4.0, 8.0]], [[2.0, 0.0, 2.0]]])
+    raw = agg.static_scores(FakeTraces(heads, neurons), "plainact", raw=True)
+    np.testing.assert_allclose(raw["heads"], [[2.0, 4.0]])
+    np.testing.assert_allclose(raw["neurons"], [[1.0, 2.0, 5.0]])
+    # the train mean: each example min-max normalised per layer first
     s = agg.static_scores(FakeTraces(heads, neurons), "plainact")
-    np.testing.assert_allclose(s["heads"], [[2.0, 4.0]])
-    np.testing.assert_allclose(s["neurons"], [[1.0, 2.0, 5.0]])
+    np.testing.assert_allclose(s["heads"], [[0.0, 1.0]])
+    np.testing.assert_allclose(s["neurons"], [[0.5, 0.25, 1.0]])
     assert set(agg.static_scores(FakeTraces(heads, neurons), "jacov")) == {"heads"}  # static-only, heads only
+
+
+def test_static_is_the_train_mean_and_outranks_one_dominant_example():
+    """One example with scores 1000x the others decides the raw mean; the train mean follows the majority."""
+    rng = np.random.default_rng(0)
+    base = np.arange(8, dtype=np.float64)[::-1] + 1.0  # unit 0 most important for most examples
+    heads = np.stack([base + rng.uniform(0, 0.1, 8) for _ in range(9)] + [np.arange(8.0) * 1000.0])[:, None, :]
+    tr = FakeTraces(heads, heads)
+    train_mean = agg.static_scores(tr, "plainact")["heads"][0]
+    raw_mean = agg.static_scores(tr, "plainact", raw=True)["heads"][0]
+    np.testing.assert_allclose(train_mean, agg.minmax_per_layer(heads).mean(0)[0], rtol=1e-6)
+    assert np.argmax(train_mean) == 0 and np.argmax(raw_mean) == 7
 
 
 def test_non_finite_clipped_to_the_layer_range():
@@ -92,12 +108,17 @@ def test_scores_round_trip_and_refusals(tmp_path, trace_dir):
 
     tr = Traces.open(trace_dir)
     static = {c: agg.static_scores(tr, c) for c in tr.criteria}
+    raw = {c: agg.static_scores(tr, c, raw=True) for c in tr.criteria}
     tgt, _ = agg.targets(tr, "plainact")
-    agg.save_scores(tmp_path, static, {"plainact": tgt}, agg.scores_meta(tr, list(static), ["plainact"]))
+    agg.save_scores(tmp_path, static, {"plainact": tgt}, agg.scores_meta(tr, list(static), ["plainact"]),
+                    raw_static=raw)
     back = agg.load_static(tmp_path, "plainact", model_fingerprint=FINGERPRINT)
     assert set(back) == {"heads", "neurons"}
     np.testing.assert_array_equal(back["heads"], static["plainact"]["heads"])
     np.testing.assert_array_equal(back["neurons"], static["plainact"]["neurons"])
+    np.testing.assert_array_equal(back["heads"], tgt["heads"].mean(0, dtype=np.float64).astype(np.float32))
+    back_raw = agg.load_static(tmp_path, "plainact", variant="raw_mean")
+    np.testing.assert_array_equal(back_raw["neurons"], raw["plainact"]["neurons"])
     assert set(agg.load_static(tmp_path, "jacov")) == {"heads"}
     t = agg.load_targets(tmp_path, "plainact")
     np.testing.assert_array_equal(t["heads"], tgt["heads"])

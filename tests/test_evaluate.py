@@ -79,8 +79,8 @@ def _ctx(model, granularity="per_token", criterion="plainact", pred=None, kind="
 
 def _logits(model, masking, ids):
     info = ForwardInfo(ids=ids, valid=torch.ones_like(ids, dtype=torch.bool),
-                       last=torch.full((ids.shape[0],), ids.shape[1] - 1), full=[r.tolist() for r in ids],
-                       n_target=[ids.shape[1] - 1] * ids.shape[0])
+                       last=torch.full((ids.shape[0],), ids.shape[1] - 1),
+                       mask_src=[(tuple(r.tolist()), ids.shape[1] - 1) for r in ids])
     with torch.no_grad(), masking.forward(info):
         return model(input_ids=ids, use_cache=False).logits
 
@@ -92,11 +92,14 @@ def _all_maskings(model, s, pools=("heads", "neurons")):
     layout = resolve(model)
     spec = MaskSpec(sparsity={p: s for p in pools})
     static = {"heads": np.random.rand(layout.n_layers, layout.n_heads), "neurons": np.random.rand(layout.n_layers, layout.ffn_dim)}
-    out = {"static": M.StaticMasking(_ctx(model), spec, static)}
+    local = MaskSpec(sparsity={p: s for p in pools}, scope="local")  # DejaVu on sparse inputs ranks per layer
+    out = {"static": M.StaticMasking(_ctx(model), spec, static, normalize=True),
+           "static/train_mean": M.StaticMasking(_ctx(model), spec, static, normalize=False)}
     for g in ("per_token", "per_sequence"):
         out[f"shadowllm/{g}"] = M.ShadowLLMMasking(_ctx(model, g), spec, FakeShadow(layout))
-        out[f"dejavu/{g}"] = M.DejaVuMasking(_ctx(model, g), spec, FakeDejaVu(layout))
-        out[f"lookahead/{g}"] = M.DejaVuMasking(_ctx(model, g), spec, FakeDejaVu(layout, offset=1))
+        dv = local if g == "per_token" else spec
+        out[f"dejavu/{g}"] = M.DejaVuMasking(_ctx(model, g), dv, FakeDejaVu(layout))
+        out[f"lookahead/{g}"] = M.DejaVuMasking(_ctx(model, g), dv, FakeDejaVu(layout, offset=1))
     out["oracle"] = M.OracleMasking(_ctx(model, "per_sequence", "plainact"), spec)
     return out
 
@@ -191,7 +194,6 @@ def test_reuse_with_per_token_masks_matches_full_sequences():
     a = loglikelihoods(model, reqs, masking=masking, reuse_context=True)
     b = loglikelihoods(model, reqs, masking=masking, reuse_context=False)
     assert [x.loglik for x in a] == pytest.approx([x.loglik for x in b], abs=1e-4)
-    assert not M.ShadowLLMMasking(_ctx(model, "per_sequence"), spec, FakeShadow(layout)).reuse_context
 
 
 def test_truncation_keeps_continuation(model):
@@ -286,7 +288,7 @@ def test_sweep_caches_points_and_reruns_only_new_ones(tmp_path, monkeypatch):
               "neurons": np.random.rand(layout.n_layers, layout.ffn_dim).astype(np.float32)}
     import pipeline.aggregate as agg
 
-    monkeypatch.setattr(agg, "load_static", lambda d, c, model_fingerprint=None: static)
+    monkeypatch.setattr(agg, "load_static", lambda d, c, model_fingerprint=None, variant="train_mean": static)
     cfg = parse(_params(tmp_path))
     ev = Evaluator(cfg, model, tok, layout, "fp0", model_id="tiny", log=lambda s: None)
     recs = ev.run()
@@ -321,7 +323,8 @@ def test_real_predictors_through_registry(tmp_path, kind, granularity):
                           criterion="plainact", granularity=granularity)
     dense = _logits(model, dense_masking(), IDS)
     assert torch.equal(_logits(model, M.build(kind, ctx, MaskSpec(sparsity={"heads": 0.0, "neurons": 0.0})), IDS), dense)
-    sparse = M.build(kind, ctx, MaskSpec(sparsity={"heads": 0.5, "neurons": 0.5}))
+    scope = "local" if kind != "shadowllm" and granularity == "per_token" else "global"  # DejaVu on sparse inputs
+    sparse = M.build(kind, ctx, MaskSpec(sparsity={"heads": 0.5, "neurons": 0.5}, scope=scope))
     assert not torch.allclose(_logits(model, sparse, IDS), dense, atol=1e-4)
     ctx.fingerprint = "other"
     ctx.cache.clear()

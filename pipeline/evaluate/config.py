@@ -170,7 +170,7 @@ def _parse(params: dict[str, Any]) -> EvalConfig:
     if gran not in M.GRANULARITIES:
         raise P.ParamError(f"parameter evaluate.granularity must be one of {', '.join(M.GRANULARITIES)}, got {gran!r}")
     for m in methods:
-        if m.name != "dense" and gran not in M.info(m.name)["granularities"] and m.name != "oracle":
+        if M.info(m.name)["fixed_granularity"] is None and gran not in M.info(m.name)["granularities"]:
             raise P.ParamError(f"parameter evaluate.granularity: {m.name} does not support {gran}")
     batch_size = _int_or_none(e.get("batch_size", 16), "evaluate.batch_size") or 16
     max_length = _int_or_none(e.get("max_length", 2048), "evaluate.max_length", 2) or 2048

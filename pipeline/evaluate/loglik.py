@@ -8,11 +8,15 @@ Shared contexts are computed once: requests whose input prefix (everything befor
 is identical form a group; `batch_size` groups' prefixes run as one right-padded batch with a KV cache,
 whose logits at each prefix's last token score the first continuation token of every member; the cache
 rows are then repeated per member and all members' remaining continuation tokens run as one right-padded
-batch (attention mask hides the prefix padding, position ids continue each prefix) (a one-token continuation needs no second pass: RTE, COPA's
-short answers...). This is only done when the masking method allows it (a mask at a position must
-not depend on later tokens): per_sequence masks and two-pass methods score whole sequences, batched
-by length as lm-eval does. Right padding needs no attention mask: under causal attention a real
-position never sees the padding after it.
+batch (attention mask hides the prefix padding, position ids continue each prefix; a one-token
+continuation needs no second pass: RTE, COPA's short answers...). Per-sequence masks are made in the
+prefix pass (features at the prefix's last token = the last context token) and handed on to the
+continuation pass (`ForwardInfo.reuse`), so every candidate of a context is scored by the same sparse
+model; a group is also keyed by the oracle's source sequence, so candidates of two examples that happen
+to share a context never share an oracle mask. Methods whose masks are not causal
+(`Masking.reuse_context` False) and contexts with one continuation score whole sequences, batched by
+length as lm-eval does, with the features read at the same last context token. Right padding needs no
+attention mask: under causal attention a real position never sees the padding after it.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.data.tokenize import keep_last
-from pipeline.evaluate.forward import ForwardInfo, Masking, dense_masking
+from pipeline.evaluate.forward import ForwardInfo, Masking, dense_masking, reindex
+from pipeline.features import context_position
 
 
 @dataclass(frozen=True)
@@ -95,20 +100,28 @@ def _pad(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
 def loglikelihoods(model: nn.Module, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *,
                    masking: Masking | None = None, batch_size: int = 16, max_length: int = 2048,
                    reuse_context: bool = True, progress: Callable[[int, int], None] | None = None,
-                   stats: dict | None = None, bos_id: int | None = None) -> list[Scored]:
+                   stats: dict | None = None, bos_id: int | None = None,
+                   mask_sources: Sequence[int] | None = None) -> list[Scored]:
     """Score every request; results in request order. `stats` (if given) receives token counts;
-    `bos_id` (the model's BOS policy is on) survives left truncation (`_prepare`)."""
+    `bos_id` (the model's BOS policy is on) survives left truncation (`_prepare`).
+
+    Masks come from the context only: a per-sequence method reads its features at the last context
+    token (`pipeline.features`), and all continuations of a shared context run under the mask its
+    prefix pass produced. `mask_sources[i]`: the request whose sequence defines request i's oracle
+    mask (the example's gold candidate; default: itself)."""
     masking = masking or dense_masking()
     device = next(model.parameters()).device
     prepared = [_prepare(c, k, max_length, bos_id) for c, k in requests]
     results: list[Scored | None] = [None] * len(prepared)
     st = {"forward_tokens": 0, "request_tokens": sum(len(w) - 1 for w, _ in prepared), "forwards": 0}
 
-    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    src = list(range(len(prepared))) if mask_sources is None else list(mask_sources)
+    source = [(tuple(prepared[j][0]), prepared[j][1]) for j in src]  # (tokens, n scored) per request
+    groups: dict[tuple[tuple[int, ...], tuple], list[int]] = defaultdict(list)
     singles: list[int] = []
     if reuse_context and masking.reuse_context:
         for i, (whole, n) in enumerate(prepared):
-            groups[tuple(whole[:-n])].append(i)
+            groups[(tuple(whole[:-n]), None if mask_sources is None else source[i])].append(i)
         for key in [k for k, v in groups.items() if len(v) < 2]:
             singles += groups.pop(key)
     else:
@@ -116,14 +129,16 @@ def loglikelihoods(model: nn.Module, requests: Sequence[tuple[Sequence[int], Seq
     done = 0
 
     # ---- shared-context groups: prefixes batched (right padded) once, then all continuations on the cache ----
-    glist = sorted(groups.items(), key=lambda kv: -len(kv[0]))
+    glist = sorted(groups.items(), key=lambda kv: -len(kv[0][0]))
     for g0 in range(0, len(glist), batch_size):
         chunk = glist[g0:g0 + batch_size]
-        prefixes = [list(p) for p, _ in chunk]
+        prefixes = [list(p) for (p, _), _ in chunk]
         plen = torch.tensor([len(p) for p in prefixes], device=device)
         ids, pvalid = _pad(prefixes, device)
-        info = ForwardInfo(ids=ids, valid=pvalid, last=plen - 1)
-        with masking.forward(info):
+        # the prefix is the context: its last token is the feature token
+        info = ForwardInfo(ids=ids, valid=pvalid, last=plen - 1, feat_pos=plen - 1,
+                           mask_src=[source[members[0]] for _, members in chunk])
+        with masking.forward(info) as state:
             out = model(input_ids=ids, attention_mask=pvalid.long(), use_cache=True)
         st["forward_tokens"] += int(pvalid.sum().item())
         st["forwards"] += 1
@@ -149,7 +164,9 @@ def loglikelihoods(model: nn.Module, requests: Sequence[tuple[Sequence[int], Seq
             gidx = torch.tensor([g for g, _ in rows_g], device=device)
             amask = torch.cat([pvalid[gidx], cvalid], dim=1).long()
             pos = plen[gidx][:, None] + torch.arange(cids.shape[1], device=device)[None, :]
-            cinfo = ForwardInfo(ids=cids, valid=cvalid, last=cvalid.sum(1) - 1)
+            cinfo = ForwardInfo(ids=cids, valid=cvalid, last=cvalid.sum(1) - 1,
+                                reuse=None if state is None else reindex(state, gidx),
+                                mask_src=[source[i] for _, i in rows_g])
             with masking.forward(cinfo):
                 logits = model(input_ids=cids, attention_mask=amask, position_ids=pos, **{_CACHE_KW: cache},
                                use_cache=True).logits
@@ -168,8 +185,9 @@ def loglikelihoods(model: nn.Module, requests: Sequence[tuple[Sequence[int], Seq
         chunk = singles[b0:b0 + batch_size]
         inputs = [prepared[i][0][:-1] for i in chunk]
         ids, valid = _pad(inputs, device)
+        feat = [context_position(len(prepared[i][0]), prepared[i][1]) for i in chunk]
         info = ForwardInfo(ids=ids, valid=valid, last=valid.sum(1) - 1,
-                           full=[prepared[i][0] for i in chunk], n_target=[prepared[i][1] for i in chunk])
+                           feat_pos=torch.tensor(feat, device=device), mask_src=[source[i] for i in chunk])
         with masking.forward(info):
             logits = model(input_ids=ids, use_cache=False).logits
         st["forward_tokens"] += int(valid.sum().item())

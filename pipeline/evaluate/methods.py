@@ -24,16 +24,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipeline.evaluate.forward import ForwardInfo, Masking
+from pipeline.evaluate.forward import ForwardInfo, Masking, MaskState
 from pipeline.hooks import UnitCapture, UnitMasker
-from pipeline.masks import POOLS, MaskSpec, contextual_masks, static_masks
+from pipeline.masks import POOLS, MaskSpec, contextual_masks, keep_mask, static_masks
 from pipeline.models.adapters import Layout
 
 GRANULARITIES = ("per_token", "per_sequence")
@@ -78,6 +78,7 @@ class _Store:
 
     def __init__(self):
         self.masks: dict[str, dict[int, Tensor | None]] = {p: {} for p in POOLS}
+        self.state: MaskState = {p: None for p in POOLS}  # per_sequence keep masks [B, L, U]
 
     def head_fn(self, l: int, x: Tensor) -> Tensor | None:
         return self.masks["heads"].get(l)
@@ -89,8 +90,22 @@ class _Store:
         """keep [B, (T,) L, U]."""
         if keep is None:
             return
+        if not per_token:
+            self.state[pool] = keep
         for l in range(keep.shape[-2]):
             self.masks[pool][l] = _expand(keep[..., l, :], per_token)
+
+    def set_layer(self, pool: str, l: int, keep: Tensor | None) -> None:
+        """One layer's per-token keep mask [B, T, U]."""
+        if keep is not None:
+            self.masks[pool][l] = keep.float()
+
+    @classmethod
+    def of(cls, state: MaskState) -> "_Store":
+        store = cls()
+        for pool, keep in state.items():
+            store.set_all(pool, keep, per_token=False)
+        return store
 
 
 # --------------------------------------------------------------------------------------- methods
@@ -98,34 +113,47 @@ class _Store:
 class StaticMasking(Masking):
     reuse_context = True
 
-    def __init__(self, ctx: MethodContext, spec: MaskSpec, scores: dict[str, Any]):
+    def __init__(self, ctx: MethodContext, spec: MaskSpec, scores: dict[str, Any], *, normalize: bool):
         self.ctx, self.spec = ctx, spec
-        self.keep = static_masks(scores, spec)
+        # the train mean is on the predictors' scale (a mean of per-layer-normalised targets) and is
+        # ranked as a predictor's output is; the raw mean is normalised per layer first (evaluate.normalize)
+        self.keep = static_masks(scores, spec if normalize else replace(spec, normalize="none"))
         self.missing = [p for p in POOLS if spec.s(p) > 0 and scores.get(p) is None]
         self.mult = {p: (None if k is None else k.float()) for p, k in self.keep.items()}
 
-    def forward(self, info: ForwardInfo) -> AbstractContextManager:
+    @contextmanager
+    def forward(self, info: ForwardInfo):
         hm, nm = self.mult["heads"], self.mult["neurons"]
-        return UnitMasker(self.ctx.model, self.ctx.layout,
-                          head_fn=None if hm is None else (lambda l, x: hm[l]),
-                          neuron_fn=None if nm is None else (lambda l, x: nm[l]))
+        with UnitMasker(self.ctx.model, self.ctx.layout,
+                        head_fn=None if hm is None else (lambda l, x: hm[l]),
+                        neuron_fn=None if nm is None else (lambda l, x: nm[l])):
+            yield None
 
 
 class ShadowLLMMasking(Masking):
+    """One predictor on layer 0's head outputs: per_token at every position, per_sequence at the
+    feature token (`ForwardInfo.feat_pos`); per_sequence masks are handed on to continuations."""
+
+    reuse_context = True
+
     def __init__(self, ctx: MethodContext, spec: MaskSpec, predictor: Any):
         self.ctx, self.spec, self.pred = ctx, spec, predictor
         self.per_token = ctx.granularity == "per_token"
-        self.reuse_context = self.per_token
 
     @contextmanager
     def forward(self, info: ForwardInfo):
+        if info.reuse is not None and not self.per_token:
+            store = _Store.of(info.reuse)
+            with UnitMasker(self.ctx.model, self.ctx.layout, head_fn=store.head_fn, neuron_fn=store.neuron_fn):
+                yield store.state
+            return
         store = _Store()
 
         def head_fn(l: int, x4: Tensor) -> Tensor | None:
             if l == 0:
                 feats = x4.flatten(-2)  # [B, T, H*D]
                 if not self.per_token:
-                    feats = _rows_at(feats, info.last)
+                    feats = _rows_at(feats, info.feature_rows())
                 with torch.no_grad():
                     heads, neurons = self.pred.predict_all(feats.float())
                 store.set_all("heads", contextual_masks(heads, "heads", self.spec, normalize=False), self.per_token)
@@ -133,32 +161,43 @@ class ShadowLLMMasking(Masking):
                               self.per_token)
             return store.head_fn(l, x4)
 
-        with UnitMasker(self.ctx.model, self.ctx.layout, head_fn=head_fn, neuron_fn=store.neuron_fn) as m:
-            yield m
+        with UnitMasker(self.ctx.model, self.ctx.layout, head_fn=head_fn, neuron_fn=store.neuron_fn):
+            yield None if self.per_token else store.state
 
 
 class DejaVuMasking(Masking):
-    """Two passes: dense layer inputs -> per-layer predictions -> masks -> masked pass."""
+    """Per-layer predictors on each layer's input (`lookahead`: layer l-1's input predicts layer l).
 
-    reuse_context = False
+    per_sequence — "DejaVu (dense inputs)", the paper's simulation: a dense pass records every layer's
+    input at the feature token, all layers' predictions make the (global) masks, the masked pass
+    applies them; continuations reuse them. Reading dense-model inputs favours DejaVu: a deployed
+    DejaVu sees the sparse model's own hidden states.
+    per_token — "DejaVu (sparse inputs)": one masked pass; each layer's mask is predicted, per token,
+    from the input the sparse model really feeds that layer (or the layer below). A layer's mask is
+    needed before the layers above have run, so no global ranking exists: scope `local` only.
+    """
+
+    reuse_context = True
 
     def __init__(self, ctx: MethodContext, spec: MaskSpec, predictor: Any):
         self.ctx, self.spec, self.pred = ctx, spec, predictor
         self.per_token = ctx.granularity == "per_token"
         self.offset = int(getattr(predictor, "offset", 0))
+        if self.per_token and spec.scope != "local" and not spec.is_dense:
+            raise MethodError(f"DejaVu per_token predicts each layer from the sparse model's own input as it is "
+                              f"reached, so only scope local applies, not {spec.scope} (params: evaluate.scope)")
 
     def _predict(self, info: ForwardInfo) -> tuple[Tensor, Tensor]:
+        """Per-sequence scores [B, L, U] from the dense model's layer inputs at the feature token."""
         L = self.ctx.layout.n_layers
         cap_layers = sorted({l - self.offset for l in self.pred.layers})
         with torch.no_grad(), UnitCapture(self.ctx.model, self.ctx.layout, layer_inputs=True, layers=cap_layers) as cap:
-            self.ctx.model(input_ids=info.ids, use_cache=False)
+            self.ctx.model(input_ids=info.ids, attention_mask=info.valid.long(), use_cache=False)
         heads, neurons = [], []
         lead = None
         for l in range(L):
             if l in self.pred.layers:
-                h = cap.layer_inputs[l - self.offset]
-                if not self.per_token:
-                    h = _rows_at(h, info.last)
+                h = _rows_at(cap.layer_inputs[l - self.offset], info.feature_rows())
                 with torch.no_grad():
                     ph, pn = self.pred.predict_layer(l, h.float())
                 lead = ph.shape[:-1]
@@ -172,20 +211,49 @@ class DejaVuMasking(Masking):
         ns = torch.stack([torch.ones(*lead, self.ctx.layout.ffn_dim) if t is None else t for t in neurons], -2)
         return hs, ns
 
+    def _layer_keep(self, scores: Tensor, pool: str, l: int) -> Tensor | None:
+        """Per-token keep mask [B, T, U] of layer l from its predicted scores (ranked within the layer)."""
+        s = self.spec.s(pool)
+        if l in self.spec.dense_layers or s == 0.0:
+            return None
+        return keep_mask(scores.float().unsqueeze(-2), s, "local", dense_layers=())[..., 0, :]
+
     @contextmanager
     def forward(self, info: ForwardInfo):
-        hs, ns = self._predict(info)
-        store = _Store()
-        store.set_all("heads", contextual_masks(hs, "heads", self.spec, normalize=False), self.per_token)
-        store.set_all("neurons", contextual_masks(ns, "neurons", self.spec, normalize=False), self.per_token)
-        with UnitMasker(self.ctx.model, self.ctx.layout, head_fn=store.head_fn, neuron_fn=store.neuron_fn) as m:
-            yield m
+        if self.per_token:
+            store = _Store()
+
+            def on_input(j: int, h: Tensor) -> None:
+                for l in (j + self.offset,):
+                    if l in self.pred.layers:
+                        with torch.no_grad():
+                            ph, pn = self.pred.predict_layer(l, h.float())
+                        store.set_layer("heads", l, self._layer_keep(ph, "heads", l))
+                        store.set_layer("neurons", l, self._layer_keep(pn, "neurons", l))
+
+            with UnitMasker(self.ctx.model, self.ctx.layout, head_fn=store.head_fn, neuron_fn=store.neuron_fn,
+                            layer_input_fn=on_input):
+                yield None
+            return
+        if info.reuse is not None:
+            store = _Store.of(info.reuse)
+        else:
+            hs, ns = self._predict(info)
+            store = _Store()
+            store.set_all("heads", contextual_masks(hs, "heads", self.spec, normalize=False), False)
+            store.set_all("neurons", contextual_masks(ns, "neurons", self.spec, normalize=False), False)
+        with UnitMasker(self.ctx.model, self.ctx.layout, head_fn=store.head_fn, neuron_fn=store.neuron_fn):
+            yield store.state
 
 
 class OracleMasking(Masking):
-    """The scored sequence's own true importance (per_sequence): forward + backward first."""
+    """The example's own true importance: one mask per example from the scores `collect` would compute
+    on its gold context + continuation (`ForwardInfo.mask_src`), shared by all its candidates — an
+    upper reference, not a method (it reads the gold answer). For a perplexity window: the window's
+    own scores. Masks are cached per source sequence, so candidates scored in different batches still
+    get the identical mask."""
 
-    reuse_context = False
+    reuse_context = True
 
     def __init__(self, ctx: MethodContext, spec: MaskSpec):
         from pipeline import criteria as crit
@@ -194,31 +262,42 @@ class OracleMasking(Masking):
         self.ctx, self.spec = ctx, spec
         self.settings = CollectSettings(criteria=[ctx.criterion], batch_size=ctx.oracle_batch, layer_inputs=False)
         self.has_neurons = crit.get(ctx.criterion).neurons is not None
+        self._masks: dict[tuple[tuple[int, ...], int], dict[str, Tensor | None]] = {}
 
-    def _scores(self, info: ForwardInfo) -> dict[str, Tensor]:
+    def _compute(self, sources: list[tuple[tuple[int, ...], int]]) -> None:
         from pipeline.collect import Sequence, score_batch
         from pipeline.traces import head_col, neuron_col
 
-        if info.full is None or info.n_target is None:
-            raise MethodError("oracle masks need whole sequences (no shared-context reuse)")
-        seqs = [Sequence(f"row{b}", "eval", tuple(f), n) for b, (f, n) in enumerate(zip(info.full, info.n_target))]
-        out = score_batch(self.ctx.model, self.ctx.layout, seqs, self.settings)
-        lay, c, B = self.ctx.layout, self.ctx.criterion, len(seqs)
-        res = {"heads": torch.as_tensor(np.asarray(out[head_col(c)], dtype=np.float32).reshape(B, lay.n_layers, lay.n_heads))}
-        if self.has_neurons:
-            res["neurons"] = torch.as_tensor(np.asarray(out[neuron_col(c)], dtype=np.float32).reshape(B, lay.n_layers, lay.ffn_dim))
-        return res
+        todo = list(dict.fromkeys(k for k in sources if k not in self._masks))
+        lay, c = self.ctx.layout, self.ctx.criterion
+        for i in range(0, len(todo), self.settings.batch_size):
+            chunk = todo[i:i + self.settings.batch_size]
+            seqs = [Sequence(f"row{b}", "eval", tuple(t), n) for b, (t, n) in enumerate(chunk)]
+            out = score_batch(self.ctx.model, lay, seqs, self.settings)
+            B = len(seqs)
+            scores = {"heads": torch.as_tensor(np.asarray(out[head_col(c)], np.float32).reshape(B, lay.n_layers, lay.n_heads))}
+            if self.has_neurons:
+                scores["neurons"] = torch.as_tensor(
+                    np.asarray(out[neuron_col(c)], np.float32).reshape(B, lay.n_layers, lay.ffn_dim))
+            keeps = {pool: contextual_masks(torch.nan_to_num(scores[pool]), pool, self.spec, normalize=True)
+                     if pool in scores else None for pool in POOLS}
+            for b, key in enumerate(chunk):
+                self._masks[key] = {pool: None if k is None else k[b] for pool, k in keeps.items()}
 
     @contextmanager
     def forward(self, info: ForwardInfo):
-        scores = self._scores(info)
-        store = _Store()
-        for pool in POOLS:
-            if pool in scores:
-                store.set_all(pool, contextual_masks(torch.nan_to_num(scores[pool]), pool, self.spec, normalize=True),
-                              per_token=False)
-        with UnitMasker(self.ctx.model, self.ctx.layout, head_fn=store.head_fn, neuron_fn=store.neuron_fn) as m:
-            yield m
+        if info.reuse is not None:
+            store = _Store.of(info.reuse)
+        else:
+            if info.mask_src is None:
+                raise MethodError("oracle masks need each row's source sequence (ForwardInfo.mask_src)")
+            self._compute(info.mask_src)
+            store = _Store()
+            for pool in POOLS:
+                rows = [self._masks[k][pool] for k in info.mask_src]
+                store.set_all(pool, None if rows[0] is None else torch.stack(rows).to(info.ids.device), per_token=False)
+        with UnitMasker(self.ctx.model, self.ctx.layout, head_fn=store.head_fn, neuron_fn=store.neuron_fn):
+            yield store.state
 
 
 # --------------------------------------------------------------------------------------- registry
@@ -228,9 +307,15 @@ _REGISTRY: dict[str, dict[str, Any]] = {}
 
 
 def register(name: str, factory: Factory, *, needs_criterion: bool, granularities: tuple[str, ...],
-             needs: str | None = None) -> None:
+             needs: str | None = None, fixed_granularity: str | None = None, normalizes: bool = False,
+             title: Callable[[str], str] | None = None) -> None:
+    """`needs`: "scores" (the aggregate stage's directory), "predictor" (`<predictors_dir>/<name>-<criterion>`)
+    or None. `fixed_granularity`: the granularity the method always has ("none": masks fixed per model),
+    else `evaluate.granularity` applies. `normalizes`: its raw scores are made comparable across layers
+    by `evaluate.normalize` (part of its cache key). `title(granularity)`: what tables call it."""
     _REGISTRY[name] = {"factory": factory, "needs_criterion": needs_criterion, "granularities": granularities,
-                       "needs": needs}
+                       "needs": needs, "fixed_granularity": fixed_granularity, "normalizes": normalizes,
+                       "title": title or (lambda g: name)}
 
 
 def known() -> list[str]:
@@ -263,15 +348,19 @@ def _load_predictor(ctx: MethodContext, kind: str):
     return ctx.cache[key]
 
 
-def _static(ctx: MethodContext, spec: MaskSpec) -> Masking:
-    key = f"static/{ctx.criterion}"
-    if key not in ctx.cache:
-        from pipeline.aggregate import load_static
+def _static(variant: str) -> Factory:
+    def factory(ctx: MethodContext, spec: MaskSpec) -> Masking:
+        key = f"static/{variant}/{ctx.criterion}"
+        if key not in ctx.cache:
+            from pipeline.aggregate import load_static
 
-        if ctx.scores_dir is None:
-            raise MethodError("method static needs evaluate.scores_dir")
-        ctx.cache[key] = load_static(ctx.scores_dir, ctx.criterion, model_fingerprint=ctx.fingerprint)
-    return StaticMasking(ctx, spec, ctx.cache[key])
+            if ctx.scores_dir is None:
+                raise MethodError("static methods need evaluate.scores_dir")
+            ctx.cache[key] = load_static(ctx.scores_dir, ctx.criterion, model_fingerprint=ctx.fingerprint,
+                                         variant=variant)
+        return StaticMasking(ctx, spec, ctx.cache[key], normalize=variant == "raw_mean")
+
+    return factory
 
 
 def _dense(ctx: MethodContext, spec: MaskSpec) -> Masking:
@@ -280,15 +369,40 @@ def _dense(ctx: MethodContext, spec: MaskSpec) -> Masking:
     return dense_masking()
 
 
-register("dense", _dense, needs_criterion=False, granularities=GRANULARITIES)
-register("static", _static, needs_criterion=True, granularities=GRANULARITIES, needs="scores")
-register("oracle", lambda c, s: OracleMasking(c, s), needs_criterion=True, granularities=("per_sequence",))
+def _dejavu_title(g: str) -> str:
+    return "dejavu (dense inputs)" if g == "per_sequence" else "dejavu (sparse inputs)"
+
+
+register("dense", _dense, needs_criterion=False, granularities=GRANULARITIES, fixed_granularity="none")
+# static = the mean of the per-example, per-layer-normalised scores (the predictors' "train mean" reference);
+# static_raw = the mean of the raw scores (dominated by a few large examples: ranks worse held out, SPEC §4)
+register("static", _static("train_mean"), needs_criterion=True, granularities=GRANULARITIES, needs="scores",
+         fixed_granularity="none")
+register("static_raw", _static("raw_mean"), needs_criterion=True, granularities=GRANULARITIES, needs="scores",
+         fixed_granularity="none", normalizes=True, title=lambda g: "static_raw (raw mean)")
+register("oracle", lambda c, s: OracleMasking(c, s), needs_criterion=True, granularities=("per_sequence",),
+         fixed_granularity="per_sequence", normalizes=True, title=lambda g: "oracle (gold scores)")
 register("shadowllm", lambda c, s: ShadowLLMMasking(c, s, _load_predictor(c, "shadowllm")),
          needs_criterion=True, granularities=GRANULARITIES, needs="predictor")
 register("dejavu", lambda c, s: DejaVuMasking(c, s, _load_predictor(c, "dejavu")),
-         needs_criterion=True, granularities=GRANULARITIES, needs="predictor")
+         needs_criterion=True, granularities=GRANULARITIES, needs="predictor", title=_dejavu_title)
 register("dejavu_lookahead", lambda c, s: DejaVuMasking(c, s, _load_predictor(c, "dejavu_lookahead")),
-         needs_criterion=True, granularities=GRANULARITIES, needs="predictor")
+         needs_criterion=True, granularities=GRANULARITIES, needs="predictor",
+         title=lambda g: _dejavu_title(g).replace("dejavu", "dejavu_lookahead"))
+
+
+def granularity(name: str, configured: str) -> str:
+    """The granularity method `name` runs at when `evaluate.granularity` is `configured`."""
+    return info(name)["fixed_granularity"] or configured
+
+
+def title(name: str, criterion: str | None, gran: str) -> str:
+    """The method's name in tables: e.g. 'dejavu-l2_norm (dense inputs)'."""
+    t = info(name)["title"](gran)
+    if not criterion:
+        return t
+    base, _, note = t.partition(" ")
+    return f"{base}-{criterion}" + (f" {note}" if note else "")
 
 
 def build(name: str, ctx: MethodContext, spec: MaskSpec) -> Masking:

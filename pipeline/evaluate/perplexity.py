@@ -35,6 +35,7 @@ from torch import nn
 
 from pipeline.data.tokenize import encode_text_windows
 from pipeline.evaluate.forward import ForwardInfo, Masking, dense_masking
+from pipeline.features import text_position
 
 
 def count_words(doc: str) -> int:
@@ -65,9 +66,12 @@ def window_logliks(model: nn.Module, windows: list[list[int]], *, batch_size: in
                 out[j] = 0.0
             continue
         ids = torch.tensor([windows[j] for j in group], dtype=torch.long, device=device)
+        # per-sequence masks read the window's second to last token (pipeline.features): the last
+        # token, a scored target, never shapes the mask; the oracle scores the window itself
         info = ForwardInfo(ids=ids, valid=torch.ones_like(ids, dtype=torch.bool),
                            last=torch.full((len(group),), n - 1, dtype=torch.long, device=device),
-                           full=[list(windows[j]) for j in group], n_target=[n - 1] * len(group))
+                           feat_pos=torch.full((len(group),), text_position(n), dtype=torch.long, device=device),
+                           mask_src=[(tuple(windows[j]), n - 1) for j in group])
         with masking.forward(info):
             logits = model(input_ids=ids, use_cache=False).logits
         logp = F.log_softmax(logits[:, :-1].float(), dim=-1)

@@ -173,7 +173,7 @@ def markdown(summ: list[dict[str, Any]], records: list[dict[str, Any]], tasks: l
     L.append("| " + " | ".join(hdr) + " |")
     L.append("|" + "---|" * len(hdr))
     for r in summ:
-        cells = [r["label"] + ("" if r["method"] in ("dense", "static") else f" ({r['granularity']})"),
+        cells = [r["label"] + ("" if r["granularity"] == "none" else f" ({r['granularity']})"),
                  f"{r['sparsity']:.2f}", _fmt(r["eff_heads"], nd=3), _fmt(r["eff_neurons"], nd=3),
                  _fmt(r.get("mean_acc"), pct=True), _fmt(r.get("mean_acc_norm"), pct=True), str(r.get("n_examples", 0))]
         if ppl_task:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from pipeline.evaluate import methods as M
@@ -28,17 +29,6 @@ from pipeline.masks import describe
 
 CACHE_VERSION = 1
 DENSE = MethodSpec("dense")
-
-
-@dataclass(frozen=True)
-class Point:
-    method: MethodSpec
-    sparsity: float
-    task: str
-
-    @property
-    def granularity_applies(self) -> bool:
-        return self.method.name not in ("dense", "static")
 
 
 def plan(cfg: EvalConfig) -> list[tuple[MethodSpec, float]]:
@@ -61,19 +51,16 @@ def _file_hash(paths: list[Path]) -> str:
 
 
 def artifact_hash(cfg: EvalConfig, m: MethodSpec) -> str | None:
-    if m.name == "static" and cfg.scores_dir:
+    needs = M.info(m.name)["needs"]
+    if needs == "scores" and cfg.scores_dir:
         return _file_hash(list(Path(cfg.scores_dir).glob("*")))
-    if m.name in ("shadowllm", "dejavu", "dejavu_lookahead") and cfg.predictors_dir:
+    if needs == "predictor" and cfg.predictors_dir:
         return _file_hash(list((Path(cfg.predictors_dir) / f"{m.name}-{m.criterion}").glob("*")))
     return None
 
 
 def granularity_of(cfg: EvalConfig, m: MethodSpec) -> str:
-    if m.name in ("dense", "static"):
-        return "none"
-    if m.name == "oracle":
-        return "per_sequence"
-    return cfg.granularity
+    return M.granularity(m.name, cfg.granularity)
 
 
 def task_settings(cfg: EvalConfig, task: str) -> dict[str, Any]:
@@ -97,7 +84,7 @@ def point_key(cfg: EvalConfig, fp: str, m: MethodSpec, sparsity: float, task: st
     if m.name != "dense":
         ident["mask"] = {"sparsity": sparsity, "pools": sorted(cfg.pools), "scope": cfg.scope,
                          "min_keep": cfg.min_keep if cfg.scope == "hybrid" else None,
-                         "normalize": cfg.normalize if m.name in ("static", "oracle") else None,
+                         "normalize": cfg.normalize if M.info(m.name)["normalizes"] else None,
                          "granularity": granularity_of(cfg, m)}
     blob = json.dumps(ident, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20], ident
@@ -118,6 +105,7 @@ class Evaluator:
                                  predictors_dir=cfg.predictors_dir)
         self._tasks: dict[str, Any] = {}
         self._requests: dict[str, list] = {}
+        self._gold: dict[str, list[int]] = {}
         self._text: str | None = None
         self.splits: dict[str, Any] = {}
 
@@ -129,6 +117,9 @@ class Evaluator:
             td = eval_examples(task, self.cfg.mirror_dir, calib_fraction=self.cfg.calib_fraction, seed=self.cfg.seed,
                                limit=self.cfg.limit.get(task), num_fewshot=self.cfg.num_fewshot)
             self._tasks[task] = td
+            # every candidate's oracle mask comes from its example's gold candidate
+            starts = np.cumsum([0] + [len(e.continuations) for e in td.examples])
+            self._gold[task] = [int(starts[k] + e.gold) for k, e in enumerate(td.examples) for _ in e.continuations]
             self._requests[task] = requests_of(td.examples, self.tok, add_bos=self.cfg.add_bos)
             self.splits[task] = {"seed": td.split.seed, "calib_fraction": self.cfg.calib_fraction,
                                  "n_eval_total": td.n_eval_total, "n_calib": len(td.split.calib_ids),
@@ -163,7 +154,8 @@ class Evaluator:
     # ---- evaluation ----
     def masking(self, m: MethodSpec, sparsity: float) -> Masking:
         self.ctx.criterion = m.criterion
-        self.ctx.granularity = granularity_of(self.cfg, m) if m.name not in ("dense", "static") else "per_sequence"
+        g = granularity_of(self.cfg, m)
+        self.ctx.granularity = "per_sequence" if g == "none" else g
         return M.build(m.name, self.ctx, self.cfg.mask_spec(sparsity))
 
     def evaluate_task(self, masking: Masking, task: str) -> dict[str, Any]:
@@ -188,7 +180,7 @@ class Evaluator:
         t0 = time.perf_counter()
         stats: dict[str, int] = {}
         scored = loglikelihoods(self.model, reqs, masking=masking, batch_size=self.cfg.batch_size,
-                                max_length=self.cfg.max_length, stats=stats,
+                                max_length=self.cfg.max_length, stats=stats, mask_sources=self._gold[task],
                                 bos_id=int(self.tok.bos_token_id) if self.cfg.add_bos else None)
         rows = per_example(td.examples, [s.loglik for s in scored], [s.is_greedy for s in scored])
         metrics = aggregate(task, rows)
@@ -227,7 +219,8 @@ class Evaluator:
                         desc[pool]["note"] = "no scores for this pool: left dense"
                 rec = {
                     "key": key, "ident": ident, "model": self.model_id, "model_fingerprint": self.fp,
-                    "method": m.name, "criterion": m.criterion or "", "label": m.label, "sparsity": s,
+                    "method": m.name, "criterion": m.criterion or "",
+                    "label": M.title(m.name, m.criterion, granularity_of(cfg, m)), "sparsity": s,
                     "granularity": granularity_of(cfg, m), "scope": cfg.scope if m.name != "dense" else "none",
                     "task": task, "sparsity_detail": desc, **res, "wall_seconds": time.perf_counter() - t0,
                 }
