@@ -150,7 +150,7 @@ class UnitMasker(_HookSet):
             m = fn(l, x4)
             if m is None:
                 return None
-            out = (x4 * m.to(x4.dtype).unsqueeze(-1)).view(raw.shape)
+            out = (x4 * m.to(device=x4.device, dtype=x4.dtype).unsqueeze(-1)).view(raw.shape)
             return (out, *args[1:])
 
         return hook
@@ -162,7 +162,7 @@ class UnitMasker(_HookSet):
             m = fn(l, x)
             if m is None:
                 return None
-            out = (x * m.to(x.dtype)).view(raw.shape)
+            out = (x * m.to(device=x.device, dtype=x.dtype)).view(raw.shape)
             return (out, *args[1:])
 
         return hook

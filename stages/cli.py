@@ -17,6 +17,7 @@ STAGES = {
     "evaluate": "stages.evaluate",
     "benchmark": "stages.benchmark",
     "bench-collect": "stages.bench_collect",
+    "claims": "stages.claims",
 }
 
 

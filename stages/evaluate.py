@@ -60,8 +60,11 @@ def preflight(params: dict):
               help="override a parameter, e.g. --set evaluate.limit=200 (value parsed as YAML); repeatable")
 @click.option("--force", is_flag=True, help="ignore cached points")
 @click.option("--threads", type=int, default=None, help="torch CPU threads")
+@click.option("--records", "records_path", type=click.Path(path_type=Path), default=None,
+              help="also write every point record (per-example outcomes, per-window logliks) as gzipped JSON, "
+                   "the input of `shadowllm claims`")
 def cli(params_path: Path, out_dir: Path, metrics_path: Path | None, overrides: tuple[str, ...], force: bool,
-        threads: int | None) -> None:
+        threads: int | None, records_path: Path | None) -> None:
     """Evaluate dense/static/oracle/ShadowLLM/DejaVu masks: WikiText-2 perplexity, zero-shot accuracy."""
     from pipeline import params as P
     from pipeline.data.errors import DataError
@@ -76,10 +79,11 @@ def cli(params_path: Path, out_dir: Path, metrics_path: Path | None, overrides: 
         cfg = preflight(params)
     except (P.ParamError, DataError, ModelError) as e:
         _fail(str(e))
-    run_evaluate(params, cfg, out_dir, metrics_path, force, threads)
+    run_evaluate(params, cfg, out_dir, metrics_path, force, threads, records_path)
 
 
-def run_evaluate(params: dict, cfg, out_dir: Path, metrics_path: Path | None, force: bool, threads: int | None) -> None:
+def run_evaluate(params: dict, cfg, out_dir: Path, metrics_path: Path | None, force: bool, threads: int | None,
+                 records_path: Path | None = None) -> None:
     import torch
 
     from pipeline.evaluate.report import write_all
@@ -112,6 +116,10 @@ def run_evaluate(params: dict, cfg, out_dir: Path, metrics_path: Path | None, fo
             "cache_dir": cfg.cache_dir, "add_bos": ev.cfg.add_bos}  # the resolved model.add_bos
     out = write_all(out_dir, records, cfg, info, metrics_path)
     write_json(out_dir / "split.json", {"seed": cfg.seed, "calib_fraction": cfg.calib_fraction, "tasks": ev.splits})
+    if records_path is not None:
+        from pipeline.evaluate.claims import save_records
+
+        save_records(records_path, [{k: v for k, v in r.items() if k != "cached"} for r in records])
     n_new = sum(not r["cached"] for r in records)
     click.echo(f"evaluate: {len(records)} points ({n_new} evaluated, {len(records) - n_new} cached) in {eval_s:.1f}s "
                f"-> {out_dir}")

@@ -207,8 +207,9 @@ class DejaVuMasking(Masking):
                 heads.append(None)
                 neurons.append(None)
         # layers without a predictor (layer 0 of the lookahead variant) stay dense: give them top scores
-        hs = torch.stack([torch.ones(*lead, self.ctx.layout.n_heads) if t is None else t for t in heads], -2)
-        ns = torch.stack([torch.ones(*lead, self.ctx.layout.ffn_dim) if t is None else t for t in neurons], -2)
+        dev = info.ids.device
+        hs = torch.stack([torch.ones(*lead, self.ctx.layout.n_heads, device=dev) if t is None else t for t in heads], -2)
+        ns = torch.stack([torch.ones(*lead, self.ctx.layout.ffn_dim, device=dev) if t is None else t for t in neurons], -2)
         return hs, ns
 
     def _layer_keep(self, scores: Tensor, pool: str, l: int) -> Tensor | None:
@@ -344,7 +345,7 @@ def _load_predictor(ctx: MethodContext, kind: str):
         pred = load_predictor(predictor_dir(ctx, kind), model_fingerprint=ctx.fingerprint)
         if pred.kind != kind:
             raise MethodError(f"predictor in {predictor_dir(ctx, kind)} is '{pred.kind}', expected '{kind}'")
-        ctx.cache[key] = pred.eval()
+        ctx.cache[key] = pred.to(next(ctx.model.parameters()).device).eval()
     return ctx.cache[key]
 
 

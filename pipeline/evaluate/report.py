@@ -14,6 +14,7 @@ from pipeline.io import atomic_path, write_json, write_text
 COLUMNS = ["model", "method", "criterion", "sparsity", "granularity", "task", "metric", "value", "n", "stderr",
            "scope", "effective_sparsity_heads", "effective_sparsity_neurons", "seconds"]
 PPL_METRIC = "word_perplexity"
+SMOKE_STDERR = 0.015  # mean-accuracy stderr above which a report says it cannot rank methods
 
 
 def tidy_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -82,6 +83,9 @@ def summary(records: list[dict[str, Any]], tasks: list[str], ppl_task: str | Non
                 row[f"{t}/{p[0]}"] = p[1]["value"]
         complete = len(accs) == len(tasks)
         row["mean_acc"] = sum(accs) / len(accs) if accs and complete else None
+        ses = [per[t]["metrics"]["acc"]["stderr"] for t in tasks if t in per and "acc" in per[t]["metrics"]]
+        row["mean_acc_stderr"] = (math.sqrt(sum(x * x for x in ses)) / len(ses)
+                                  if ses and complete and all(math.isfinite(x) for x in ses) else None)
         row["mean_acc_norm"] = sum(accn) / len(accn) if accn and complete else None
         row["n_examples"] = sum(ns)
         if ppl_task and ppl_task in per:
@@ -98,7 +102,8 @@ def metrics_json(summ: list[dict[str, Any]], records: list[dict[str, Any]]) -> d
     out: dict[str, Any] = {}
     for row in summ:
         d = out.setdefault(row["label"], {}).setdefault(f"s{int(round(row['sparsity'] * 100)):02d}", {})
-        for k in ("mean_acc", "mean_acc_norm", "word_perplexity", "token_perplexity", "eff_heads", "eff_neurons"):
+        for k in ("mean_acc", "mean_acc_stderr", "mean_acc_norm", "word_perplexity", "token_perplexity", "eff_heads",
+                  "eff_neurons"):
             if row.get(k) is not None:
                 d[k] = round(float(row[k]), 6)
     for r in records:
@@ -167,7 +172,12 @@ def markdown(summ: list[dict[str, Any]], records: list[dict[str, Any]], tasks: l
              "Effective sparsity counts the dense layer 0. n = examples behind each accuracy mean "
              "(sum over tasks); ppl windows = WikiText-2 windows behind the perplexities.")
     L.append("")
-    hdr = ["method", "sparsity", "eff. heads", "eff. neurons", "mean acc", "mean acc_norm*", "n"]
+    worst = max((r["mean_acc_stderr"] for r in summ if r.get("mean_acc_stderr") is not None), default=None)
+    if worst is not None and worst > SMOKE_STDERR:
+        L.append(f"**Smoke run**: the mean-accuracy stderr reaches {100 * worst:.1f} points (> {100 * SMOKE_STDERR:.1f}): "
+                 "too few examples to rank methods; this run shows that the pipeline works, not which method wins.")
+        L.append("")
+    hdr = ["method", "sparsity", "eff. heads", "eff. neurons", "mean acc ± se", "mean acc_norm*", "n"]
     if ppl_task:
         hdr += ["word ppl", "token ppl", "ppl windows"]
     L.append("| " + " | ".join(hdr) + " |")
@@ -175,7 +185,9 @@ def markdown(summ: list[dict[str, Any]], records: list[dict[str, Any]], tasks: l
     for r in summ:
         cells = [r["label"] + ("" if r["granularity"] == "none" else f" ({r['granularity']})"),
                  f"{r['sparsity']:.2f}", _fmt(r["eff_heads"], nd=3), _fmt(r["eff_neurons"], nd=3),
-                 _fmt(r.get("mean_acc"), pct=True), _fmt(r.get("mean_acc_norm"), pct=True), str(r.get("n_examples", 0))]
+                 _fmt(r.get("mean_acc"), pct=True) + ("" if r.get("mean_acc_stderr") is None
+                                                      else f" ± {100 * r['mean_acc_stderr']:.1f}"),
+                 _fmt(r.get("mean_acc_norm"), pct=True), str(r.get("n_examples", 0))]
         if ppl_task:
             cells += [_fmt(r.get("word_perplexity")), _fmt(r.get("token_perplexity")), str(r.get("ppl_windows", "–"))]
         L.append("| " + " | ".join(cells) + " |")
@@ -223,7 +235,7 @@ def write_all(out_dir: str | Path, records: list[dict[str, Any]], cfg: Any, info
     summ = summary(records, tasks, cfg.ppl_task)
     write_csv(out / "results.csv", tidy_rows(records), COLUMNS)
     scols = ["label", "method", "criterion", "sparsity", "granularity", "eff_heads", "eff_neurons", "mean_acc",
-             "mean_acc_norm", "n_examples", "word_perplexity", "token_perplexity", "ppl_windows"]
+             "mean_acc_stderr", "mean_acc_norm", "n_examples", "word_perplexity", "token_perplexity", "ppl_windows"]
     write_csv(out / "summary.csv", summ, scols)
     acc_rows = plot_rows(summ, "mean_acc")
     write_csv(out / "plots" / "accuracy.csv", acc_rows, ["method", "sparsity", "mean_acc"])

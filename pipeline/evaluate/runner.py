@@ -174,7 +174,7 @@ class Evaluator:
             n = r["n_windows"]
             metrics = {k: {"value": r[k], "stderr": None, "n": n}
                        for k in ("token_perplexity", "word_perplexity", "bits_per_byte")}
-            details = {k: v for k, v in r.items() if k != "window_logliks"}
+            details = dict(r)  # with the per-window logliks: paired perplexity comparisons (claims)
             return {"metrics": metrics, "details": details, "seconds": r["seconds"]}
         td, reqs = self.task_data(task)
         t0 = time.perf_counter()

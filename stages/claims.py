@@ -1,0 +1,29 @@
+"""`shadowllm claims`: paired method comparisons (accuracy and perplexity, with stderr and a verdict) from
+the point records of one or more `shadowllm evaluate --records` runs (e.g. heads-only and heads+neurons)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("claims")
+@click.argument("records", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Markdown file")
+@click.option("--header", default="", help="Markdown placed before the tables")
+def cli(records: tuple[Path, ...], out_path: Path, header: str) -> None:
+    """Answer the comparison's claims from evaluate point records."""
+    from pipeline.data import tasks as registry
+    from pipeline.evaluate.claims import load_records, write_claims
+
+    recs = load_records(list(records))
+    kinds = {r["task"]: registry.get_task(r["task"]).kind for r in recs}
+    tasks = sorted(t for t, k in kinds.items() if k != "perplexity")
+    ppl = next((t for t, k in kinds.items() if k == "perplexity"), None)
+    write_claims(out_path, recs, tasks, ppl, header=header)
+    click.echo(f"claims: {len(recs)} point records, tasks {', '.join(tasks)}{', ' + ppl if ppl else ''} -> {out_path}")
+
+
+if __name__ == "__main__":
+    cli()

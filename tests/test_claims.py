@@ -1,0 +1,63 @@
+"""Paired method comparisons (pipeline.evaluate.claims): differences, stderr and verdicts by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pipeline.evaluate import claims as CL
+
+
+def _rec(label, task, accs, s=0.5, pools=("heads",), lls=None):
+    rec = {"label": label, "task": task, "sparsity": s, "method": label.split("-")[0],
+           "ident": {"mask": {"pools": list(pools)}} if s > 0 else {}}
+    if lls is not None:
+        return dict(rec, per_example=[], metrics={}, details={"window_logliks": lls, "seq_len": 11})
+    return dict(rec, per_example=[{"id": f"{task}/{i}", "acc": float(a)} for i, a in enumerate(accs)],
+                metrics={"acc": {"value": float(np.mean(accs)), "n": len(accs),
+                                 "stderr": float(np.std(accs, ddof=1) / math.sqrt(len(accs)))}})
+
+
+def test_paired_accuracy_gap_by_hand():
+    a1, b1 = [1, 1, 0, 1, 0, 1], [1, 0, 0, 1, 0, 0]
+    a2, b2 = [0, 1, 1, 1], [0, 1, 1, 0]
+    ra = {"t1": _rec("A", "t1", a1), "t2": _rec("A", "t2", a2)}
+    rb = {"t1": _rec("B", "t1", b1), "t2": _rec("B", "t2", b2)}
+    g = CL.accuracy_gap(ra, rb, ["t1", "t2"])
+    d1, d2 = np.subtract(a1, b1), np.subtract(a2, b2)
+    assert g.delta == pytest.approx((d1.mean() + d2.mean()) / 2)
+    se = math.sqrt((d1.std(ddof=1) / math.sqrt(6)) ** 2 + (d2.std(ddof=1) / math.sqrt(4)) ** 2) / 2
+    assert g.se == pytest.approx(se) and g.n == 10
+    assert g.verdict == ("A > B" if g.delta > 2 * se else "within noise")
+    assert CL.accuracy_gap(ra, {"t1": rb["t1"]}, ["t1", "t2"]) is None  # a missing task: no claim
+
+
+def test_verdicts_need_two_standard_errors():
+    assert CL.Gap(0.03, 0.01, 100).verdict == "A > B"
+    assert CL.Gap(-0.03, 0.01, 100).verdict == "A < B"
+    assert CL.Gap(0.019, 0.01, 100).verdict == "within noise"
+
+
+def test_perplexity_gap_is_the_log_ratio_paired_over_windows():
+    la = [-20.0, -30.0, -25.0]
+    lb = [-22.0, -31.0, -28.0]
+    g = CL.perplexity_gap(_rec("A", "w", [], lls=la), _rec("B", "w", [], lls=lb))
+    d = (np.array(lb) - np.array(la)) / 10  # NLL_A - NLL_B per token
+    assert g.delta == pytest.approx(d.mean()) and g.se == pytest.approx(d.std(ddof=1) / math.sqrt(3))
+    assert g.delta < 0  # A has the lower perplexity
+
+
+def test_claims_markdown_files_dense_under_every_pools_setting_and_states_verdicts(tmp_path):
+    rng = np.random.default_rng(0)
+    good = (rng.random(400) < 0.7).astype(float)
+    bad = np.where(rng.random(400) < 0.8, good, 0.0)  # B loses ~14 % of A's hits
+    recs = [_rec("shadowllm-plainact", "piqa", good), _rec("static-plainact", "piqa", bad),
+            _rec("dense", "piqa", good, s=0.0)]
+    md = CL.claims_markdown(recs, ["piqa"], None)
+    assert "a contextual predictor beats the static ranking" in md and "| heads | 0.50 |" in md and "A > B" in md
+    idx = CL.index(recs)
+    assert ("heads", "dense", 0.0) in idx
+    CL.save_records(tmp_path / "r.json.gz", recs)
+    assert CL.load_records([tmp_path / "r.json.gz"]) == recs
