@@ -1,4 +1,5 @@
-"""Load a causal LM and its tokenizer by Hugging Face id, local directory or GGUF file."""
+"""Load a causal LM and its tokenizer by named model (pipeline/models/named.py), Hugging Face id, local
+directory or GGUF file."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.models import named
 from pipeline.models.adapters import ArchitectureError, check_config
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -23,7 +25,7 @@ class ModelError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a model comes from: `kind` is 'gguf', 'dir' or 'hub'."""
+    """Where a model comes from: `kind` is 'gguf', 'dir' or 'hub' (a named model is its checkpoint 'dir')."""
 
     kind: str
     path: str
@@ -31,6 +33,12 @@ class ModelSource:
 
     @classmethod
     def parse(cls, spec: str) -> "ModelSource":
+        if spec in named.NAMED_MODELS:  # a named model (pipeline/models/named.py) -> its converted checkpoint
+            d = named.checkpoint_dir(spec)
+            if not (d / "config.json").is_file():
+                raise ModelError(f"named model '{spec}' is not prepared ({d} missing): run "
+                                 f"`shadowllm prepare-model --name {spec}` (params: model.id)")
+            return cls("dir", str(d))
         p = Path(spec).expanduser()
         if spec.endswith(".gguf"):
             if not p.is_file():
