@@ -9,6 +9,8 @@
 #   stash             (there) keep this call's model part(s) in $SHIP
 #   prepare           assemble + verify the GGUF, convert it to safetensors, write $WORK/params.yaml (device cuda)
 #   stages            collect, aggregate, train with the repo's params.yaml on cuda
+#   recipes           train the candidate recipes (RECIPES) on the same traces; the one with the best mean
+#                     held-out Spearman rho (joint, 3 kinds x 3 targets x heads/neurons) replaces $WORK/predictors
 #   sweep             the comparison: heads-only and heads+neurons at 30/50/70 %, then the claims
 #   pack              $WORK's reports -> $OUT/accuracy.tgz
 # e.g. one call: bash scripts/device_accuracy.sh stash prepare stages sweep pack
@@ -28,6 +30,13 @@ METHODS='[dense, "static:plainact", "static:fisher", "static:l2_norm", "static_r
           "shadowllm:plainact", "dejavu:l2_norm", "dejavu_lookahead:l2_norm"]'
 SWEEP=(--set "evaluate.methods=$METHODS" --set 'evaluate.sparsities=[0.3,0.5,0.7]' --set evaluate.limit=300
        --set evaluate.perplexity.max_windows=128 --set evaluate.batch_size=64)
+
+# Predictor recipes compared on the GPU (issue 9 item 4/5): name -> train.* overrides.
+RECIPES=("e25-none train.epochs=25 train.target_transform=none"
+         "e100-none train.epochs=100 train.target_transform=none"
+         "e100-rank train.epochs=100 train.target_transform=rank"
+         "e100-log train.epochs=100 train.target_transform=log"
+         "e200-rank train.epochs=200 train.target_transform=rank")
 
 for step in "$@"; do
   case "$step" in
@@ -60,6 +69,32 @@ convert_gguf('$WORK/gguf/$GGUF', '$WORK/models/smollm2-135m')"
       cli train --params "$WORK/params.yaml" --traces "$WORK/traces" --scores "$WORK/scores" --out "$WORK/predictors" \
         --metrics "$WORK/train.json" --plots "$WORK/plots/train" --report "$WORK/train_report.md"
       stamp stages-done ;;
+    recipes)
+      for r in "${RECIPES[@]}"; do
+        read -r name sets <<<"$r"
+        stamp "recipe $name"
+        # shellcheck disable=SC2086
+        python3 scripts/derive_params.py "$WORK/params.yaml" "$WORK/cand/$name.yaml" $sets
+        cli train --params "$WORK/cand/$name.yaml" --traces "$WORK/traces" --scores "$WORK/scores" \
+          --out "$WORK/cand/$name/predictors" --metrics "$WORK/cand/$name/train.json" --plots "$WORK/cand/$name/plots" \
+          --report "$WORK/cand/$name/train_report.md" >/dev/null
+      done
+      best=$(python3 - "$WORK/cand" <<'PY'
+import json, sys
+from pathlib import Path
+rows = []
+for f in sorted(Path(sys.argv[1]).glob("*/train.json")):
+    m = json.loads(f.read_text())["predictors"]
+    vals = [v[u]["spearman_joint"] for kinds in m.values() for v in kinds.values() for u in ("heads", "neurons")]
+    rows.append((sum(vals) / len(vals), f.parent.name))
+    print(f"recipe {f.parent.name}: mean held-out joint rho {rows[-1][0]:.4f}", file=sys.stderr)
+print(max(rows)[1])
+PY
+)
+      stamp "best recipe $best"
+      rm -rf "$WORK/predictors" && cp -r "$WORK/cand/$best/predictors" "$WORK/predictors"
+      cp "$WORK/cand/$best/train.json" "$WORK/train.json"; cp "$WORK/cand/$best/train_report.md" "$WORK/train_report.md"
+      echo "$best" > "$WORK/recipe.txt" ;;
     sweep)
       for pools in heads heads,neurons; do
         name=${pools/,/_}
@@ -73,7 +108,7 @@ convert_gguf('$WORK/gguf/$GGUF', '$WORK/models/smollm2-135m')"
       mkdir -p "${OUT:?}"
       tar -C "$WORK" -czf "$OUT/accuracy.tgz" --exclude='*.parquet' --exclude=models --exclude=gguf --exclude=mirror \
         --exclude=predictors --exclude=traces --exclude=cache protocol timings.log collect.json train.json \
-        train_report.md plots params.yaml scores/scores.json 2>/dev/null || true
+        train_report.md recipe.txt cand plots params.yaml scores/scores.json 2>/dev/null || true
       ls -la "$OUT" ;;
     *) echo "device_accuracy: unknown step $step" >&2; exit 2 ;;
   esac
