@@ -55,7 +55,7 @@ def test_shadowllm_learns_a_linear_target_and_not_a_shuffled_one(shuffle):
     train, val = split_indices(len(x), 0.25, seed=0)
     torch.manual_seed(0)
     pred = build("shadowllm", "plainact", DIMS, {"hidden_heads": 128, "hidden_neurons": 128})
-    fit(pred, x, yh, yn, train, val, FitSettings(epochs=30, lr=1e-2, batch_size=16, seed=0))
+    fit(pred, x, yh, yn, train, FitSettings(epochs=30, lr=1e-2, batch_size=16, seed=0))
     m = evaluate(pred, x[val], yh[val], yn[val], [0.5])
     rho = [m["heads"]["spearman_joint"], m["neurons"]["spearman_joint"]]
     if shuffle:
@@ -77,9 +77,41 @@ def test_input_is_normalised_inside_forward():
     x = torch.randn(5, 32)
     for kind, inp in (("shadowllm", x), ("dejavu", x.view(5, 1, 32).expand(5, 3, 32))):
         pred = build(kind, "plainact", DIMS, SMALL).eval()
+        pred.set_standardisation(np.random.default_rng(0).normal(size=(20, *inp.shape[1:])).astype(np.float32))
+        assert not torch.allclose(pred.in_std, torch.ones_like(pred.in_std))
         with torch.no_grad():
             a, b = pred(inp), pred(3.0 * inp + 7.0)  # per-example min-max removes any positive affine map
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kind", ["shadowllm", "dejavu", "dejavu_lookahead"])
+def test_standardisation_is_stored_and_applied_on_raw_features(tmp_path, kind):
+    """The evaluate stage calls a loaded predictor on raw features: its training-view forward, its
+    predict calls and its reloaded copy must all apply the same stored per-feature statistics."""
+    rng = np.random.default_rng(0)
+    feats = {"feat_l0": (rng.normal(size=(30, 32)) * rng.uniform(0.1, 9, 32) + rng.normal(size=32) * 5).astype(np.float32),
+             "feat_layers": (rng.normal(size=(30, 3 * 32)) * 3 + 1).astype(np.float32)}
+    torch.manual_seed(0)
+    pred = build(kind, "plainact", DIMS, SMALL)
+    x = pred.inputs(feats)
+    pred.set_standardisation(x)
+    z = pred.normalise(torch.from_numpy(x).reshape(30, *pred.in_mean.shape))
+    torch.testing.assert_close(z.mean(0), torch.zeros_like(z[0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.std(0, unbiased=False), torch.ones_like(z[0]), atol=1e-4, rtol=0)
+    save_predictor(pred, tmp_path / "p", {"model_fingerprint": "fp"})
+    back = load_predictor(tmp_path / "p")
+    torch.testing.assert_close(back.in_mean, pred.in_mean, rtol=0, atol=0)
+    torch.testing.assert_close(back.in_std, pred.in_std, rtol=0, atol=0)
+    with torch.no_grad():
+        h, n = back(torch.from_numpy(x))
+        l = back.layers[-1]
+        if kind == "shadowllm":
+            hl, nl = back.predict_layer(l, torch.from_numpy(x))
+        else:
+            hl, nl = back.predict_layer(l, torch.from_numpy(x[:, -1]))
+        torch.testing.assert_close(hl, h[:, -1])
+        torch.testing.assert_close(nl, n[:, -1])
+        torch.testing.assert_close(pred.eval()(torch.from_numpy(x))[0], h)
 
 
 def test_shadowllm_shapes_and_layer_slice():
@@ -167,7 +199,8 @@ TRAIN = {"kinds": ["shadowllm", "dejavu", "dejavu_lookahead"],
          "widths": {k: {"hidden_heads": 16, "hidden_neurons": 32, "rank_neurons": 8} for k in
                     ("shadowllm", "dejavu", "dejavu_lookahead")},
          "epochs": 3, "lr": 1e-3, "weight_decay": 0.01, "batch_size": 16, "val_fraction": 0.25, "seed": 0,
-         "device": "cpu", "sparsities": [0.3, 0.5, 0.7]}
+         "device": "cpu", "sparsities": [0.3, 0.5, 0.7], "standardize": True, "target_transform": "rank",
+         "select_fraction": 0.15, "ridge_alphas": [1.0, 100.0]}
 AGG = {"targets": ["plainact", "l2_norm"], "heatmap": "plainact"}
 
 
@@ -195,7 +228,8 @@ def test_train_stage_end_to_end(tmp_path, trace_dir, scores_dir):
     res = _train(tmp_path, trace_dir, scores_dir)
     assert res.exit_code == 0, res.output
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["split"] == {"n_train": 48, "n_val": 16, "seed": 0, "val_example_order": metrics["split"]["val_example_order"]}
+    assert metrics["split"] == {"n_train": 48, "n_val": 16, "seed": 0, "n_fit": 41, "n_select": 7,
+                                "val_example_order": metrics["split"]["val_example_order"]}
     for c in AGG["targets"]:
         for k in TRAIN["kinds"]:
             m = metrics["predictors"][c][k]
@@ -205,13 +239,17 @@ def test_train_stage_end_to_end(tmp_path, trace_dir, scores_dir):
             pred = load_predictor(tmp_path / "pred" / f"{k}-{c}", model_fingerprint=FINGERPRINT)
             assert pred.kind == k and pred.criterion == c
             curves = (tmp_path / "plots" / f"{k}-{c}.csv").read_text().splitlines()
-            assert curves[0].startswith("epoch,") and len(curves) == 1 + TRAIN["epochs"]
+            assert curves[0].startswith("epoch,") and len(curves) == 2 + TRAIN["epochs"]  # header, epochs 0..E
+            r = metrics["ridge"][c][k]
+            assert -1 <= r["heads"]["spearman_joint"] <= 1 and set(r["alpha"]) == {"heads", "neurons"}
+            assert 0 <= min(m["train"]["best_epoch"].values()) <= max(m["train"]["best_epoch"].values()) <= TRAIN["epochs"]
             assert (tmp_path / "plots" / f"{k}-{c}.png").is_file()
         assert 0 <= metrics["train_mean"][c]["heads"]["recall_local_s0.3"] <= 1
     assert metrics["predictors"]["plainact"]["dejavu"]["size"]["params"] > \
         metrics["predictors"]["plainact"]["dejavu_lookahead"]["size"]["params"]  # L vs L-1 per-layer MLPs
     report = (tmp_path / "pred" / "report.md").read_text()
-    assert report.count("| plainact |") == 4 and "train mean" in report and "| l2_norm | dejavu_lookahead |" in report
+    assert report.count("| plainact |") == 7 and "train mean" in report and "| l2_norm | dejavu_lookahead |" in report
+    assert "| plainact | *ridge on shadowllm input* |" in report and "does not beat both baselines" in report
 
 
 @pytest.mark.parametrize("change, message", [
@@ -221,6 +259,10 @@ def test_train_stage_end_to_end(tmp_path, trace_dir, scores_dir):
     ({"aggregate": {"targets": ["fisher"]}}, "aggregate.targets: no targets for 'fisher'"),
     ({"widths": {"shadowllm": {"hidden_heads": 8}}}, "train.widths"),
     ({"epochs": 0}, "train.epochs must be an integer >= 1"),
+    ({"standardize": "yes"}, "train.standardize must be true or false"),
+    ({"target_transform": "sqrt"}, "train.target_transform must be one of none, log, rank"),
+    ({"select_fraction": 0.0}, "train.select_fraction must be > 0"),
+    ({"ridge_alphas": [1.0, -1.0]}, "train.ridge_alphas must be a non-empty list of numbers > 0"),
 ])
 def test_train_stage_bad_params(tmp_path, trace_dir, scores_dir, change, message):
     res = _train(tmp_path, trace_dir, scores_dir, **change)

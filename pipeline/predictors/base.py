@@ -1,8 +1,17 @@
 """The predictor interface shared by ShadowLLM and the DejaVu-style baselines (SPEC §6).
 
-Callers always pass *raw* features; every predictor min-max normalises each feature vector per
-example (to [0, 1]; a constant vector -> 0) inside its forward, identically in every prune mode.
-Outputs are per-layer min-max-normalised importance estimates (the training targets' scale).
+Callers always pass *raw* features; every predictor normalises them inside its forward, identically
+in every prune mode: first each feature vector per example by min-max (to [0, 1]; a constant vector
+-> 0), then each feature by the training rows' mean and standard deviation of those min-max values
+(buffers `in_mean`, `in_std`, saved with the weights; identity until `set_standardisation`).
+
+The per-feature step is there because min-max alone leaves the input dominated by a few channels:
+layer-0 head outputs and residual streams have per-channel offsets far larger than their
+per-example variation, so every min-max vector looks alike and the MLP learned little in a few
+hundred steps (measurements in docs/train.md).
+
+Outputs are importance estimates in the training targets' space (per-layer min-max scores, or a
+transform of them that is monotone per example — `fit.TARGET_TRANSFORMS`); callers only rank them.
 """
 
 from __future__ import annotations
@@ -45,6 +54,8 @@ class Predictor(nn.Module):
         g, in_dim, out_h, out_f = self.shape()
         self.heads = StackedMLP(g, in_dim, hidden_heads, out_h, rank_heads)
         self.neurons = StackedMLP(g, in_dim, hidden_neurons, out_f, rank_neurons)
+        self.register_buffer("in_mean", torch.zeros(g, in_dim))
+        self.register_buffer("in_std", torch.ones(g, in_dim))
 
     # ---- subclass hooks ----
     def predicted_layers(self) -> list[int]:
@@ -59,6 +70,22 @@ class Predictor(nn.Module):
         raise NotImplementedError
 
     # ---- common ----
+    def normalise(self, x: Tensor, g: int | None = None) -> Tensor:
+        """Raw features -> the MLP input: per-example min-max, then per-feature standardisation.
+        x [..., G, in] (training view) when g is None, else x [..., in] for group g alone."""
+        mean, std = (self.in_mean, self.in_std) if g is None else (self.in_mean[g], self.in_std[g])
+        return (minmax_features(x) - mean) / std
+
+    @torch.no_grad()
+    def set_standardisation(self, x: np.ndarray) -> None:
+        """Per-feature mean/std of the min-max inputs of rows x (training view [N, G, in] or, for one
+        group, [N, in]); a feature with (near) zero spread keeps std 1."""
+        z = minmax_features(torch.from_numpy(np.ascontiguousarray(x)).double())
+        z = z.reshape(len(z), *self.in_mean.shape)
+        std = z.std(0, unbiased=False)
+        self.in_mean.copy_(z.mean(0).to(self.in_mean))
+        self.in_std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)).to(self.in_std))
+
     @property
     def in_dim(self) -> int:
         return self.heads.in_dim
@@ -70,10 +97,12 @@ class Predictor(nn.Module):
         raise NotImplementedError
 
     def n_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Trained parameters plus the standardisation buffers (they are read at every prediction)."""
+        return sum(p.numel() for p in self.parameters()) + self.in_mean.numel() + self.in_std.numel()
 
     def n_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.parameters())
+        return (sum(p.numel() * p.element_size() for p in self.parameters())
+                + sum(b.numel() * b.element_size() for b in (self.in_mean, self.in_std)))
 
     def config(self) -> dict[str, Any]:
         return {"kind": self.kind, "criterion": self.criterion, "input_kind": self.input_kind,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from torch import Tensor
 
-from pipeline.predictors.base import Predictor, minmax_features
+from pipeline.predictors.base import Predictor
 
 
 class DejaVuPredictor(Predictor):
@@ -41,12 +41,13 @@ class DejaVuPredictor(Predictor):
 
     def predict_layer(self, l: int, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [..., E] raw input hidden state of layer l - offset -> heads [..., H], neurons [..., F] of layer l."""
-        g, z = self._group(l), minmax_features(x)
+        g = self._group(l)
+        z = self.normalise(x, g)
         return self.heads.group(g, z), self.neurons.group(g, z)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [B, len(layers), E] (from `inputs`) -> heads [B, len(layers), H], neurons [B, len(layers), F]."""
-        z = minmax_features(x)
+        z = self.normalise(x)
         return self.heads(z), self.neurons(z)
 
 

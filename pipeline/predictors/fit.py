@@ -1,8 +1,19 @@
-"""Training and held-out evaluation of one predictor (SPEC §6).
+"""Training and held-out evaluation of one predictor (SPEC §6), and its two baselines.
 
-MSE on per-layer min-max targets (heads and neurons losses added, each a mean), AdamW, a cosine
-learning-rate schedule over all steps, a seeded train/validation split, a seeded initialisation and
-batch order. Evaluation excludes layer 0 (always dense) so that every kind is scored on the same units.
+The recipe (defaults in params.yaml `train:`; measurements behind them in docs/train.md):
+- the training rows are split once more (seeded) into *fit* rows and a *selection* slice; the
+  held-out rows (`train.val_fraction`) are never seen by training or by any choice made in it;
+- input standardisation: per-feature mean/std of the min-max inputs over the fit rows, stored in the
+  predictor (`Predictor.set_standardisation`), applied in its forward;
+- targets optionally transformed (`TARGET_TRANSFORMS`, monotone per example so rankings are kept);
+- the output layer starts at the fit rows' mean target with zero weights (epoch 0 = the static
+  train-mean ranking), MSE (heads and neurons losses added, each a mean), AdamW, a cosine
+  learning-rate schedule over all steps, seeded initialisation and batch order;
+- best-epoch selection, separately for the heads and the neurons MLP (they share nothing): the
+  epoch (0 included) with the best `selection_score` on the selection slice.
+Baselines, scored exactly like the predictor: the train mean (`evaluate_train_mean`) and ridge
+regression on the predictor's own normalised input (`pipeline.predictors.ridge`).
+Evaluation excludes layer 0 (always dense) so that every kind is scored on the same units.
 """
 
 from __future__ import annotations
@@ -10,16 +21,44 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.stats import rankdata
 from torch import Tensor
 
 from pipeline.predictors.base import Predictor
-from pipeline.ranking import ranking_metrics, spearman_joint
+from pipeline.ranking import ranking_metrics, spearman_joint, spearman_per_layer
+
+POOLS = ("heads", "neurons")
+LOG_EPS = 1e-3  # `log` transform: log1p(y / eps); fisher neuron targets have median ~1e-3 (issue 9)
+
+
+def _identity(y: np.ndarray) -> np.ndarray:
+    return np.asarray(y, dtype=np.float32)
+
+
+def log_targets(y: np.ndarray) -> np.ndarray:
+    """log1p(y / eps) / log1p(1 / eps): [0, 1] -> [0, 1], elementwise increasing; spreads the bulk of
+    heavy-tailed scores (fisher) that MSE on raw values ignores."""
+    return (np.log1p(np.asarray(y, dtype=np.float64) / LOG_EPS) / math.log1p(1 / LOG_EPS)).astype(np.float32)
+
+
+def rank_targets(y: np.ndarray) -> np.ndarray:
+    """[N, G, U] -> per example, the rank of each unit among *all* units of all G layers (ties
+    averaged), scaled to [0, 1]. Monotone per example across layers, so both the joint (global) and
+    the per-layer (local) ranking of every example are exactly those of y."""
+    n = len(y)
+    flat = np.asarray(y).reshape(n, -1)
+    r = (rankdata(flat, axis=-1) - 1) / max(1, flat.shape[-1] - 1)
+    return r.reshape(y.shape).astype(np.float32)
+
+
+TARGET_TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "none": _identity, "log": log_targets, "rank": rank_targets}
 
 
 @dataclass(frozen=True)
@@ -31,6 +70,25 @@ class FitSettings:
     val_fraction: float = 0.2
     seed: int = 0
     device: str = "cpu"
+    standardize: bool = True
+    target_transform: str = "none"
+    select_fraction: float = 0.15
+    ridge_alphas: tuple[float, ...] = (1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
+
+    def __post_init__(self):
+        if self.target_transform not in TARGET_TRANSFORMS:
+            raise ValueError(f"unknown target transform '{self.target_transform}'; known: {', '.join(TARGET_TRANSFORMS)}")
+
+
+@dataclass
+class FitResult:
+    curves: list[dict[str, float]]
+    best_epoch: dict[str, int]
+    best_score: dict[str, float]
+    fit_rows: np.ndarray
+    select_rows: np.ndarray
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -40,6 +98,23 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
     perm = np.random.default_rng(seed).permutation(n)
     n_val = min(n - 1, max(1, int(round(val_fraction * n))))
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def selection_split(train: np.ndarray, settings: FitSettings) -> tuple[np.ndarray, np.ndarray]:
+    """The training rows -> (fit rows, selection slice), seeded (seed + 1: independent of the held-out split)."""
+    fit_i, sel_i = split_indices(len(train), settings.select_fraction, settings.seed + 1)
+    return train[fit_i], train[sel_i]
+
+
+def evaluated(pred: Predictor) -> list[int]:
+    """Indices into `pred.layers` of the layers that are scored (layer 0 always stays dense)."""
+    return [i for i, l in enumerate(pred.layers) if l >= 1]
+
+
+def selection_score(p: np.ndarray, y: np.ndarray) -> float:
+    """What model selection maximises: the mean of the joint (global-mask) and the per-layer
+    (local-mask) Spearman ρ, both over examples; p, y [N, L, U] over the evaluated layers."""
+    return 0.5 * (spearman_joint(p, y) + spearman_per_layer(p, y))
 
 
 def predict(pred: Predictor, x: np.ndarray, batch_size: int = 256, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
@@ -67,57 +142,76 @@ def _loss(pred: Predictor, x: Tensor, yh: Tensor, yn: Tensor) -> Tensor:
     return F.mse_loss(h, yh) + F.mse_loss(n, yn)
 
 
-def fit(pred: Predictor, x: np.ndarray, y_heads: np.ndarray, y_neurons: np.ndarray, train: np.ndarray,
-        val: np.ndarray, settings: FitSettings,
-        on_epoch: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
-    """Train `pred` in place on rows `train`; targets already restricted to `pred.layers`.
+def _snapshot(module: torch.nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
-    Returns one record per epoch: epoch, lr, train_loss, val_loss, val Spearman (joint) of heads and neurons."""
+
+def fit(pred: Predictor, x: np.ndarray, y_heads: np.ndarray, y_neurons: np.ndarray, train: np.ndarray,
+        settings: FitSettings, on_epoch: Callable[[dict[str, float]], None] | None = None) -> FitResult:
+    """Train `pred` in place on the training rows `train` (targets: per-layer min-max scores already
+    restricted to `pred.layers`) and leave it at its best epoch, per pool, on the selection slice.
+
+    Returns the curves — one record per epoch from 0 (the starting point): epoch, lr, train_loss (fit
+    rows), val_loss and val_spearman_{heads,neurons} (joint ρ, the *selection slice*, never the
+    held-out rows), seconds — and the chosen epochs."""
+    t_start = time.perf_counter()
+    fit_rows, sel_rows = selection_split(train, settings)
+    transform = TARGET_TRANSFORMS[settings.target_transform]
+    th, tn = transform(y_heads), transform(y_neurons)
     dev = torch.device(settings.device)
+    if settings.standardize:
+        pred.set_standardisation(x[fit_rows])
+    pred.heads.start_at(torch.from_numpy(th[fit_rows].mean(0)))
+    pred.neurons.start_at(torch.from_numpy(tn[fit_rows].mean(0)))
     pred.to(dev)
     X = torch.from_numpy(np.ascontiguousarray(x)).to(dev)
-    YH = torch.from_numpy(np.ascontiguousarray(y_heads)).to(dev)
-    YN = torch.from_numpy(np.ascontiguousarray(y_neurons)).to(dev)
-    tr = torch.from_numpy(train).to(dev)
-    steps_per_epoch = math.ceil(len(train) / settings.batch_size)
+    YH = torch.from_numpy(np.ascontiguousarray(th)).to(dev)
+    YN = torch.from_numpy(np.ascontiguousarray(tn)).to(dev)
+    tr = torch.from_numpy(fit_rows).to(dev)
+    steps_per_epoch = math.ceil(len(fit_rows) / settings.batch_size)
     opt = _adamw(pred, settings)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, settings.epochs * steps_per_epoch))
     gen = torch.Generator().manual_seed(settings.seed)
+    keep = evaluated(pred)
+    sel_true = {"heads": y_heads[sel_rows][:, keep], "neurons": y_neurons[sel_rows][:, keep]}
+    best = {u: (-math.inf, 0, None) for u in POOLS}  # (score, epoch, state)
     curves = []
-    for epoch in range(1, settings.epochs + 1):
+    for epoch in range(settings.epochs + 1):
         t0 = time.perf_counter()
-        pred.train()
-        order = tr[torch.randperm(len(tr), generator=gen).to(dev)]
-        total = 0.0
-        for i in range(0, len(order), settings.batch_size):
-            b = order[i:i + settings.batch_size]
-            loss = _loss(pred, X[b], YH[b], YN[b])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(b)
-        rec = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_loss": total / len(train),
-               "seconds": time.perf_counter() - t0}
-        rec.update(validate(pred, x[val], y_heads[val], y_neurons[val], settings.device))
+        if epoch == 0:
+            ph, pn = predict(pred, x[fit_rows], device=settings.device)
+            total = float(((ph - th[fit_rows]) ** 2).mean() + ((pn - tn[fit_rows]) ** 2).mean()) * len(fit_rows)
+        else:
+            pred.train()
+            order = tr[torch.randperm(len(tr), generator=gen).to(dev)]
+            total = 0.0
+            for i in range(0, len(order), settings.batch_size):
+                b = order[i:i + settings.batch_size]
+                loss = _loss(pred, X[b], YH[b], YN[b])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += loss.item() * len(b)
+        ph, pn = predict(pred, x[sel_rows], device=settings.device)
+        rec = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_loss": total / len(fit_rows),
+               "val_loss": float(((ph - th[sel_rows]) ** 2).mean() + ((pn - tn[sel_rows]) ** 2).mean())}
+        for unit, p in (("heads", ph), ("neurons", pn)):
+            p, y = p[:, keep], sel_true[unit]
+            rec[f"val_spearman_{unit}"] = spearman_joint(p, y)
+            score = 0.5 * (rec[f"val_spearman_{unit}"] + spearman_per_layer(p, y))
+            rec[f"val_score_{unit}"] = score
+            if score > best[unit][0]:
+                best[unit] = (score, epoch, _snapshot(getattr(pred, unit)))
+        rec["seconds"] = time.perf_counter() - t0
         curves.append(rec)
         if on_epoch is not None:
             on_epoch(rec)
-    return curves
-
-
-CURVE_RHO_ROWS = 64
-
-
-def validate(pred: Predictor, x: np.ndarray, y_heads: np.ndarray, y_neurons: np.ndarray, device: str = "cpu") -> dict[str, float]:
-    """The per-epoch curve values: validation loss (all validation rows) and joint Spearman over the
-    predictor's layers on the first CURVE_RHO_ROWS validation rows (ranking is the slow part; the
-    final metrics of `evaluate` use every row)."""
-    ph, pn = predict(pred, x, device=device)
-    loss = float(((ph - y_heads) ** 2).mean() + ((pn - y_neurons) ** 2).mean())
-    r = slice(0, CURVE_RHO_ROWS)
-    return {"val_loss": loss, "val_spearman_heads": spearman_joint(ph[r], y_heads[r]),
-            "val_spearman_neurons": spearman_joint(pn[r], y_neurons[r])}
+    for unit in POOLS:
+        getattr(pred, unit).load_state_dict(best[unit][2])
+    return FitResult(curves=curves, best_epoch={u: best[u][1] for u in POOLS},
+                     best_score={u: float(best[u][0]) for u in POOLS}, fit_rows=fit_rows, select_rows=sel_rows,
+                     seconds=time.perf_counter() - t_start)
 
 
 def evaluate(pred: Predictor, x: np.ndarray, y_heads: np.ndarray, y_neurons: np.ndarray,
@@ -127,7 +221,14 @@ def evaluate(pred: Predictor, x: np.ndarray, y_heads: np.ndarray, y_neurons: np.
     Returns {"heads": {...}, "neurons": {...}} with spearman_joint (all units of layers 1..L-1 ranked
     together, per example), spearman_per_layer (mean of per-layer ρ) and recall_{global,local}_s<s>."""
     ph, pn = predict(pred, x, device=device)
-    keep = [i for i, l in enumerate(pred.layers) if l >= 1]
+    return score_predictions(pred, ph, pn, y_heads, y_neurons, sparsities)
+
+
+def score_predictions(pred: Predictor, ph: np.ndarray, pn: np.ndarray, y_heads: np.ndarray, y_neurons: np.ndarray,
+                      sparsities: list[float]) -> dict[str, Any]:
+    """`evaluate`'s metrics for predictions ph/pn [N, len(pred.layers), U] (from any model) against
+    full [N, L, U] targets."""
+    keep = evaluated(pred)
     layers = [pred.layers[i] for i in keep]
     return {"heads": ranking_metrics(ph[:, keep], y_heads[:, layers], sparsities),
             "neurons": ranking_metrics(pn[:, keep], y_neurons[:, layers], sparsities)}

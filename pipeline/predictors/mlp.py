@@ -28,6 +28,14 @@ class StackedMLP(nn.Module):
         self.w2 = _uniform((groups, mid, out_dim), mid)
         self.b2 = _uniform((groups, out_dim), mid)
 
+    @torch.no_grad()
+    def start_at(self, bias: Tensor) -> None:
+        """Output = `bias` (reshaped to [G, out]) for every input: zero output weights, so training
+        starts from the static ranking and only learns what the input adds to it (the hidden layer
+        still gets gradients through the output weights from the first step on)."""
+        self.b2.copy_(bias.reshape(self.b2.shape).to(self.b2))
+        self.w2.zero_()
+
     def forward(self, x: Tensor) -> Tensor:
         """x [..., G, in] -> [..., G, out]."""
         h = torch.relu(torch.einsum("...gi,gih->...gh", x, self.w1) + self.b1)

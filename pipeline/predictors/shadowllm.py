@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 from torch import Tensor
 
-from pipeline.predictors.base import Predictor, minmax_features
+from pipeline.predictors.base import Predictor
 
 
 class ShadowLLMPredictor(Predictor):
@@ -26,7 +26,7 @@ class ShadowLLMPredictor(Predictor):
 
     def predict_all(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [..., H*D] raw layer-0 head outputs -> heads [..., L, H], neurons [..., L, F]."""
-        z = minmax_features(x).unsqueeze(-2)  # [..., 1, in]
+        z = self.normalise(x.unsqueeze(-2))  # [..., 1, in]
         heads = self.heads(z).squeeze(-2).unflatten(-1, (self.n_layers, self.n_heads))
         neurons = self.neurons(z).squeeze(-2).unflatten(-1, (self.n_layers, self.ffn_dim))
         return heads, neurons
