@@ -26,10 +26,11 @@ stamp() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$WORK/timings.log"; }
 # The comparison (issue 9): every method, both pool settings, enough examples for a mean-accuracy stderr
 # of about one point (300 per task where the evaluation split has them; COPA has 50, RTE 138) and 128
 # WikiText-2 windows per point.
-METHODS='[dense, "static:plainact", "static:fisher", "static:l2_norm", "static_raw:plainact", "oracle:plainact",
-          "shadowllm:plainact", "dejavu:l2_norm", "dejavu_lookahead:l2_norm"]'
-SWEEP=(--set "evaluate.methods=$METHODS" --set 'evaluate.sparsities=[0.3,0.5,0.7]' --set evaluate.limit=300
-       --set evaluate.perplexity.max_windows=128 --set evaluate.batch_size=64)
+METHODS=${METHODS:-'[dense, "static:plainact", "static:fisher", "static:l2_norm", "static_raw:plainact", "oracle:plainact",
+          "shadowllm:plainact", "dejavu:l2_norm", "dejavu_lookahead:l2_norm"]'}
+POOLS=${POOLS:-"heads heads,neurons"}
+SWEEP=(--set "evaluate.methods=$METHODS" --set 'evaluate.sparsities=[0.3,0.5,0.7]' --set "evaluate.limit=${LIMIT:-300}"
+       --set "evaluate.perplexity.max_windows=${WINDOWS:-128}" --set evaluate.batch_size=64)
 
 # Predictor recipes compared on the GPU (issue 9 item 4/5): name -> train.* overrides.
 RECIPES=("e25-none train.epochs=25 train.target_transform=none"
@@ -96,19 +97,20 @@ PY
       cp "$WORK/cand/$best/train.json" "$WORK/train.json"; cp "$WORK/cand/$best/train_report.md" "$WORK/train_report.md"
       echo "$best" > "$WORK/recipe.txt" ;;
     sweep)
-      for pools in heads heads,neurons; do
+      for pools in $POOLS; do
         name=${pools/,/_}
         stamp "sweep $name"
         cli evaluate --params "$WORK/params.yaml" --out "$WORK/protocol/$name" --set "evaluate.pools=[$pools]" \
           "${SWEEP[@]}" --records "$WORK/protocol/$name/records.json.gz"
       done
-      cli claims "$WORK"/protocol/*/records.json.gz --out "$WORK/protocol/claims.md"
       stamp sweep-done ;;
+    claims)
+      cli claims "$WORK"/protocol/*/records.json.gz --out "$WORK/protocol/claims.md" ;;
     pack)
       mkdir -p "${OUT:?}"
       tar -C "$WORK" -czf "$OUT/accuracy.tgz" --exclude='*.parquet' --exclude=models --exclude=gguf --exclude=mirror \
-        --exclude=predictors --exclude=traces --exclude=cache protocol timings.log collect.json train.json \
-        train_report.md recipe.txt cand plots params.yaml scores/scores.json 2>/dev/null || true
+        --exclude=predictors --exclude=traces protocol timings.log collect.json train.json \
+        train_report.md recipe.txt cand plots params.yaml scores/scores.json cache 2>/dev/null || true
       ls -la "$OUT" ;;
     *) echo "device_accuracy: unknown step $step" >&2; exit 2 ;;
   esac
