@@ -1,23 +1,28 @@
 """Methods registry: how each compared method turns into hooks for one forward pass (SPEC §5, §7).
 
-| method | masks from | granularity | shared-context reuse |
-|---|---|---|---|
-| `dense` | nothing | - | yes |
-| `static` | calibration-mean scores of a criterion (`aggregate.load_static`) | fixed | yes |
-| `oracle` | the scored sequence's own true scores (`collect.score_batch`) | per_sequence | no |
-| `shadowllm` | one predictor on layer 0's head outputs, all layers at once | per_token / per_sequence | per_token |
-| `dejavu` | per-layer predictors on each layer's input (dense-model inputs, see below) | per_token / per_sequence | no |
-| `dejavu_lookahead` | layer l's predictor on layer l-1's input | per_token / per_sequence | no |
+| method | masks from | granularity |
+|---|---|---|
+| `dense` | nothing | - |
+| `static` | the train mean of a criterion: mean of the per-layer-normalised targets (`aggregate.load_static`) | fixed |
+| `static_raw` | the mean of the raw scores, normalised per layer after the mean (a named variant) | fixed |
+| `oracle` | the example's gold context + continuation's true scores (`collect.score_batch`), one mask per example | per_sequence |
+| `shadowllm` | one predictor on layer 0's head outputs, all layers at once | per_token / per_sequence |
+| `dejavu` | per-layer predictors on each layer's input (per_sequence: dense-model inputs; per_token: its own) | per_token / per_sequence |
+| `dejavu_lookahead` | layer l's predictor on layer l-1's input | per_token / per_sequence |
 
-ShadowLLM runs in one pass: the layer-0 attention hook sees layer 0's (dense) head outputs, predicts
-every later layer's scores, builds the keep masks and caches them for the later hooks. DejaVu-style
-predictors need *all* layers' scores before a global (or hybrid) ranking can be made, while each layer's
-input is only known once the layers below ran; they therefore run in two passes: a dense pass records
-every layer's input, the predictions from those inputs build the masks, the masked pass applies them
-(the paper's simulation). Static and oracle scores are min-max normalised per layer (`evaluate.normalize`)
-before a global ranking; predictor outputs are already on that scale.
+Every per-sequence mask comes from the context only: the features are read at `ForwardInfo.feat_pos`
+(`pipeline.features`, the token `collect` read them at), the mask a shared prefix produced is handed to its
+continuations (`ForwardInfo.reuse`), so all candidates of a context are scored by one sparse model.
+ShadowLLM runs in one pass: the layer-0 attention hook sees layer 0's (dense) head outputs, predicts every
+later layer's scores, builds the keep masks and caches them for the later hooks. DejaVu per_sequence needs
+*all* layers' scores before a global (or hybrid) ranking can be made, while each layer's input is only known
+once the layers below ran; it runs two passes: a dense pass records every layer's input, the predictions
+build the masks, the masked pass applies them (the paper's simulation; tables say "dense inputs"). The raw
+static mean and the oracle's scores are min-max normalised per layer (`evaluate.normalize`) before a global
+ranking; the train mean and predictor outputs are already on that scale.
 
-A method is registered with `register(name, factory)`; `factory(ctx, spec)` returns a `Masking`.
+A method is registered with `register(name, factory, ...)` together with what it needs, its granularities
+and its table title; `factory(ctx, spec)` returns a `Masking`; callers ask the registry, not the name.
 """
 
 from __future__ import annotations
