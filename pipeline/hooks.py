@@ -4,7 +4,8 @@ Capture points (SPEC §2): a head is a slice of the input of the attention outpu
 a neuron is a channel of the input of the FFN down projection, and each layer's input hidden
 state is the first argument of the decoder layer. Some models (OPT) feed the down projection a
 flattened [B·T, F] tensor; `_bt` views every captured tensor as [B, T, ...] using the batch size
-read off the model call.
+read off the model call. `observe_masks` lets a meter see every unit mask `UnitMasker` (or another
+masking hook, through `notify`) applies: the byte sparsity of `pipeline.evaluate.thresholds`.
 """
 
 from __future__ import annotations
