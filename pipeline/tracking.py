@@ -8,6 +8,7 @@ stages of one `dvc repro` share a parent.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +36,12 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def metric_name(key: str) -> str:
+    """`key` as MLflow accepts it (alphanumerics, _ - . space : /): a method title such as
+    'dejavu-l2_norm (dense inputs)' has parentheses, which MLflow rejects, failing the whole stage."""
+    return re.sub(r"[^0-9A-Za-z_\-. :/]", "_", key)
+
+
 class _NullRun:
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
@@ -51,7 +58,8 @@ class _Run(_NullRun):
         self.mlflow.log_params(flat)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        clean = {k: float(v) for k, v in _flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        clean = {metric_name(k): float(v) for k, v in _flatten(metrics).items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if clean:
             self.mlflow.log_metrics(clean, step=step)
 

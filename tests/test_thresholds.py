@@ -349,6 +349,14 @@ def test_thresholders_run_in_the_sweep_and_record_byte_sparsity(tmp_path):
     eff = by[("teal", "piqa")]["sparsity_detail"]["neurons"]["effective"]  # measured: 2 of 3 layers at ~0.5
     assert eff == pytest.approx(0.5 * 2 / 3, abs=0.05)
     json.dumps(recs)  # records stay JSON
+    from pipeline.evaluate.report import write_all
+
+    info = {"model": "tiny", "fingerprint": "fp0", "scope": cfg.scope, "pools": cfg.pools, "granularity": "-",
+            "seed": 1, "calib_fraction": 0.5, "limit": 2, "seq_len": 32, "max_windows": 1, "cache_dir": "c"}
+    out = write_all(tmp_path / "out", recs, cfg, info)
+    assert out["metrics"]["wina (no transform)"]["s50"]["byte_sparsity"] > 0.05
+    assert "bytes skipped" in (tmp_path / "out" / "report.md").read_text()
+    assert "byte_sparsity" in (tmp_path / "out" / "results.csv").read_text().splitlines()[0]
     # the calibration sample is part of the point key of teal and cats only
     cfg2 = parse({**params, "evaluate": {**params["evaluate"], "calibration_examples": 3}})
     from pipeline.evaluate.runner import artifact_hash
@@ -380,3 +388,29 @@ def test_registry_lists_the_thresholders_with_their_granularity():
     assert M.granularity("griffin", "per_token") == "per_sequence"
     assert M.granularity("teal", "per_sequence") == "per_token"
     assert M.title("wina", None, "per_token") == "wina (no transform)"
+
+
+def test_report_pools_byte_sparsity_over_tasks():
+    from pipeline.evaluate.report import pooled_bytes
+
+    def rec(n, mean, std):
+        return {"sparsity_detail": {"bytes": {"byte_sparsity": {"mean": mean, "std": std, "n_tokens": n},
+                                              "predictor_share": 0.01}}}
+
+    x = torch.cat([torch.full((30,), 0.2), torch.full((10,), 0.6)]).double()
+    got = pooled_bytes([rec(30, 0.2, 0.0), rec(10, 0.6, 0.0), {"sparsity_detail": {}}])
+    assert got["byte_sparsity"] == pytest.approx(float(x.mean()))
+    assert got["byte_sparsity_std"] == pytest.approx(float(x.std(unbiased=False)))
+    assert got["byte_net"] == pytest.approx(float(x.mean()) - 0.01)
+    assert pooled_bytes([{"sparsity_detail": {}}]) is None
+
+
+def test_method_titles_become_valid_mlflow_metric_names():
+    """'wina (no transform)' and 'dejavu-l2_norm (dense inputs)': MLflow rejects parentheses."""
+    import re
+
+    from pipeline.tracking import metric_name
+
+    for key in ("wina (no transform)/s50/mean_acc", "dejavu-l2_norm (dense inputs)/s50/byte_sparsity"):
+        assert re.fullmatch(r"[0-9A-Za-z_\-. :/]+", metric_name(key))
+    assert metric_name("dense/s00/mean_acc") == "dense/s00/mean_acc"
