@@ -3,8 +3,8 @@ weight bytes a decode step does not read (SPEC §8's f·s, predictor bytes as a 
 
 | method | zeroes | decided by | granularity | calibration |
 |---|---|---|---|---|
-| `teal` | input channels of every linear: the attention input (q/k/v share it and its threshold), the o input, the MLP input (gate/up share it; OPT: fc1), the down input (OPT: fc2) | |x| > t, one t per tensor and layer | per_token | |x| histograms over the calibration split |
-| `cats` | FFN neurons: channels of act(gate·x) (OPT: act(fc1·x), the fc2 input) | |a| > t, one t per layer | per_token | the same histograms of |a| |
+| `teal` | input channels of every linear: the attention input (q/k/v share it and its threshold), the o input, the MLP input (gate/up share it; OPT: fc1), the down input (OPT: fc2) | |x| > t, one t per tensor and layer | per_token | quantiles of |x| on the calibration split |
+| `cats` | FFN neurons: channels of act(gate·x) (OPT: act(fc1·x), the fc2 input) | |a| > t, one t per layer | per_token | quantiles of |a| on the calibration split |
 | `griffin` | FFN neurons | top-k per layer of the context's "flocking" statistic | per_sequence | none |
 | `wina` | input channels of every linear, each linear its own | top-k per token of |x_i|·‖W[:, i]‖₂ | per_token | none (weight column norms) |
 
@@ -16,13 +16,14 @@ for the predictor methods, so the comparison is at equal footing; the byte spars
 
 What each one is, and where it differs from its paper:
 - TEAL (Liu et al. 2024, arXiv 2408.14690): x ← x·[|x| > t] at every linear's input, t the s-quantile of |x|
-  over the calibration tokens of that tensor (the dense model's activations, as TEAL's histograms are),
-  uniform s across tensors. TEAL's harness sparsifies only the last half of each prompt (its
-  "prefill" setting); here every position is sparsified, as a decode step would be. TEAL's block-wise greedy
-  allocation is not implemented (docs/thresholds.md).
+  over the calibration tokens of that tensor, uniform s across tensors. The quantiles are taken in forward
+  order on the sparsified model (`Thresholds`), not on the dense model as TEAL's histograms are, so that a
+  tensor realises s although the zeros upstream shrink its input. TEAL's harness sparsifies only the last
+  half of each prompt (its "prefill" setting); here every position is sparsified, as a decode step would be.
+  TEAL's block-wise greedy allocation is not implemented (docs/thresholds.md).
 - CATS (Lee et al. 2024, arXiv 2404.08763): per layer, the neuron n is dropped when |act(gate·x)_n| ≤ t_l (the
-  s-quantile over calibration tokens); the gate is computed densely, the up rows and down columns of the
-  dropped neurons are skipped. On a non-gated MLP (OPT) it thresholds act(fc1·x): fc1 is read whole (it is
+  s-quantile over calibration tokens, in forward order as TEAL's); the gate is computed densely, the up rows
+  and down columns of the dropped neurons are skipped. On a non-gated MLP (OPT) it thresholds act(fc1·x): fc1 is read whole (it is
   what decides) and only fc2 columns are skipped. A ReLU's exact zeros are below every threshold: where they
   exceed s (OPT's fc2 input), the realised sparsity is the zero fraction, not s; the same holds for TEAL.
 - GRIFFIN (Dong et al. 2024, arXiv 2402.19427): per sequence, Z = the FFN intermediate (the down input) over
@@ -51,9 +52,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pipeline.evaluate.forward import ForwardInfo, Masking, MaskState
+from pipeline.evaluate.forward import ForwardInfo, Masking
 from pipeline.evaluate.methods import MethodContext, MethodError, register
-from pipeline.hooks import UnitCapture, UnitMasker, _HookSet, notify, observe_masks
+from pipeline.hooks import UnitMasker, _HookSet, notify, observe_masks
 from pipeline.masks import POOLS, MaskSpec, keep_mask, prunable_layers
 from pipeline.models.adapters import Layout
 from pipeline.units import n_kept
@@ -294,7 +295,8 @@ class _Metered(Masking):
 
 def meter(masking: Masking, wb: WeightBytes) -> ByteMeter:
     """A meter for `masking`: its own weights as the predictor cost, its declared unit counts."""
-    return ByteMeter(wb, extra_elements=predictor_elements(masking), pool_units=getattr(masking, "measured_units", None))
+    return ByteMeter(wb, extra_elements=predictor_elements(masking),
+                     pool_units=getattr(masking, "measured_units", None))
 
 
 # --------------------------------------------------------------------------------------- calibration
@@ -438,7 +440,7 @@ def calibrate(masking: "_ThresholdMasking", sequences: list[list[int]]) -> dict[
 
 
 def wina_scores(x: Tensor, col_norm: Tensor) -> Tensor:
-    """WINA's criterion |x_i|·‖W[:, i]‖₂ for inputs x [..., in] and column norms ‖W[:, i]‖₂ [in] (float32)."""
+    """WINA's criterion |x_i|·‖W[:, i]‖₂ for inputs x [..., in] and column norms ‖W[:, i]‖₂ [in], in float32."""
     return x.float().abs() * col_norm.to(device=x.device, dtype=torch.float32)
 
 
@@ -517,9 +519,11 @@ class CatsMasking(_ThresholdMasking):
             fn = self.th.keep_fn(("act", l))
             if lin.gated:
                 if lin.act is None:
+                    mlp = ctx.layout.spec.ffn_in[0].rpartition(".")[0]
                     raise MethodError(f"cats: architecture '{ctx.layout.spec.name}' has no activation module at "
-                                      f"{ctx.layout.spec.ffn_in[0].rpartition('.')[0]}.act_fn (CATS thresholds its output)")
-                self.sites.append((lin.act, fn, "neurons", "cats", l, r["up"].in_features + r["down"].out_features, True))
+                                      f"{mlp}.act_fn (CATS thresholds its output)")
+                cost = r["up"].in_features + r["down"].out_features
+                self.sites.append((lin.act, fn, "neurons", "cats", l, cost, True))
             else:  # act(fc1 x) is the fc2 input: fc1 is read whole (it decides), fc2 columns are skipped
                 self.sites.append((r["down"], fn, "neurons", "cats", l, r["down"].out_features, False))
         self.overhead_elements = len(self.th.targets)
@@ -578,13 +582,25 @@ class GriffinMasking(Masking):
     def _keep(self, info: ForwardInfo) -> Tensor:
         """Keep masks [B, L, F] from a dense pass over the batch, statistics at positions ≤ feat_pos."""
         lay = self.ctx.layout
-        with torch.no_grad(), UnitCapture(self.ctx.model, lay) as cap:
-            self.ctx.model(input_ids=info.ids, attention_mask=info.valid.long(), use_cache=False)
-            pos = torch.arange(info.ids.shape[1], device=info.ids.device)
-            context = info.valid & (pos[None, :] <= info.feature_rows().to(pos.device)[:, None])
-            stats = torch.stack([griffin_statistic(cap.neurons(cap.raw_neurons[l]), context)
-                                 for l in range(lay.n_layers)], 1)  # [B, L, F]
-        return keep_mask(stats, self.s, "local", dense_layers=self.spec.dense_layers)
+        pos = torch.arange(info.ids.shape[1], device=info.ids.device)
+        context = info.valid & (pos[None, :] <= info.feature_rows().to(pos.device)[:, None])
+        stats: list[Tensor | None] = [None] * lay.n_layers
+        hooks = _HookSet(self.ctx.model)  # each layer's statistic as it runs: no layer's intermediates are kept
+
+        def at(l: int):
+            def hook(_m, args):
+                stats[l] = griffin_statistic(hooks._bt(args[0]), context)
+
+            return hook
+
+        try:
+            for l in range(lay.n_layers):
+                hooks.add(lay.ffn_down[l], at(l))
+            with torch.no_grad():
+                self.ctx.model(input_ids=info.ids, attention_mask=info.valid.long(), use_cache=False)
+        finally:
+            hooks.remove()
+        return keep_mask(torch.stack(stats, 1), self.s, "local", dense_layers=self.spec.dense_layers)  # [B, L, F]
 
     @contextmanager
     def forward(self, info: ForwardInfo):
