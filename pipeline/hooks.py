@@ -4,15 +4,17 @@ Capture points (SPEC §2): a head is a slice of the input of the attention outpu
 a neuron is a channel of the input of the FFN down projection, and each layer's input hidden
 state is the first argument of the decoder layer. Some models (OPT) feed the down projection a
 flattened [B·T, F] tensor; `_bt` views every captured tensor as [B, T, ...] using the batch size
-read off the model call.
+read off the model call. `observe_masks` lets a meter see every unit mask `UnitMasker` (or another
+masking hook, through `notify`) applies: the byte sparsity of `pipeline.evaluate.thresholds`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from pipeline.models.adapters import Layout
@@ -106,6 +108,28 @@ class UnitCapture(_HookSet):
         return self._bt(x)
 
 
+MaskObserver = Callable[..., None]
+"""(pool, layer, keep [B, T, U] bool, *, site=None, cost=None) -> None: told which units a hook kept."""
+_OBSERVERS: list[MaskObserver] = []
+
+
+@contextmanager
+def observe_masks(fn: MaskObserver) -> Iterator[None]:
+    """Call `fn` for every unit mask a hook applies while the context is open (the byte meter of
+    `pipeline.evaluate.thresholds` counts the weights a decode step would skip from these)."""
+    _OBSERVERS.append(fn)
+    try:
+        yield
+    finally:
+        _OBSERVERS.remove(fn)
+
+
+def notify(pool: str, layer: int, keep: Tensor, **kw: Any) -> None:
+    """Report a keep mask [B, T, U] (True = unit kept) to the open observers."""
+    for fn in _OBSERVERS:
+        fn(pool, layer, keep, **kw)
+
+
 HeadFn = Callable[[int, Tensor], Tensor | None]
 """(layer, heads [B, T, H, D]) -> multiplier broadcastable to [B, T, H], or None to leave dense."""
 NeuronFn = Callable[[int, Tensor], Tensor | None]
@@ -150,6 +174,8 @@ class UnitMasker(_HookSet):
             m = fn(l, x4)
             if m is None:
                 return None
+            if _OBSERVERS:
+                notify("heads", l, torch.broadcast_to(m.to(x4.device) != 0, x4.shape[:3]))
             out = (x4 * m.to(device=x4.device, dtype=x4.dtype).unsqueeze(-1)).view(raw.shape)
             return (out, *args[1:])
 
@@ -162,6 +188,8 @@ class UnitMasker(_HookSet):
             m = fn(l, x)
             if m is None:
                 return None
+            if _OBSERVERS:
+                notify("neurons", l, torch.broadcast_to(m.to(x.device) != 0, x.shape))
             out = (x * m.to(device=x.device, dtype=x.dtype)).view(raw.shape)
             return (out, *args[1:])
 

@@ -53,6 +53,7 @@ class EvalConfig:
     calib_fraction: float
     seed: int
     calib_text: dict[str, Any] = field(default_factory=dict)  # collect settings to exclude wikitext calibration
+    calibration: dict[str, Any] = field(default_factory=dict)  # the thresholders' calibration sample (collect's split)
     raw: dict[str, Any] = field(default_factory=dict)
 
     def mask_spec(self, sparsity: float) -> MaskSpec:
@@ -81,7 +82,7 @@ def _parse(params: dict[str, Any]) -> EvalConfig:
     d = params.get("data", {}) or {}
     known_keys = {"tasks", "limit", "perplexity", "methods", "sparsities", "pools", "scope", "hybrid_min_keep",
                   "normalize", "granularity", "batch_size", "max_length", "num_fewshot", "scores_dir",
-                  "predictors_dir", "cache_dir"}
+                  "predictors_dir", "cache_dir", "calibration_examples"}
     if "add_bos" in e:
         raise P.ParamError("parameter evaluate.add_bos was replaced by model.add_bos (auto | true | false): "
                            "one BOS policy per model, shared by collect and evaluate")
@@ -182,6 +183,14 @@ def _parse(params: dict[str, Any]) -> EvalConfig:
     calib_text = {}
     if ppl_task is not None and ppl_task in (c.get("tasks") or []):
         calib_text = {"max_tokens": int(c.get("max_tokens", 256)), "n_per_task": int(c.get("n_per_task", 16))}
+    calibration = {}
+    if c.get("tasks"):  # teal / cats thresholds: a seeded sample of the calibration sequences collect scores
+        calibration = {"tasks": list(c["tasks"]), "n_per_task": int(c.get("n_per_task", 16)),
+                       "max_tokens": int(c.get("max_tokens", 256)), "num_fewshot": int(c.get("num_fewshot", 0)),
+                       "n_examples": _int_or_none(e.get("calibration_examples", 64), "evaluate.calibration_examples")}
+    for m in methods:
+        if M.info(m.name)["needs"] == "calibration" and not calibration:
+            raise P.ParamError(f"method {m.name} calibrates on collect's calibration split: parameter collect.tasks is missing")
     return EvalConfig(
         tasks=list(tasks), limit=limit, ppl_task=ppl_task, seq_len=seq_len, max_windows=max_windows,
         methods=methods, sparsities=sparsities, pools=pools, scope=scope, min_keep=float(min_keep),
@@ -189,7 +198,7 @@ def _parse(params: dict[str, Any]) -> EvalConfig:
         max_length=max_length, num_fewshot=num_fewshot, add_bos=add_bos_setting(params.get("model") or {}),
         scores_dir=e.get("scores_dir"), predictors_dir=e.get("predictors_dir"),
         cache_dir=str(e.get("cache_dir", "results/cache")), mirror_dir=mirror,
-        calib_fraction=calib_fraction, seed=int(d["seed"]), calib_text=calib_text, raw=dict(e),
+        calib_fraction=calib_fraction, seed=int(d["seed"]), calib_text=calib_text, calibration=calibration, raw=dict(e),
     )
 
 

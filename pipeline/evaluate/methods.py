@@ -61,6 +61,7 @@ class MethodContext:
     granularity: str = "per_sequence"
     oracle_batch: int = 8
     cache: dict[str, Any] = field(default_factory=dict)  # loaded predictors / static scores
+    calibration: Callable[[], list[list[int]]] | None = None  # thresholders' calibration token lists (runner sets it)
 
 
 # --------------------------------------------------------------------------------------- helpers
@@ -420,3 +421,6 @@ def build(name: str, ctx: MethodContext, spec: MaskSpec) -> Masking:
         raise MethodError(f"method {name} supports granularity {', '.join(meta['granularities'])}, "
                           f"not {ctx.granularity} (params: evaluate.granularity)")
     return meta["factory"](ctx, spec)
+
+
+from pipeline.evaluate import thresholds as _thresholds  # noqa: E402,F401  (registers teal, cats, griffin, wina)

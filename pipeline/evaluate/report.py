@@ -12,7 +12,8 @@ from typing import Any
 from pipeline.io import atomic_path, write_json, write_text
 
 COLUMNS = ["model", "method", "criterion", "sparsity", "granularity", "task", "metric", "value", "n", "stderr",
-           "scope", "effective_sparsity_heads", "effective_sparsity_neurons", "seconds"]
+           "scope", "effective_sparsity_heads", "effective_sparsity_neurons", "seconds", "byte_sparsity",
+           "byte_sparsity_std"]
 PPL_METRIC = "word_perplexity"
 SMOKE_STDERR = 0.015  # mean-accuracy stderr above which a report says it cannot rank methods
 
@@ -30,9 +31,32 @@ def tidy_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "effective_sparsity_heads": sd.get("heads", {}).get("effective", 0.0),
                 "effective_sparsity_neurons": sd.get("neurons", {}).get("effective", 0.0),
                 "seconds": round(float(r.get("seconds", 0.0)), 2),
+                "byte_sparsity": _get(sd, "bytes", "byte_sparsity", "mean"),
+                "byte_sparsity_std": _get(sd, "bytes", "byte_sparsity", "std"),
             })
     rows.sort(key=lambda x: (x["method"], x["criterion"], x["sparsity"], x["task"], x["metric"]))
     return rows
+
+
+def _get(d: dict, *keys: str) -> Any:
+    for k in keys:
+        d = d.get(k) if isinstance(d, dict) else None
+    return "" if d is None else d
+
+
+def pooled_bytes(records: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Byte sparsity of one (method, sparsity) over all its tasks' tokens (docs/thresholds.md): the token-weighted
+    mean, the spread over the pooled tokens, and the mean net of the predictor share. None if no record has it."""
+    parts = [r["sparsity_detail"]["bytes"] for r in records if "bytes" in r.get("sparsity_detail", {})]
+    parts = [b for b in parts if b["byte_sparsity"]["n_tokens"]]
+    if not parts:
+        return None
+    n = sum(b["byte_sparsity"]["n_tokens"] for b in parts)
+    mean = sum(b["byte_sparsity"]["n_tokens"] * b["byte_sparsity"]["mean"] for b in parts) / n
+    sq = sum(b["byte_sparsity"]["n_tokens"] * (b["byte_sparsity"]["std"] ** 2 + b["byte_sparsity"]["mean"] ** 2)
+             for b in parts) / n
+    return {"byte_sparsity": mean, "byte_sparsity_std": math.sqrt(max(sq - mean * mean, 0.0)),
+            "byte_net": mean - parts[0]["predictor_share"]}
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
@@ -68,6 +92,7 @@ def summary(records: list[dict[str, Any]], tasks: list[str], ppl_task: str | Non
         sd = meta[(label, s)].get("sparsity_detail", {})
         row["eff_heads"] = sd.get("heads", {}).get("effective", 0.0)
         row["eff_neurons"] = sd.get("neurons", {}).get("effective", 0.0)
+        row.update(pooled_bytes(list(per.values())) or {})
         accs, accn, ns = [], [], []
         for t in tasks:
             if t not in per:
@@ -103,7 +128,7 @@ def metrics_json(summ: list[dict[str, Any]], records: list[dict[str, Any]]) -> d
     for row in summ:
         d = out.setdefault(row["label"], {}).setdefault(f"s{int(round(row['sparsity'] * 100)):02d}", {})
         for k in ("mean_acc", "mean_acc_stderr", "mean_acc_norm", "word_perplexity", "token_perplexity", "eff_heads",
-                  "eff_neurons"):
+                  "eff_neurons", "byte_sparsity", "byte_sparsity_std", "byte_net"):
             if row.get(k) is not None:
                 d[k] = round(float(row[k]), 6)
     for r in records:
@@ -170,14 +195,15 @@ def markdown(summ: list[dict[str, Any]], records: list[dict[str, Any]], tasks: l
     L.append("")
     L.append("mean acc = mean over tasks of acc; mean acc_norm* = acc_norm where the task has it, else acc. "
              "Effective sparsity counts the dense layer 0. n = examples behind each accuracy mean "
-             "(sum over tasks); ppl windows = WikiText-2 windows behind the perplexities.")
+             "(sum over tasks); ppl windows = WikiText-2 windows behind the perplexities. Bytes skipped = the share of "
+             "weight bytes a decode step does not read, mean ± sd over the evaluated tokens (docs/thresholds.md).")
     L.append("")
     worst = max((r["mean_acc_stderr"] for r in summ if r.get("mean_acc_stderr") is not None), default=None)
     if worst is not None and worst > SMOKE_STDERR:
         L.append(f"**Smoke run**: the mean-accuracy stderr reaches {100 * worst:.1f} points (> {100 * SMOKE_STDERR:.1f}): "
                  "too few examples to rank methods; this run shows that the pipeline works, not which method wins.")
         L.append("")
-    hdr = ["method", "sparsity", "eff. heads", "eff. neurons", "mean acc ± se", "mean acc_norm*", "n"]
+    hdr = ["method", "sparsity", "eff. heads", "eff. neurons", "bytes skipped ± sd", "mean acc ± se", "mean acc_norm*", "n"]
     if ppl_task:
         hdr += ["word ppl", "token ppl", "ppl windows"]
     L.append("| " + " | ".join(hdr) + " |")
@@ -185,6 +211,7 @@ def markdown(summ: list[dict[str, Any]], records: list[dict[str, Any]], tasks: l
     for r in summ:
         cells = [r["label"] + ("" if r["granularity"] == "none" else f" ({r['granularity']})"),
                  f"{r['sparsity']:.2f}", _fmt(r["eff_heads"], nd=3), _fmt(r["eff_neurons"], nd=3),
+                 "–" if r.get("byte_sparsity") is None else f"{r['byte_sparsity']:.3f} ± {r['byte_sparsity_std']:.3f}",
                  _fmt(r.get("mean_acc"), pct=True) + ("" if r.get("mean_acc_stderr") is None
                                                       else f" ± {100 * r['mean_acc_stderr']:.1f}"),
                  _fmt(r.get("mean_acc_norm"), pct=True), str(r.get("n_examples", 0))]
@@ -234,7 +261,8 @@ def write_all(out_dir: str | Path, records: list[dict[str, Any]], cfg: Any, info
     tasks = list(cfg.tasks)
     summ = summary(records, tasks, cfg.ppl_task)
     write_csv(out / "results.csv", tidy_rows(records), COLUMNS)
-    scols = ["label", "method", "criterion", "sparsity", "granularity", "eff_heads", "eff_neurons", "mean_acc",
+    scols = ["label", "method", "criterion", "sparsity", "granularity", "eff_heads", "eff_neurons", "byte_sparsity",
+             "byte_sparsity_std", "byte_net", "mean_acc",
              "mean_acc_stderr", "mean_acc_norm", "n_examples", "word_perplexity", "token_perplexity", "ppl_windows"]
     write_csv(out / "summary.csv", summ, scols)
     acc_rows = plot_rows(summ, "mean_acc")

@@ -56,6 +56,8 @@ def artifact_hash(cfg: EvalConfig, m: MethodSpec) -> str | None:
         return _file_hash(list(Path(cfg.scores_dir).glob("*")))
     if needs == "predictor" and cfg.predictors_dir:
         return _file_hash(list((Path(cfg.predictors_dir) / f"{m.name}-{m.criterion}").glob("*")))
+    if needs == "calibration":  # the thresholds depend on the calibration sample (split seed/fraction: task_settings)
+        return hashlib.sha256(json.dumps(cfg.calibration, sort_keys=True).encode()).hexdigest()[:16]
     return None
 
 
@@ -102,7 +104,8 @@ class Evaluator:
         self.cfg, self.model, self.tok, self.layout, self.fp = cfg, model, tokenizer, layout, fingerprint
         self.model_id, self.log = model_id, log
         self.ctx = MethodContext(model=model, layout=layout, fingerprint=fingerprint, scores_dir=cfg.scores_dir,
-                                 predictors_dir=cfg.predictors_dir)
+                                 predictors_dir=cfg.predictors_dir, calibration=self.calibration_sequences)
+        self._weight_bytes = None
         self._tasks: dict[str, Any] = {}
         self._requests: dict[str, list] = {}
         self._gold: dict[str, list[int]] = {}
@@ -144,6 +147,20 @@ class Evaluator:
             out.update(range(lo // S, (hi - 1) // S + 1))
         return {j for j in out if j < n_windows_eval}
 
+    def calibration_sequences(self) -> list[list[int]]:
+        """The thresholders' calibration: a seeded sample of `evaluate.calibration_examples` of the calibration
+        sequences `collect` scores (`pipeline.calibration.build` on the collect settings; never evaluated)."""
+        from pipeline.calibration import CalibrationPlan, build
+
+        c = self.cfg.calibration
+        plan = CalibrationPlan(tasks=tuple(c["tasks"]), mirror_dir=self.cfg.mirror_dir, n_per_task=c["n_per_task"],
+                               calib_fraction=self.cfg.calib_fraction, seed=self.cfg.seed, num_fewshot=c["num_fewshot"],
+                               max_tokens=c["max_tokens"], add_bos=bool(self.cfg.add_bos))
+        seqs, _ = build(plan, self.tok)
+        n = min(c["n_examples"] or len(seqs), len(seqs))
+        pick = sorted(np.random.default_rng(self.cfg.seed).choice(len(seqs), n, replace=False).tolist())
+        return [list(seqs[i].input_ids) for i in pick]
+
     def text(self) -> str:
         if self._text is None:
             from pipeline.data.tasks import load_text
@@ -152,6 +169,14 @@ class Evaluator:
         return self._text
 
     # ---- evaluation ----
+    def byte_meter(self, masking: Masking):
+        """A fresh per-point meter of the weight bytes `masking` lets a decode step skip (docs/thresholds.md)."""
+        from pipeline.evaluate.thresholds import WeightBytes, meter
+
+        if self._weight_bytes is None:
+            self._weight_bytes = WeightBytes.of(self.model, self.layout)
+        return meter(masking, self._weight_bytes)
+
     def masking(self, m: MethodSpec, sparsity: float) -> Masking:
         self.ctx.criterion = m.criterion
         g = granularity_of(self.cfg, m)
@@ -210,13 +235,19 @@ class Evaluator:
                 if masking is None:
                     masking = self.masking(m, s)
                 t0 = time.perf_counter()
-                res = self.evaluate_task(masking, task)
+                meter = self.byte_meter(masking)
+                res = self.evaluate_task(meter.wrap(masking), task)
                 spec = cfg.mask_spec(s)
                 desc = describe(spec, self.layout.n_layers, units)
                 if getattr(masking, "missing", None):  # static criterion without neuron scores
                     for pool in masking.missing:
                         desc[pool]["effective"] = 0.0
-                        desc[pool]["note"] = "no scores for this pool: left dense"
+                        desc[pool]["note"] = getattr(masking, "missing_note", "no scores for this pool: left dense")
+                desc["bytes"] = meter.summary()  # weight bytes a decode step skips, per token (mean, std)
+                if getattr(masking, "measured_effective", False):  # thresholds: the realised count, not a rule's
+                    for pool, u in desc["bytes"]["units"].items():
+                        if u.get("effective") is not None and pool not in getattr(masking, "missing", ()):
+                            desc[pool]["effective"] = u["effective"]
                 rec = {
                     "key": key, "ident": ident, "model": self.model_id, "model_fingerprint": self.fp,
                     "method": m.name, "criterion": m.criterion or "",
