@@ -86,7 +86,8 @@ def _cache_of(out):
     return out.past_key_values
 
 
-def _pad(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids [B, T] and real-token mask [B, T]."""
     T = max(len(s) for s in seqs)
     ids = torch.zeros(len(seqs), T, dtype=torch.long)
     valid = torch.zeros(len(seqs), T, dtype=torch.bool)
@@ -134,7 +135,7 @@ def loglikelihoods(model: nn.Module, requests: Sequence[tuple[Sequence[int], Seq
         chunk = glist[g0:g0 + batch_size]
         prefixes = [list(p) for (p, _), _ in chunk]
         plen = torch.tensor([len(p) for p in prefixes], device=device)
-        ids, pvalid = _pad(prefixes, device)
+        ids, pvalid = pad_batch(prefixes, device)
         # the prefix is the context: its last token is the feature token
         info = ForwardInfo(ids=ids, valid=pvalid, last=plen - 1, feat_pos=plen - 1,
                            mask_src=[source[members[0]] for _, members in chunk])
@@ -160,7 +161,7 @@ def loglikelihoods(model: nn.Module, requests: Sequence[tuple[Sequence[int], Seq
         if rows_rest:
             cache = _cache_of(out)
             cache.reorder_cache(torch.tensor([g for g, _ in rows_g], device=device))
-            cids, cvalid = _pad(rows_rest, device)
+            cids, cvalid = pad_batch(rows_rest, device)
             gidx = torch.tensor([g for g, _ in rows_g], device=device)
             amask = torch.cat([pvalid[gidx], cvalid], dim=1).long()
             pos = plen[gidx][:, None] + torch.arange(cids.shape[1], device=device)[None, :]
@@ -184,7 +185,7 @@ def loglikelihoods(model: nn.Module, requests: Sequence[tuple[Sequence[int], Seq
     for b0 in range(0, len(singles), batch_size):
         chunk = singles[b0:b0 + batch_size]
         inputs = [prepared[i][0][:-1] for i in chunk]
-        ids, valid = _pad(inputs, device)
+        ids, valid = pad_batch(inputs, device)
         feat = [context_position(len(prepared[i][0]), prepared[i][1]) for i in chunk]
         info = ForwardInfo(ids=ids, valid=valid, last=valid.sum(1) - 1,
                            feat_pos=torch.tensor(feat, device=device), mask_src=[source[i] for i in chunk])

@@ -53,6 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.evaluate.forward import ForwardInfo, Masking
+from pipeline.evaluate.loglik import pad_batch
 from pipeline.evaluate.methods import MethodContext, MethodError, register
 from pipeline.hooks import UnitMasker, _HookSet, notify, observe_masks
 from pipeline.masks import POOLS, MaskSpec, keep_mask, prunable_layers
@@ -337,17 +338,6 @@ class AbsHistogram:
         below = float(cum[b - 1]) if b > 0 else float(self.zeros)
         frac = min(max((target - below) / max(float(self.counts[b]), 1.0), 0.0), 1.0)
         return 10.0 ** (LOG_LO + (b + frac) * (LOG_HI - LOG_LO) / BINS)
-
-
-def pad_batch(sequences: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor]:
-    """Right-padded ids [B, T] and real-token mask [B, T]."""
-    T = max(len(q) for q in sequences)
-    ids = torch.zeros(len(sequences), T, dtype=torch.long)
-    valid = torch.zeros(len(sequences), T, dtype=torch.bool)
-    for b, q in enumerate(sequences):
-        ids[b, :len(q)] = torch.tensor(q)
-        valid[b, :len(q)] = True
-    return ids.to(device), valid.to(device)
 
 
 def _calibration(ctx: MethodContext) -> list[list[int]]:
