@@ -18,22 +18,81 @@ Rows whose true (or predicted) scores are constant have no defined ρ and are sk
 from __future__ import annotations
 
 import numpy as np
+import torch
 from scipy.stats import rankdata
+from torch import Tensor
 
 from pipeline.units import n_kept, pool_kept
 
 
-def _rowwise_spearman(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
-    """ρ per row of two [R, U] arrays (average ranks for ties); nan where a row is constant."""
-    rp = rankdata(pred, axis=-1).astype(np.float64)
-    rt = rankdata(true, axis=-1).astype(np.float64)
-    rp -= rp.mean(-1, keepdims=True)
-    rt -= rt.mean(-1, keepdims=True)
-    denom = np.sqrt((rp * rp).sum(-1) * (rt * rt).sum(-1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rho = (rp * rt).sum(-1) / denom
-    rho[denom == 0] = np.nan
-    return rho
+def average_ranks(x: Tensor) -> Tensor:
+    """Ranks 1..U along the last axis of [R, U], ties averaged (scipy `rankdata`'s 'average'), float64,
+    on x's device: scipy on the CPU (faster there), `sorted_ranks` on an accelerator."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(rankdata(x.numpy(), axis=-1).astype(np.float64))
+    return sorted_ranks(x)
+
+
+def sorted_ranks(x: Tensor) -> Tensor:
+    """`average_ranks` in torch: one sort per row, then the first and last sorted position of every
+    run of equal values (their mean + 1 is the average rank of the run)."""
+    s, idx = torch.sort(x, dim=-1)
+    u = x.shape[-1]
+    pos = torch.arange(u, device=x.device).expand_as(s)
+    starts = torch.ones_like(s, dtype=torch.bool)
+    starts[..., 1:] = s[..., 1:] != s[..., :-1]
+    ends = torch.ones_like(starts)
+    ends[..., :-1] = starts[..., 1:]
+    first = torch.where(starts, pos, 0).cummax(-1).values
+    last = torch.where(ends, pos, u - 1).flip(-1).cummin(-1).values.flip(-1)
+    r = (first + last).double() / 2 + 1
+    return torch.empty_like(r).scatter_(-1, idx, r)
+
+
+def _centred_ranks(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows of [R, U] -> (centred average ranks, their norms); a row with a non-finite value gets norm nan."""
+    r = average_ranks(x)
+    r -= r.mean(-1, keepdim=True)
+    norm = r.square().sum(-1).sqrt()
+    return r, torch.where(torch.isfinite(x).all(-1), norm, torch.nan)
+
+
+def _rho(rp: Tensor, np_: Tensor, rt: Tensor, nt: Tensor) -> np.ndarray:
+    denom = np_ * nt
+    rho = (rp * rt).sum(-1) / denom
+    return torch.where(denom > 0, rho, torch.nan).cpu().numpy()
+
+
+def _as_tensor(x: np.ndarray | Tensor, device: str | torch.device | None = None) -> Tensor:
+    t = x if isinstance(x, Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+    return t.to(device) if device is not None else t
+
+
+def _rowwise_spearman(pred: np.ndarray | Tensor, true: np.ndarray | Tensor) -> np.ndarray:
+    """ρ per row of two [R, U] arrays (average ranks for ties); nan where a row is constant or not finite."""
+    true = _as_tensor(true)
+    pred = _as_tensor(pred, true.device)
+    return _rho(*_centred_ranks(pred), *_centred_ranks(true))
+
+
+class Spearman:
+    """Both ρ of `spearman_joint` and `spearman_per_layer` against fixed targets true [N, L, U], the
+    targets' ranks computed once (model selection scores every epoch against the same slice)."""
+
+    def __init__(self, true: np.ndarray | Tensor, device: str | torch.device | None = None):
+        t = _as_tensor(true, device)
+        self.shape, self.device = tuple(t.shape), t.device
+        n, u = self.shape[0], self.shape[-1]
+        self._joint = _centred_ranks(t.reshape(n, -1))
+        self._layer = _centred_ranks(t.reshape(-1, u))
+
+    def joint(self, pred: np.ndarray | Tensor) -> float:
+        p = _as_tensor(pred, self.device)
+        return _nanmean(_rho(*_centred_ranks(p.reshape(self.shape[0], -1)), *self._joint))
+
+    def per_layer(self, pred: np.ndarray | Tensor) -> float:
+        p = _as_tensor(pred, self.device)
+        return _nanmean(_rho(*_centred_ranks(p.reshape(-1, self.shape[-1])), *self._layer))
 
 
 def _nanmean(x: np.ndarray) -> float:

@@ -183,6 +183,29 @@ def test_ranking_metrics_by_hand():
     assert topk_recall(p2, t2, 0.5, pool="local") == pytest.approx(0.5)
 
 
+def test_ranks_average_ties_like_scipy_on_either_backend():
+    """`sorted_ranks` (the accelerator path) and `average_ranks` equal scipy's average ranks, ties
+    included; `Spearman` (targets ranked once) gives the functions' ρ; constant or non-finite rows are nan."""
+    from scipy.stats import rankdata
+
+    from pipeline.ranking import Spearman, average_ranks, sorted_ranks
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 4, size=(20, 11)).astype(np.float32)  # many ties
+    ref = rankdata(x, axis=-1)
+    assert np.array_equal(sorted_ranks(torch.from_numpy(x)).numpy(), ref)
+    assert np.array_equal(average_ranks(torch.from_numpy(x)).numpy(), ref)
+    p, t = rng.normal(size=(6, 3, 5)), rng.integers(0, 3, size=(6, 3, 5)).astype(np.float64)
+    t[0, 0] = 1.0  # a constant layer: no per-layer ρ for it
+    s = Spearman(t)
+    assert s.joint(p) == pytest.approx(spearman_joint(p, t)) and s.per_layer(p) == pytest.approx(spearman_per_layer(p, t))
+    rows = t.reshape(-1, 5)
+    by_hand = [np.corrcoef(rankdata(a), rankdata(b))[0, 1] for a, b in zip(p.reshape(-1, 5), rows) if b.std() > 0]
+    assert s.per_layer(p) == pytest.approx(np.mean(by_hand))
+    bad = p.copy()
+    bad[1, 0, 0] = np.nan
+    assert s.joint(bad) == pytest.approx(np.mean([spearman_joint(p[i:i + 1], t[i:i + 1]) for i in (0, 2, 3, 4, 5)]))
+
+
 def test_layer_params_counts_gqa_and_gating():
     d = {"arch": "llama", "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "head_dim": 8, "hidden": 32, "ffn_dim": 48}
     per_layer = 32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 48
@@ -269,3 +292,18 @@ def test_train_stage_bad_params(tmp_path, trace_dir, scores_dir, change, message
     assert res.exit_code == 1 and message in res.output, res.output
     assert len(res.output.strip().splitlines()) == 1
     assert not (tmp_path / "pred").exists() and not (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_ranks_on_cuda_equal_scipy():
+    from scipy.stats import rankdata
+
+    from pipeline.ranking import Spearman, average_ranks
+    rng = np.random.default_rng(4)
+    x = rng.integers(0, 50, size=(64, 4000)).astype(np.float32)
+    assert np.array_equal(average_ranks(torch.from_numpy(x).cuda()).cpu().numpy(), rankdata(x, axis=-1))
+    p, t = rng.normal(size=(8, 4, 300)).astype(np.float32), x[:8, :1200].reshape(8, 4, 300)
+    s = Spearman(t, "cuda")
+    assert s.joint(p) == pytest.approx(spearman_joint(p, t), abs=1e-12)
+    assert s.per_layer(p) == pytest.approx(spearman_per_layer(p, t), abs=1e-12)

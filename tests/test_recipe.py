@@ -15,7 +15,7 @@ from pipeline.predictors import build
 from pipeline.predictors.fit import (TARGET_TRANSFORMS, FitResult, FitSettings, evaluate, evaluate_train_mean, fit,
                                      selection_split, split_indices)
 from pipeline.predictors.ridge import Ridge, _features
-from pipeline.ranking import spearman_joint, spearman_per_layer
+from pipeline.ranking import Spearman, spearman_joint, spearman_per_layer
 from stages.train import fit_settings, parse_params
 
 DIMS = {"arch": "llama", "n_layers": 3, "n_heads": 8, "n_kv_heads": 2, "head_dim": 4, "hidden": 32, "ffn_dim": 24}
@@ -146,8 +146,8 @@ def test_epoch_zero_is_the_fit_rows_mean_and_the_best_epoch_is_restored():
     from pipeline.predictors.fit import evaluated, predict, selection_score
     ph, pn = predict(pred, x[res.select_rows])
     keep = evaluated(pred)
-    assert selection_score(ph[:, keep], yh[res.select_rows][:, keep]) == pytest.approx(res.best_score["heads"])
-    assert selection_score(pn[:, keep], yn[res.select_rows][:, keep]) == pytest.approx(res.best_score["neurons"])
+    assert selection_score(ph[:, keep], Spearman(yh[res.select_rows][:, keep])) == pytest.approx(res.best_score["heads"])
+    assert selection_score(pn[:, keep], Spearman(yn[res.select_rows][:, keep])) == pytest.approx(res.best_score["neurons"])
 
 
 @pytest.mark.parametrize("kind", ["shadowllm", "dejavu"])

@@ -31,7 +31,7 @@ from scipy.stats import rankdata
 from torch import Tensor
 
 from pipeline.predictors.base import Predictor
-from pipeline.ranking import ranking_metrics, spearman_joint, spearman_per_layer
+from pipeline.ranking import Spearman, ranking_metrics
 
 POOLS = ("heads", "neurons")
 LOG_EPS = 1e-3  # `log` transform: log1p(y / eps); fisher neuron targets have median ~1e-3 (issue 9)
@@ -111,10 +111,11 @@ def evaluated(pred: Predictor) -> list[int]:
     return [i for i, l in enumerate(pred.layers) if l >= 1]
 
 
-def selection_score(p: np.ndarray, y: np.ndarray) -> float:
+def selection_score(p: np.ndarray, target: Spearman) -> float:
     """What model selection maximises: the mean of the joint (global-mask) and the per-layer
-    (local-mask) Spearman ρ, both over examples; p, y [N, L, U] over the evaluated layers."""
-    return 0.5 * (spearman_joint(p, y) + spearman_per_layer(p, y))
+    (local-mask) Spearman ρ, both over examples; p [N, L, U] over the evaluated layers, `target` the
+    selection slice's true scores (their ranks computed once)."""
+    return 0.5 * (target.joint(p) + target.per_layer(p))
 
 
 def predict(pred: Predictor, x: np.ndarray, batch_size: int = 256, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
@@ -173,7 +174,8 @@ def fit(pred: Predictor, x: np.ndarray, y_heads: np.ndarray, y_neurons: np.ndarr
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, settings.epochs * steps_per_epoch))
     gen = torch.Generator().manual_seed(settings.seed)
     keep = evaluated(pred)
-    sel_true = {"heads": y_heads[sel_rows][:, keep], "neurons": y_neurons[sel_rows][:, keep]}
+    sel_true = {"heads": Spearman(y_heads[sel_rows][:, keep], settings.device),
+                "neurons": Spearman(y_neurons[sel_rows][:, keep], settings.device)}
     best = {u: (-math.inf, 0, None) for u in POOLS}  # (score, epoch, state)
     curves = []
     for epoch in range(settings.epochs + 1):
@@ -197,9 +199,9 @@ def fit(pred: Predictor, x: np.ndarray, y_heads: np.ndarray, y_neurons: np.ndarr
         rec = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_loss": total / len(fit_rows),
                "val_loss": float(((ph - th[sel_rows]) ** 2).mean() + ((pn - tn[sel_rows]) ** 2).mean())}
         for unit, p in (("heads", ph), ("neurons", pn)):
-            p, y = p[:, keep], sel_true[unit]
-            rec[f"val_spearman_{unit}"] = spearman_joint(p, y)
-            score = 0.5 * (rec[f"val_spearman_{unit}"] + spearman_per_layer(p, y))
+            p, target = p[:, keep], sel_true[unit]
+            rec[f"val_spearman_{unit}"] = target.joint(p)
+            score = 0.5 * (rec[f"val_spearman_{unit}"] + target.per_layer(p))
             rec[f"val_score_{unit}"] = score
             if score > best[unit][0]:
                 best[unit] = (score, epoch, _snapshot(getattr(pred, unit)))

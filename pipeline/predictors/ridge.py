@@ -18,6 +18,7 @@ import torch
 from pipeline.predictors.base import Predictor, minmax_features
 from pipeline.predictors.fit import (POOLS, TARGET_TRANSFORMS, FitResult, FitSettings, evaluated,
                                      selection_score)
+from pipeline.ranking import Spearman
 
 
 @dataclass
@@ -68,7 +69,7 @@ class Ridge:
             g = zf.shape[1]
             t = t.reshape(len(t), g, -1)  # ShadowLLM: all layers in its one group
             groups[unit] = [_Group.solve(zf[:, i], t[:, i]) for i in range(g)]
-            true = y[result.select_rows][:, keep]
+            true = Spearman(y[result.select_rows][:, keep], settings.device)
             scores[unit] = {}
             for a in settings.ridge_alphas:
                 p = np.stack([grp.predict(zs[:, i], a) for i, grp in enumerate(groups[unit])], 1).reshape(len(zs), *shape)
