@@ -126,6 +126,8 @@ CLAIMS = (
     ("ShadowLLM beats DejaVu-style look-ahead", "shadowllm-plainact", "dejavu_lookahead-l2_norm (dense inputs)"),
     ("DejaVu-style beats the static ranking of its criterion", "dejavu-l2_norm (dense inputs)", "static-l2_norm"),
     ("fisher is a better static criterion than plainact", "static-fisher", "static-plainact"),
+    ("l2_norm is a better static criterion than plainact", "static-l2_norm", "static-plainact"),
+    ("the train mean is a better static ranking than the raw mean", "static-plainact", "static_raw-plainact (raw mean)"),
     ("the oracle (gold scores) beats the static ranking (headroom)", "oracle-plainact (gold scores)", "static-plainact"),
 )
 
