@@ -111,13 +111,22 @@ def scores_meta(traces: Traces, static: list[str], target: list[str], **extra: A
 
 def _save(path: Path, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
-                  metadata={"shadowllm": json.dumps(meta, sort_keys=True)})
+        save_file(
+            {k: np.ascontiguousarray(v) for k, v in tensors.items()},
+            str(tmp),
+            metadata={"shadowllm": json.dumps(meta, sort_keys=True)},
+        )
 
 
-def save_scores(path_dir: str | Path, static: dict[str, dict[str, np.ndarray]],
-                targets: dict[str, dict[str, np.ndarray]], meta: dict[str, Any], *, dtype: str = "float32",
-                raw_static: dict[str, dict[str, np.ndarray]] | None = None) -> None:
+def save_scores(
+    path_dir: str | Path,
+    static: dict[str, dict[str, np.ndarray]],
+    targets: dict[str, dict[str, np.ndarray]],
+    meta: dict[str, Any],
+    *,
+    dtype: str = "float32",
+    raw_static: dict[str, dict[str, np.ndarray]] | None = None,
+) -> None:
     """Write static scores of every criterion (train mean; `raw_static`: raw mean), per-example targets
     of the chosen ones, and the metadata.
 
@@ -147,14 +156,17 @@ def _check_model(meta: dict[str, Any], model_fingerprint: str | None, what: str)
 STATIC_VARIANTS = {"train_mean": "", "raw_mean": "raw/"}
 
 
-def load_static(path_dir: str | Path, criterion: str, *, model_fingerprint: str | None = None,
-                variant: str = "train_mean") -> dict[str, np.ndarray]:
+def load_static(
+    path_dir: str | Path, criterion: str, *, model_fingerprint: str | None = None, variant: str = "train_mean"
+) -> dict[str, np.ndarray]:
     """{"heads": [L, H], "neurons": [L, F]} static scores of `criterion` (no neurons for heads-only
     criteria): `variant` "train_mean" (mean of the normalised targets) or "raw_mean"."""
     meta = load_meta(path_dir)
     _check_model(meta, model_fingerprint, f"static scores in {path_dir}")
     if criterion not in meta["criteria"]:
-        raise ValueError(f"no static scores for criterion '{criterion}' in {path_dir}; have {', '.join(meta['criteria'])}")
+        raise ValueError(
+            f"no static scores for criterion '{criterion}' in {path_dir}; have {', '.join(meta['criteria'])}"
+        )
     prefix = STATIC_VARIANTS[variant]
     data = load_file(str(Path(path_dir) / STATIC_FILE))
     out = {u: data[f"{prefix}{criterion}/{u}"] for u in UNITS if f"{prefix}{criterion}/{u}" in data}
@@ -167,6 +179,8 @@ def load_targets(path_dir: str | Path, criterion: str) -> dict[str, np.ndarray]:
     """{"heads": [N, L, H], "neurons": [N, L, F]} float32 per-layer min-max targets, rows in trace order."""
     meta = load_meta(path_dir)
     if criterion not in meta["targets"]:
-        raise ValueError(f"no predictor targets for criterion '{criterion}' in {path_dir}; have "
-                         f"{', '.join(meta['targets']) or 'none'} (params: aggregate.targets)")
+        raise ValueError(
+            f"no predictor targets for criterion '{criterion}' in {path_dir}; have "
+            f"{', '.join(meta['targets']) or 'none'} (params: aggregate.targets)"
+        )
     return {u: a.astype(np.float32) for u, a in load_file(str(Path(path_dir) / target_file(criterion))).items()}

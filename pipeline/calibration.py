@@ -50,12 +50,16 @@ def build(plan: CalibrationPlan, tokenizer: Any) -> tuple[list[Sequence], list[d
             calib, evals = text_split(name, len(windows), calib_fraction=plan.calib_fraction, seed=plan.seed)
             chosen = calib[: plan.n_per_task]
             seqs += [text_sequence(f"{name}/w{i}", name, windows[i]) for i in chosen if len(windows[i]) > 1]
-            records.append(Split(name, plan.seed, tuple(f"{name}/w{i}" for i in chosen),
-                                 tuple(f"{name}/w{i}" for i in evals)).to_dict())
+            records.append(
+                Split(
+                    name, plan.seed, tuple(f"{name}/w{i}" for i in chosen), tuple(f"{name}/w{i}" for i in evals)
+                ).to_dict()
+            )
             continue
         examples = task_registry.load_examples(name, plan.mirror_dir)
-        calib, _, record = split_examples(examples, calib_fraction=plan.calib_fraction, seed=plan.seed,
-                                          max_calib=plan.n_per_task)
+        calib, _, record = split_examples(
+            examples, calib_fraction=plan.calib_fraction, seed=plan.seed, max_calib=plan.n_per_task
+        )
         pool = calib  # few-shot demonstrations come from the calibration slice only
         for ex in calib:
             ex = with_fewshot(ex, pool, plan.num_fewshot, plan.seed)

@@ -7,12 +7,14 @@ skips every complete shard whose parameters match, so a killed run resumes where
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
+import operator
 import time
-from contextlib import nullcontext
 from collections.abc import Sequence as Seq
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,8 +58,9 @@ class Sequence:
         return text_position(n) if self.text else context_position(n, self.n_target)
 
 
-def mc_sequence(ex_id: str, task: str, ctx: list[int], cont: list[int], max_tokens: int, *,
-                bos_id: int | None = None) -> Sequence:
+def mc_sequence(
+    ex_id: str, task: str, ctx: list[int], cont: list[int], max_tokens: int, *, bos_id: int | None = None
+) -> Sequence:
     """Context + gold continuation, truncated from the left to `max_tokens` (the target is kept).
 
     `bos_id` (set when the model's BOS policy is on): a sequence starting with it keeps the BOS at
@@ -145,14 +148,21 @@ def score_batch(model: nn.Module, layout: Layout, seqs: Seq[Sequence], settings:
         """All layers' units side by side: heads [B, T, L·H, D], neurons [B, T, L·F] (float32)."""
         if tensors[offset] is None:
             return None
-        return torch.cat([view(t.detach()).float() for t in tensors[offset:offset + L]], dim=2)
+        return torch.cat([view(t.detach()).float() for t in tensors[offset : offset + L]], dim=2)
 
     scores: dict[str, Tensor] = {}
     with torch.no_grad():
-        for view, offset, column, pick in ((cap.heads, 0, head_col, lambda c: c.heads),
-                                           (cap.neurons, L, neuron_col, lambda c: c.neurons)):
-            unit = crit.UnitBatch(a=units(view, list(raw), offset), g=units(view, grads, offset), valid=valid,
-                                  hg=units(view, hvps, offset), labels=labels)
+        for view, offset, column, pick in (
+            (cap.heads, 0, head_col, lambda c: c.heads),
+            (cap.neurons, L, neuron_col, lambda c: c.neurons),
+        ):
+            unit = crit.UnitBatch(
+                a=units(view, list(raw), offset),
+                g=units(view, grads, offset),
+                valid=valid,
+                hg=units(view, hvps, offset),
+                labels=labels,
+            )
             for c in chosen:
                 if pick(c) is not None:
                     scores[column(c.name)] = pick(c)(unit)
@@ -192,8 +202,16 @@ def params_hash(params: dict[str, Any]) -> str:
 # metadata: a resumed run reuses a shard only when this code is unchanged, so an edit never mixes
 # new rows with stale ones (DVC reruns the stage, but `persist: true` keeps the old shards).
 _PKG = Path(__file__).resolve().parent
-CODE_FILES: tuple[str, ...] = ("collect.py", "criteria.py", "hooks.py", "traces.py", "features.py", "calibration.py",
-                               "models/adapters.py", "data")
+CODE_FILES: tuple[str, ...] = (
+    "collect.py",
+    "criteria.py",
+    "hooks.py",
+    "traces.py",
+    "features.py",
+    "calibration.py",
+    "models/adapters.py",
+    "data",
+)
 
 
 def code_hash(files: Seq[str | Path] = CODE_FILES, root: Path = _PKG) -> str:
@@ -226,15 +244,29 @@ class CollectStats:
 
     def metrics(self) -> dict[str, float]:
         s = max(self.seconds, 1e-9)
-        return {"examples": self.examples, "tokens": self.tokens, "seconds": round(self.seconds, 3),
-                "examples_per_s": self.examples / s, "tokens_per_s": self.tokens / s,
-                "bytes_written": self.bytes_written, "shards_written": self.shards_written,
-                "shards_reused": self.shards_reused,
-                "shards_discarded": sum(self.shards_discarded.values())}
+        return {
+            "examples": self.examples,
+            "tokens": self.tokens,
+            "seconds": round(self.seconds, 3),
+            "examples_per_s": self.examples / s,
+            "tokens_per_s": self.tokens / s,
+            "bytes_written": self.bytes_written,
+            "shards_written": self.shards_written,
+            "shards_reused": self.shards_reused,
+            "shards_discarded": sum(self.shards_discarded.values()),
+        }
 
 
-def collect(model: nn.Module, layout: Layout, seqs: list[Sequence], out_dir: str | Path,
-            settings: CollectSettings, meta: dict[str, Any], *, progress: bool = True) -> CollectStats:
+def collect(
+    model: nn.Module,
+    layout: Layout,
+    seqs: list[Sequence],
+    out_dir: str | Path,
+    settings: CollectSettings,
+    meta: dict[str, Any],
+    *,
+    progress: bool = True,
+) -> CollectStats:
     """Write `seqs`' traces into `out_dir` as shards, resuming from any complete matching shards.
 
     `meta` (model id/fingerprint/dims, run params) is stored in every shard together with a hash
@@ -243,8 +275,14 @@ def collect(model: nn.Module, layout: Layout, seqs: list[Sequence], out_dir: str
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = dict(meta, schema_version=SCHEMA_VERSION, criteria=list(settings.criteria), storage=settings.storage,
-                settings=asdict(settings), n_examples=len(seqs))
+    meta = dict(
+        meta,
+        schema_version=SCHEMA_VERSION,
+        criteria=list(settings.criteria),
+        storage=settings.storage,
+        settings=asdict(settings),
+        n_examples=len(seqs),
+    )
     meta.setdefault("code_hash", code_hash())
     meta["params_hash"] = params_hash({k: v for k, v in meta.items() if k != "shard"})
     n_shards = math.ceil(len(seqs) / settings.shard_size)
@@ -258,28 +296,41 @@ def collect(model: nn.Module, layout: Layout, seqs: list[Sequence], out_dir: str
         if m is not None and m.get("params_hash") == meta["params_hash"] and k < n_shards:
             done.add(k)
             continue
-        reason = ("unreadable" if m is None else "code changed" if m.get("code_hash") != meta["code_hash"]
-                  else "params changed" if m.get("params_hash") != meta["params_hash"] else "beyond the example list")
+        reason = (
+            "unreadable"
+            if m is None
+            else "code changed"
+            if m.get("code_hash") != meta["code_hash"]
+            else "params changed"
+            if m.get("params_hash") != meta["params_hash"]
+            else "beyond the example list"
+        )
         discarded[reason] = discarded.get(reason, 0) + 1
         p.unlink()
     stats = CollectStats(shards_reused=len(done), shards_discarded=discarded)
     todo = [k for k in range(n_shards) if k not in done]
-    total = sum(len(seqs[k * settings.shard_size:(k + 1) * settings.shard_size]) for k in todo)
+    total = sum(len(seqs[k * settings.shard_size : (k + 1) * settings.shard_size]) for k in todo)
     bar = tqdm(total=total, unit="ex", desc="collect", disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
     for k in todo:
         # Similar lengths share a batch (less padding); the order inside a shard is still deterministic.
-        shard = sorted(seqs[k * settings.shard_size:(k + 1) * settings.shard_size], key=lambda s: len(s.input_ids))
+        shard = sorted(seqs[k * settings.shard_size : (k + 1) * settings.shard_size], key=lambda s: len(s.input_ids))
         parts = []
         for i in range(0, len(shard), settings.batch_size):
-            batch = shard[i:i + settings.batch_size]
+            batch = shard[i : i + settings.batch_size]
             parts.append(score_batch(model, layout, batch, settings))
             stats.examples += len(batch)
             stats.tokens += sum(len(s.input_ids) for s in batch)
             bar.update(len(batch))
             bar.set_postfix(tok_s=f"{stats.tokens / (time.perf_counter() - t0):.0f}")
-        columns = {key: (np.concatenate([p[key] for p in parts]) if isinstance(parts[0][key], np.ndarray)
-                         else sum((p[key] for p in parts), [])) for key in parts[0]}
+        columns = {
+            key: (
+                np.concatenate([p[key] for p in parts])
+                if isinstance(parts[0][key], np.ndarray)
+                else functools.reduce(operator.iadd, (p[key] for p in parts), [])
+            )
+            for key in parts[0]
+        }
         stats.bytes_written += write_shard(out_dir / shard_name(k), columns, dict(meta, shard=k), settings.storage)
         stats.shards_written += 1
     bar.close()

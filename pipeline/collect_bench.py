@@ -27,7 +27,7 @@ def _sync(device: torch.device) -> None:
 
 def _batches(seqs: list[Sequence], batch_size: int) -> list[list[Sequence]]:
     ordered = sorted(seqs, key=lambda s: len(s.input_ids))  # as collect batches them
-    return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
 def bare_step(model: nn.Module, batch: list[Sequence]) -> None:
@@ -51,8 +51,16 @@ def _time(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
     return best
 
 
-def measure(model: nn.Module, layout: Layout, seqs: list[Sequence], criteria_sets: dict[str, list[str]], *,
-            batch_size: int = 8, repeats: int = 2, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+def measure(
+    model: nn.Module,
+    layout: Layout,
+    seqs: list[Sequence],
+    criteria_sets: dict[str, list[str]],
+    *,
+    batch_size: int = 8,
+    repeats: int = 2,
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Seconds (best of `repeats`) over all `seqs` for the bare step and for each criteria set,
     both score-only and the full `collect` into a temporary directory (Parquet included)."""
     device = next(model.parameters()).device
@@ -63,22 +71,34 @@ def measure(model: nn.Module, layout: Layout, seqs: list[Sequence], criteria_set
     bare_step(model, batches[0])
     bare = _time(lambda: [bare_step(model, b) for b in batches], device, repeats)
     model.requires_grad_(False)
-    out: dict[str, Any] = {"examples": len(seqs), "tokens": n_tok, "batch_size": batch_size,
-                           "device": str(device), "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-                           "bare_seconds": bare, "bare_tokens_per_s": n_tok / bare, "sets": {}}
+    out: dict[str, Any] = {
+        "examples": len(seqs),
+        "tokens": n_tok,
+        "batch_size": batch_size,
+        "device": str(device),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "bare_seconds": bare,
+        "bare_tokens_per_s": n_tok / bare,
+        "sets": {},
+    }
     for name, crits in criteria_sets.items():
         settings = CollectSettings(criteria=crits, batch_size=batch_size, shard_size=len(seqs))
         score_batch(model, layout, batches[0], settings)
-        scored = _time(lambda: [score_batch(model, layout, b, settings) for b in batches], device, repeats)
+        scored = _time(lambda s=settings: [score_batch(model, layout, b, s) for b in batches], device, repeats)
 
-        def full() -> None:
+        def full(s: CollectSettings = settings) -> None:
             with tempfile.TemporaryDirectory() as d:
-                collect(model, layout, seqs, d, settings, meta or {"model": {"dims": layout.dims()}}, progress=False)
+                collect(model, layout, seqs, d, s, meta or {"model": {"dims": layout.dims()}}, progress=False)
 
         whole = _time(full, device, repeats)
-        out["sets"][name] = {"criteria": crits, "score_seconds": scored, "collect_seconds": whole,
-                             "examples_per_s": len(seqs) / whole, "tokens_per_s": n_tok / whole,
-                             "ratio_to_bare": whole / bare}
+        out["sets"][name] = {
+            "criteria": crits,
+            "score_seconds": scored,
+            "collect_seconds": whole,
+            "examples_per_s": len(seqs) / whole,
+            "tokens_per_s": n_tok / whole,
+            "ratio_to_bare": whole / bare,
+        }
     return out
 
 
@@ -90,13 +110,17 @@ CRITERIA_SETS = {
 
 
 def format_table(res: dict[str, Any]) -> str:
-    lines = [f"collect throughput on {res['device']} ({res['dtype']}), {res['examples']} examples, "
-             f"{res['tokens']} tokens, batch {res['batch_size']}",
-             f"  bare forward+backward: {res['bare_seconds']:.3f} s  ({res['bare_tokens_per_s']:.0f} tok/s)",
-             f"  {'criteria':<12} {'ex/s':>8} {'tok/s':>9} {'collect s':>10} {'ratio':>7}"]
+    lines = [
+        f"collect throughput on {res['device']} ({res['dtype']}), {res['examples']} examples, "
+        f"{res['tokens']} tokens, batch {res['batch_size']}",
+        f"  bare forward+backward: {res['bare_seconds']:.3f} s  ({res['bare_tokens_per_s']:.0f} tok/s)",
+        f"  {'criteria':<12} {'ex/s':>8} {'tok/s':>9} {'collect s':>10} {'ratio':>7}",
+    ]
     for name, s in res["sets"].items():
-        lines.append(f"  {name:<12} {s['examples_per_s']:8.2f} {s['tokens_per_s']:9.0f} "
-                     f"{s['collect_seconds']:10.3f} {s['ratio_to_bare']:6.2f}x")
+        lines.append(
+            f"  {name:<12} {s['examples_per_s']:8.2f} {s['tokens_per_s']:9.0f} "
+            f"{s['collect_seconds']:10.3f} {s['ratio_to_bare']:6.2f}x"
+        )
     return "\n".join(lines)
 
 
@@ -130,8 +154,14 @@ def main() -> None:
     config = AutoConfig.from_pretrained(args.config)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype)).to(args.device).eval()
     seqs = load_sequences(args.sequences)
-    res = measure(model, resolve(model), seqs, {k: CRITERIA_SETS[k] for k in args.sets.split(",")},
-                  batch_size=args.batch_size, repeats=args.repeats)
+    res = measure(
+        model,
+        resolve(model),
+        seqs,
+        {k: CRITERIA_SETS[k] for k in args.sets.split(",")},
+        batch_size=args.batch_size,
+        repeats=args.repeats,
+    )
     print(format_table(res))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2))

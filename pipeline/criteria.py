@@ -172,11 +172,25 @@ def _epenas_heads(u: UnitBatch) -> Tensor:
 register(Criterion("plainact", _plainact_heads, _abs_ag, doc="sum_t |sum_d a*g| (ShadowLLM default)"))
 register(Criterion("fisher", _fisher_heads, _fisher_neurons, doc="sum_d mean_t (a*g)^2"))
 register(Criterion("grad_norm", lambda u: _norm(u.g, u, True), lambda u: _norm(u.g, u, False), doc="||g||_2"))
-register(Criterion("l2_norm", lambda u: _norm(u.a, u, True), lambda u: _norm(u.a, u, False), needs_grad=False,
-                   doc="||a||_2 (DejaVu magnitude)"))
+register(
+    Criterion(
+        "l2_norm",
+        lambda u: _norm(u.a, u, True),
+        lambda u: _norm(u.a, u, False),
+        needs_grad=False,
+        doc="||a||_2 (DejaVu magnitude)",
+    )
+)
 register(Criterion("snip", lambda u: _abs_ag(u).sum(-1), _abs_ag, doc="sum_{t,d} |a*g|"))
-register(Criterion("grasp", lambda u: _grasp(u, True), lambda u: _grasp(u, False), needs_hvp=True,
-                   doc="-sum (Hg)*a, Hessian-vector product by double backward"))
+register(
+    Criterion(
+        "grasp",
+        lambda u: _grasp(u, True),
+        lambda u: _grasp(u, False),
+        needs_hvp=True,
+        doc="-sum (Hg)*a, Hessian-vector product by double backward",
+    )
+)
 register(Criterion("nwot", _nwot_heads, _nwot_neurons, needs_grad=False, doc="NASWOT log|det K| over tokens"))
 register(Criterion("jacov", _jacov_heads, None, predictable=False, doc="Jacobian covariance of g over tokens"))
 register(Criterion("epenas", _epenas_heads, None, predictable=False, doc="EPE-NAS over g by target token"))

@@ -67,8 +67,9 @@ class UnitCapture(_HookSet):
     `heads(x)` / `neurons(x)` view a raw tensor, or its gradient, as [B, T, H, D] / [B, T, F].
     """
 
-    def __init__(self, model: nn.Module, layout: Layout, *, layer_inputs: bool = False,
-                 layers: Iterable[int] | None = None):
+    def __init__(
+        self, model: nn.Module, layout: Layout, *, layer_inputs: bool = False, layers: Iterable[int] | None = None
+    ):
         super().__init__(model)
         self.layout = layout
         n = layout.n_layers
@@ -146,8 +147,15 @@ class UnitMasker(_HookSet):
     layer 0's heads). `layer_input_fn(l, h)` sees each layer's input first (DejaVu predictors).
     """
 
-    def __init__(self, model: nn.Module, layout: Layout, *, head_fn: HeadFn | None = None,
-                 neuron_fn: NeuronFn | None = None, layer_input_fn: LayerInputFn | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        layout: Layout,
+        *,
+        head_fn: HeadFn | None = None,
+        neuron_fn: NeuronFn | None = None,
+        layer_input_fn: LayerInputFn | None = None,
+    ):
         super().__init__(model)
         self.layout = layout
         for l in range(layout.n_layers):
@@ -207,4 +215,3 @@ def embeddings_require_grad(model: nn.Module) -> _HookSet:
 
     hooks._handles.append(emb.register_forward_hook(fwd_hook))
     return hooks
-

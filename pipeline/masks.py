@@ -51,7 +51,9 @@ class MaskSpec:
         if self.scope not in SCOPES:
             raise MaskError(f"parameter evaluate.scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
         if self.normalize not in NORMALIZE:
-            raise MaskError(f"parameter evaluate.normalize must be one of {', '.join(NORMALIZE)}, got {self.normalize!r}")
+            raise MaskError(
+                f"parameter evaluate.normalize must be one of {', '.join(NORMALIZE)}, got {self.normalize!r}"
+            )
         for pool, s in self.sparsity.items():
             if pool not in POOLS:
                 raise MaskError(f"unknown unit pool {pool!r} (params: evaluate.pools); known: {', '.join(POOLS)}")
@@ -72,17 +74,28 @@ def prunable_layers(n_layers: int, dense_layers: tuple[int, ...]) -> list[int]:
     return [l for l in range(n_layers) if l not in set(dense_layers)]
 
 
-def removal_counts(n_layers: int, n_units: int, sparsity: float, scope: str, *, min_keep: float = 0.1,
-                   dense_layers: tuple[int, ...] = (0,)) -> dict[str, Any]:
+def removal_counts(
+    n_layers: int,
+    n_units: int,
+    sparsity: float,
+    scope: str,
+    *,
+    min_keep: float = 0.1,
+    dense_layers: tuple[int, ...] = (0,),
+) -> dict[str, Any]:
     """How many units are removed (`pipeline.units`): `removed` (actual total), `requested` (L_p ·
     n_removed(U, s), the same in every scope; larger than `removed` only where hybrid's floor caps it),
     `per_layer` (local only), and the effective sparsity of the actual total."""
     n_prunable = len(prunable_layers(n_layers, dense_layers))
     total = removed_total(n_prunable, n_units, sparsity, scope, min_keep)
-    return {"removed": total, "requested": pool_removed(n_prunable, n_units, sparsity),
-            "per_layer": n_removed(n_units, sparsity) if scope == "local" else None,
-            "prunable_layers": n_prunable, "nominal": float(sparsity),
-            "effective": total / float(n_layers * n_units)}
+    return {
+        "removed": total,
+        "requested": pool_removed(n_prunable, n_units, sparsity),
+        "per_layer": n_removed(n_units, sparsity) if scope == "local" else None,
+        "prunable_layers": n_prunable,
+        "nominal": float(sparsity),
+        "effective": total / float(n_layers * n_units),
+    }
 
 
 def normalize_scores(scores: Tensor, how: str = "minmax") -> Tensor:
@@ -91,12 +104,19 @@ def normalize_scores(scores: Tensor, how: str = "minmax") -> Tensor:
         return scores
     lo = scores.amin(-1, keepdim=True)
     span = scores.amax(-1, keepdim=True) - lo
-    return torch.where(span > 0, (scores - lo) / span.clamp_min(torch.finfo(scores.dtype).tiny),
-                       torch.zeros_like(scores))
+    return torch.where(
+        span > 0, (scores - lo) / span.clamp_min(torch.finfo(scores.dtype).tiny), torch.zeros_like(scores)
+    )
 
 
-def keep_mask(scores: Tensor | np.ndarray, sparsity: float, scope: str = "global", *, min_keep: float = 0.1,
-              dense_layers: tuple[int, ...] = (0,)) -> Tensor:
+def keep_mask(
+    scores: Tensor | np.ndarray,
+    sparsity: float,
+    scope: str = "global",
+    *,
+    min_keep: float = 0.1,
+    dense_layers: tuple[int, ...] = (0,),
+) -> Tensor:
     """Bool keep mask [..., L, U] from scores [..., L, U] (higher = keep)."""
     x = torch.as_tensor(scores).float()
     L, U = x.shape[-2], x.shape[-1]
@@ -160,8 +180,14 @@ def describe(spec: MaskSpec, n_layers: int, units: dict[str, int]) -> dict[str, 
     """Nominal and effective sparsity of each pool, for the results table."""
     out: dict[str, Any] = {"scope": spec.scope, "dense_layers": list(spec.dense_layers)}
     for pool in POOLS:
-        c = removal_counts(n_layers, units[pool], spec.s(pool), spec.scope, min_keep=spec.min_keep,
-                           dense_layers=spec.dense_layers)
-        out[pool] = {"nominal": spec.s(pool), "effective": c["effective"], "removed": c["removed"],
-                     "requested": c["requested"], "total": n_layers * units[pool]}
+        c = removal_counts(
+            n_layers, units[pool], spec.s(pool), spec.scope, min_keep=spec.min_keep, dense_layers=spec.dense_layers
+        )
+        out[pool] = {
+            "nominal": spec.s(pool),
+            "effective": c["effective"],
+            "removed": c["removed"],
+            "requested": c["requested"],
+            "total": n_layers * units[pool],
+        }
     return out

@@ -114,7 +114,7 @@ class Traces:
     shards: list[Path]
 
     @classmethod
-    def open(cls, directory: str | Path) -> "Traces":
+    def open(cls, directory: str | Path) -> Traces:
         directory = Path(directory)
         shards = sorted(directory.glob("part-*.parquet"))
         if not shards:

@@ -58,8 +58,11 @@ class _Run(_NullRun):
         self.mlflow.log_params(flat)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        clean = {metric_name(k): float(v) for k, v in _flatten(metrics).items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        clean = {
+            metric_name(k): float(v)
+            for k, v in _flatten(metrics).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         if clean:
             self.mlflow.log_metrics(clean, step=step)
 
@@ -92,17 +95,24 @@ def stage_run(stage: str, *, tags: dict[str, str] | None = None) -> Iterator[_Nu
     mlflow.set_experiment(EXPERIMENT)
     commit = _git_commit()
     pipeline_id = os.environ.get("SHADOWLLM_PIPELINE_RUN", commit)
-    found = mlflow.search_runs(filter_string=f"tags.shadowllm_pipeline = '{pipeline_id}' and tags.shadowllm_role = 'pipeline'",
-                               max_results=1, output_format="list")
+    found = mlflow.search_runs(
+        filter_string=f"tags.shadowllm_pipeline = '{pipeline_id}' and tags.shadowllm_role = 'pipeline'",
+        max_results=1,
+        output_format="list",
+    )
     if found:
         mlflow.start_run(run_id=found[0].info.run_id)
     else:
-        mlflow.start_run(run_name=f"pipeline {pipeline_id[:10]}",
-                                  tags={"shadowllm_pipeline": pipeline_id, "shadowllm_role": "pipeline", "git_commit": commit})
+        mlflow.start_run(
+            run_name=f"pipeline {pipeline_id[:10]}",
+            tags={"shadowllm_pipeline": pipeline_id, "shadowllm_role": "pipeline", "git_commit": commit},
+        )
     try:
-        with mlflow.start_run(run_name=stage, nested=True,
-                              tags={"dvc_stage": stage, "git_commit": commit, "shadowllm_role": "stage",
-                                    **(tags or {})}):
+        with mlflow.start_run(
+            run_name=stage,
+            nested=True,
+            tags={"dvc_stage": stage, "git_commit": commit, "shadowllm_role": "stage", **(tags or {})},
+        ):
             yield _Run(mlflow)
     finally:
         mlflow.end_run()  # the parent; the nested run ended with its `with`

@@ -11,10 +11,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import yaml  # noqa: E402
+import yaml
 
-from pipeline.evaluate.config import set_override  # noqa: E402
-from pipeline.params import ParamError  # noqa: E402
+from pipeline.evaluate.config import set_override
+from pipeline.params import ParamError
 
 
 def derive(base: Path, out: Path, overrides: list[str]) -> dict:

@@ -81,8 +81,10 @@ def assemble(parts_dir: Path, target: Path) -> Path:
     size, digest = tmp.stat().st_size, _sha256(tmp)
     if size != manifest["size"] or digest != manifest["sha256"]:
         tmp.unlink()
-        raise SystemExit(f"ship: {manifest['name']}: assembled {size} B sha256 {digest[:12]}…, "
-                         f"expected {manifest['size']} B {manifest['sha256'][:12]}…")
+        raise SystemExit(
+            f"ship: {manifest['name']}: assembled {size} B sha256 {digest[:12]}…, "
+            f"expected {manifest['size']} B {manifest['sha256'][:12]}…"
+        )
     os.replace(tmp, target)
     return target
 

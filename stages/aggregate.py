@@ -34,8 +34,10 @@ def check_target(name: str, where: str, collected: list[str]) -> str:
     if not crit.CRITERIA[name].predictable:
         raise ParamError(f"parameter {where}: criterion '{name}' is static-only and cannot be a predictor target")
     if name not in collected:
-        raise ParamError(f"parameter {where}: criterion '{name}' is not in the traces (collected: {', '.join(collected)}); "
-                         "add it to collect.criteria")
+        raise ParamError(
+            f"parameter {where}: criterion '{name}' is not in the traces (collected: {', '.join(collected)}); "
+            "add it to collect.criteria"
+        )
     return name
 
 
@@ -49,8 +51,10 @@ def parse_params(params: dict[str, Any], collected: list[str]) -> AggregateParam
         raise ParamError(f"parameter aggregate.targets has duplicates: {targets}")
     heatmap = sec.get("heatmap", targets[0])
     if heatmap not in collected:
-        raise ParamError(f"parameter aggregate.heatmap: criterion {heatmap!r} is not in the traces "
-                         f"(collected: {', '.join(collected)})")
+        raise ParamError(
+            f"parameter aggregate.heatmap: criterion {heatmap!r} is not in the traces "
+            f"(collected: {', '.join(collected)})"
+        )
     dtype = sec.get("target_dtype", "float32")
     if dtype not in DTYPES:
         raise ParamError(f"parameter aggregate.target_dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -70,8 +74,13 @@ def heatmap(static: dict[str, np.ndarray], criterion: str, path: Path) -> None:
     units = list(static)
     fig, axes = plt.subplots(1, len(units), figsize=(6 * len(units), 4), squeeze=False)
     for ax, unit in zip(axes[0], units):
-        img = ax.imshow(minmax_per_layer(static[unit][None])[0], aspect="auto", interpolation="nearest",
-                        cmap="viridis", origin="lower")
+        img = ax.imshow(
+            minmax_per_layer(static[unit][None])[0],
+            aspect="auto",
+            interpolation="nearest",
+            cmap="viridis",
+            origin="lower",
+        )
         ax.set(xlabel=unit[:-1] + " index", ylabel="layer", title=f"{criterion}: static {unit} (per-layer min-max)")
         fig.colorbar(img, ax=ax)
     fig.tight_layout()
@@ -108,17 +117,26 @@ def run(params_path: str, traces_dir: str, out_dir: str, plots_dir: str | None =
         mlrun.log_metrics(metrics)
         mlrun.log_artifact(out / agg.META_FILE)
         mlrun.log_artifact(png)
-    click.echo(f"aggregate: {meta['n_examples']} examples; static {', '.join(static)}; targets {', '.join(p.targets)} -> {out}")
+    click.echo(
+        f"aggregate: {meta['n_examples']} examples; static {', '.join(static)}; targets {', '.join(p.targets)} -> {out}"
+    )
     return meta
 
 
 @click.command("aggregate")
 @click.option("--params", "params_path", default="params.yaml", show_default=True, help="params file")
-@click.option("--traces", "traces_dir", required=True, type=click.Path(file_okay=False), help="trace directory (collect)")
+@click.option(
+    "--traces", "traces_dir", required=True, type=click.Path(file_okay=False), help="trace directory (collect)"
+)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="scores directory to write")
-@click.option("--plots", "plots_dir", default=None, type=click.Path(file_okay=False),
-              help="directory for the heat map (default: --out; keep it outside --out so that changing "
-                   "aggregate.heatmap does not invalidate the scores)")
+@click.option(
+    "--plots",
+    "plots_dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="directory for the heat map (default: --out; keep it outside --out so that changing "
+    "aggregate.heatmap does not invalidate the scores)",
+)
 def cli(params_path: str, traces_dir: str, out_dir: str, plots_dir: str | None) -> None:
     """Static importance and per-layer-normalised predictor targets from the traces."""
     try:

@@ -8,21 +8,33 @@ import click
 
 
 @click.command("bench-collect")
-@click.option("--params", "params_path", type=click.Path(path_type=Path), default=Path("params.yaml"), show_default=True)
+@click.option(
+    "--params", "params_path", type=click.Path(path_type=Path), default=Path("params.yaml"), show_default=True
+)
 @click.option("--n-per-task", type=int, default=4, show_default=True, help="calibration examples per task")
-@click.option("--sets", default="plainact,predictable,all", show_default=True,
-              help="criteria sets: plainact, predictable (5 cheap per-example criteria), all (nine)")
+@click.option(
+    "--sets",
+    default="plainact,predictable,all",
+    show_default=True,
+    help="criteria sets: plainact, predictable (5 cheap per-example criteria), all (nine)",
+)
 @click.option("--repeats", type=int, default=1, show_default=True)
 @click.option("--out", "out_path", type=click.Path(path_type=Path), default=None, help="write the JSON result here")
-@click.option("--save-sequences", type=click.Path(path_type=Path), default=None,
-              help="also save the tokenised sequences (to time the same batches elsewhere, e.g. on a GPU)")
-def cli(params_path: Path, n_per_task: int, sets: str, repeats: int, out_path: Path | None,
-        save_sequences: Path | None) -> None:
+@click.option(
+    "--save-sequences",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="also save the tokenised sequences (to time the same batches elsewhere, e.g. on a GPU)",
+)
+def cli(
+    params_path: Path, n_per_task: int, sets: str, repeats: int, out_path: Path | None, save_sequences: Path | None
+) -> None:
     """Print examples/s and tokens/s of collect, and its time relative to a bare forward+backward."""
     from pipeline import params as P
     from pipeline.calibration import CalibrationPlan, build
+    from pipeline.collect_bench import CRITERIA_SETS, format_table, measure
+    from pipeline.collect_bench import save_sequences as save
     from pipeline.data.tokenize import resolve_add_bos
-    from pipeline.collect_bench import CRITERIA_SETS, format_table, measure, save_sequences as save
     from pipeline.io import write_json
     from pipeline.models.adapters import resolve
     from pipeline.models.loading import load_from_params
@@ -33,15 +45,27 @@ def cli(params_path: Path, n_per_task: int, sets: str, repeats: int, out_path: P
     if unknown:
         raise click.ClickException(f"unknown --sets {unknown}; known: {', '.join(CRITERIA_SETS)}")
     model, tok = load_from_params(m)
-    plan = CalibrationPlan(tasks=tuple(c["tasks"]), mirror_dir=d.get("mirror_dir"), n_per_task=n_per_task,
-                           calib_fraction=float(d["calib_fraction"]), seed=int(d["seed"]),
-                           num_fewshot=int(c.get("num_fewshot", 0)), max_tokens=int(c["max_tokens"]),
-                           add_bos=resolve_add_bos(m.get("add_bos", "auto"), tok))
+    plan = CalibrationPlan(
+        tasks=tuple(c["tasks"]),
+        mirror_dir=d.get("mirror_dir"),
+        n_per_task=n_per_task,
+        calib_fraction=float(d["calib_fraction"]),
+        seed=int(d["seed"]),
+        num_fewshot=int(c.get("num_fewshot", 0)),
+        max_tokens=int(c["max_tokens"]),
+        add_bos=resolve_add_bos(m.get("add_bos", "auto"), tok),
+    )
     seqs, _ = build(plan, tok)
     if save_sequences:
         save(seqs, save_sequences)
-    res = measure(model, resolve(model), seqs, {k: CRITERIA_SETS[k] for k in sets.split(",")},
-                  batch_size=int(c.get("batch_size", 8)), repeats=repeats)
+    res = measure(
+        model,
+        resolve(model),
+        seqs,
+        {k: CRITERIA_SETS[k] for k in sets.split(",")},
+        batch_size=int(c.get("batch_size", 8)),
+        repeats=repeats,
+    )
     click.echo(format_table(res))
     if out_path:
         write_json(out_path, res)

@@ -22,20 +22,39 @@ VOCAB = 96
 def tiny_config(kind: str):
     if kind == "llama":  # grouped-query attention: 4 query heads share 2 kv heads
         return LlamaConfig(
-            vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=128,
             tie_word_embeddings=False,
         )
     if kind == "opt":
         return OPTConfig(
-            vocab_size=VOCAB, hidden_size=32, ffn_dim=40, num_hidden_layers=3, num_attention_heads=4,
-            max_position_embeddings=128, word_embed_proj_dim=32, do_layer_norm_before=True,
+            vocab_size=VOCAB,
+            hidden_size=32,
+            ffn_dim=40,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            word_embed_proj_dim=32,
+            do_layer_norm_before=True,
         )
     if kind == "gemma":  # multi-query attention, GeGLU
         return Gemma3TextConfig(
-            vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=3,
-            num_attention_heads=4, num_key_value_heads=1, head_dim=8, max_position_embeddings=128,
-            sliding_window=16, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=40,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=128,
+            sliding_window=16,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
         )
     raise KeyError(kind)
 

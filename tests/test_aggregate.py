@@ -12,7 +12,6 @@ import yaml
 from click.testing import CliRunner
 
 from pipeline import aggregate as agg
-
 from tests.conftest import tiny_model
 
 CRITERIA = ["plainact", "l2_norm", "jacov"]  # jacov: static-only (heads only)
@@ -27,14 +26,18 @@ def build_traces(out_dir: Path, n: int = 64, seed: int = 0) -> Path:
     model = tiny_model("llama")
     layout = resolve(model)
     rng = np.random.default_rng(seed)
-    seqs = [Sequence(f"ex{i:03d}", "synthetic", tuple(int(v) for v in rng.integers(0, 96, int(rng.integers(6, 14)))), 3)
-            for i in range(n)]
+    seqs = [
+        Sequence(f"ex{i:03d}", "synthetic", tuple(int(v) for v in rng.integers(0, 96, int(rng.integers(6, 14)))), 3)
+        for i in range(n)
+    ]
     meta = {"model": {"id": "tiny-llama", "fingerprint": FINGERPRINT, "dims": layout.dims()}}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: threads only add overhead
     try:
         with np.errstate(over="ignore"):  # float16 storage overflows on jacov for this random model
-            collect(model, layout, seqs, out_dir, CollectSettings(criteria=CRITERIA, shard_size=32), meta, progress=False)
+            collect(
+                model, layout, seqs, out_dir, CollectSettings(criteria=CRITERIA, shard_size=32), meta, progress=False
+            )
     finally:
         torch.set_num_threads(threads)
     return out_dir
@@ -64,10 +67,8 @@ class FakeTraces:
 
 
 def test_minmax_per_layer_by_hand():
-    x = np.array([[[1.0, 3.0, 2.0], [5.0, 5.0, 5.0]],
-                  [[-2.0, 0.0, 2.0], [0.0, 10.0, 5.0]]])
-    expect = np.array([[[0.0, 1.0, 0.5], [0.0, 0.0, 0.0]],
-                       [[0.0, 0.5, 1.0], [0.0, 1.0, 0.5]]])
+    x = np.array([[[1.0, 3.0, 2.0], [5.0, 5.0, 5.0]], [[-2.0, 0.0, 2.0], [0.0, 10.0, 5.0]]])
+    expect = np.array([[[0.0, 1.0, 0.5], [0.0, 0.0, 0.0]], [[0.0, 0.5, 1.0], [0.0, 1.0, 0.5]]])
     np.testing.assert_allclose(agg.minmax_per_layer(x), expect)
 
 
@@ -110,8 +111,9 @@ def test_scores_round_trip_and_refusals(tmp_path, trace_dir):
     static = {c: agg.static_scores(tr, c) for c in tr.criteria}
     raw = {c: agg.static_scores(tr, c, raw=True) for c in tr.criteria}
     tgt, _ = agg.targets(tr, "plainact")
-    agg.save_scores(tmp_path, static, {"plainact": tgt}, agg.scores_meta(tr, list(static), ["plainact"]),
-                    raw_static=raw)
+    agg.save_scores(
+        tmp_path, static, {"plainact": tgt}, agg.scores_meta(tr, list(static), ["plainact"]), raw_static=raw
+    )
     back = agg.load_static(tmp_path, "plainact", model_fingerprint=FINGERPRINT)
     assert set(back) == {"heads", "neurons"}
     np.testing.assert_array_equal(back["heads"], static["plainact"]["heads"])
@@ -136,10 +138,14 @@ def test_scores_round_trip_and_refusals(tmp_path, trace_dir):
 def test_aggregate_stage_end_to_end(tmp_path, trace_dir):
     from stages.aggregate import cli
 
-    params = write_params(tmp_path / "params.yaml", aggregate={"targets": ["plainact", "l2_norm"], "heatmap": "plainact"})
+    params = write_params(
+        tmp_path / "params.yaml", aggregate={"targets": ["plainact", "l2_norm"], "heatmap": "plainact"}
+    )
     out = tmp_path / "scores"
-    res = CliRunner().invoke(cli, ["--params", str(params), "--traces", str(trace_dir), "--out", str(out),
-                                   "--plots", str(tmp_path / "plots")])
+    res = CliRunner().invoke(
+        cli,
+        ["--params", str(params), "--traces", str(trace_dir), "--out", str(out), "--plots", str(tmp_path / "plots")],
+    )
     assert res.exit_code == 0, res.output
     meta = json.loads((out / "scores.json").read_text())
     assert meta["criteria"] == sorted(CRITERIA) and meta["targets"] == ["l2_norm", "plainact"]
@@ -148,12 +154,15 @@ def test_aggregate_stage_end_to_end(tmp_path, trace_dir):
     assert (out / "targets-l2_norm.safetensors").is_file()
 
 
-@pytest.mark.parametrize("section, message", [
-    ({"targets": ["jacov"]}, "aggregate.targets: criterion 'jacov' is static-only"),
-    ({"targets": ["fisher"]}, "aggregate.targets: criterion 'fisher' is not in the traces"),
-    ({"targets": ["nope"]}, "aggregate.targets: unknown criterion 'nope'"),
-    ({"targets": ["plainact"], "heatmap": "grasp"}, "aggregate.heatmap"),
-])
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"targets": ["jacov"]}, "aggregate.targets: criterion 'jacov' is static-only"),
+        ({"targets": ["fisher"]}, "aggregate.targets: criterion 'fisher' is not in the traces"),
+        ({"targets": ["nope"]}, "aggregate.targets: unknown criterion 'nope'"),
+        ({"targets": ["plainact"], "heatmap": "grasp"}, "aggregate.heatmap"),
+    ],
+)
 def test_aggregate_stage_bad_params(tmp_path, trace_dir, section, message):
     from stages.aggregate import cli
 

@@ -36,8 +36,9 @@ def _run(tmp_path, params, monkeypatch):
     monkeypatch.setattr(loading, "load_model", no_load)
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
-    res = CliRunner().invoke(collect_cli, ["--params", str(path), "--out", str(tmp_path / "tr"),
-                                           "--metrics", str(tmp_path / "m.json")])
+    res = CliRunner().invoke(
+        collect_cli, ["--params", str(path), "--out", str(tmp_path / "tr"), "--metrics", str(tmp_path / "m.json")]
+    )
     assert res.exit_code != 0, res.output
     lines = [l for l in res.output.strip().splitlines() if l.strip()]
     assert len(lines) == 1, res.output
@@ -46,15 +47,21 @@ def _run(tmp_path, params, monkeypatch):
 
 
 @pytest.mark.skipif(not MIRROR.is_dir(), reason="no data mirror")
-@pytest.mark.parametrize("edit, expected", [
-    (lambda p: p["collect"].__setitem__("criteria", ["plainact", "magic"]), "unknown criterion 'magic'"),
-    (lambda p: p["collect"].__setitem__("tasks", ["piqa", "trivia"]), "unknown task 'trivia' (params: collect.tasks)"),
-    (lambda p: p["model"].__setitem__("id", "/nonexistent/model"), "model path not found"),
-    (lambda p: p["data"].__setitem__("calib_fraction", 1.5), "data.calib_fraction must be in [0, 1)"),
-    (lambda p: p["collect"].__setitem__("n_per_task", 0), "collect.n_per_task must be >= 1"),
-    (lambda p: p["model"].__setitem__("dtype", "float8"), "unknown dtype 'float8' (params: dtype)"),
-    (lambda p: p["collect"].__setitem__("storage", "int8"), "float16 or float32 (params: collect.storage)"),
-])
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (lambda p: p["collect"].__setitem__("criteria", ["plainact", "magic"]), "unknown criterion 'magic'"),
+        (
+            lambda p: p["collect"].__setitem__("tasks", ["piqa", "trivia"]),
+            "unknown task 'trivia' (params: collect.tasks)",
+        ),
+        (lambda p: p["model"].__setitem__("id", "/nonexistent/model"), "model path not found"),
+        (lambda p: p["data"].__setitem__("calib_fraction", 1.5), "data.calib_fraction must be in [0, 1)"),
+        (lambda p: p["collect"].__setitem__("n_per_task", 0), "collect.n_per_task must be >= 1"),
+        (lambda p: p["model"].__setitem__("dtype", "float8"), "unknown dtype 'float8' (params: dtype)"),
+        (lambda p: p["collect"].__setitem__("storage", "int8"), "float16 or float32 (params: collect.storage)"),
+    ],
+)
 def test_bad_params(tmp_path, params, monkeypatch, edit, expected):
     edit(params)
     assert expected in _run(tmp_path, params, monkeypatch)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.bench import bounds, plan as plan_mod, reference, shapes, weights
+from pipeline.bench import bounds, reference, shapes, weights
+from pipeline.bench import plan as plan_mod
 from pipeline.bench.engine import DecodeEngine, EngineConfig
 from pipeline.bench.predictors import PredictorSpec, dejavu_bytes, shadowllm_bytes
 
@@ -15,8 +16,17 @@ FAMILIES = ("llama", "opt")
 def _engine(fam, mode, sp, batch, w=None, steps_len=4):
     s = shapes.tiny(fam)
     w = w or weights.build(s, dtype=torch.float32, keep_raw=True, seed=3)
-    cfg = EngineConfig(mode=mode, head_sparsity=sp, neuron_sparsity=sp, batch=batch, prompt_len=8, gen_len=steps_len,
-                       shadowllm=PredictorSpec(16, 16, 4, 8), dejavu=PredictorSpec(8, 8, 0, 0), seed=1)
+    cfg = EngineConfig(
+        mode=mode,
+        head_sparsity=sp,
+        neuron_sparsity=sp,
+        batch=batch,
+        prompt_len=8,
+        gen_len=steps_len,
+        shadowllm=PredictorSpec(16, 16, 4, 8),
+        dejavu=PredictorSpec(8, 8, 0, 0),
+        seed=1,
+    )
     return DecodeEngine(s, cfg, weights=w, backend="torch", device="cpu", dtype=torch.float32), w
 
 
@@ -68,7 +78,7 @@ def test_predicted_masks_union_over_batch(fam, mode):
     eng.step()
     hk, nk = eng.plan.host_masks(s)
     assert hk[0].all() and nk[0].all()
-    if mode == "shadowllm":   # all layers' scores are still in the buffers after the step
+    if mode == "shadowllm":  # all layers' scores are still in the buffers after the step
         sh = eng.s_heads.view(B, s.layers, s.heads)
         sn = eng.s_neurons.view(B, s.layers, s.ffn)
         for l in range(1, s.layers):
@@ -82,18 +92,18 @@ def test_predicted_masks_union_over_batch(fam, mode):
             # kv groups: kept iff any head of the group is kept
             qm = eng.plan.qkv_mask[l]
             kv = hk[l].view(s.kv_heads, -1).any(1).to(qm.dtype)
-            assert torch.equal(qm[s.heads: s.heads + s.kv_heads], kv)
-    else:                     # the last layer's scores are in the buffers
+            assert torch.equal(qm[s.heads : s.heads + s.kv_heads], kv)
+    else:  # the last layer's scores are in the buffers
         l = s.layers - 1
         per_n = torch.zeros(B, s.ffn, dtype=torch.bool)
         per_n.scatter_(1, torch.topk(eng.s_neurons, eng.plan.k_neurons, dim=1).indices, True)
         assert torch.equal(per_n.any(0), nk[l])
     assert (nk[1:].sum(1) >= eng.plan.k_neurons).all()
     idx, cnt = eng.plan.ffn_idx, eng.plan.ffn_count
-    for l in range(s.layers):   # index lists ascending and of the right length
+    for l in range(s.layers):  # index lists ascending and of the right length
         row = idx[l, : int(cnt[l])]
         assert torch.equal(row, torch.sort(row).values) and int(cnt[l]) == int(nk[l].sum())
-        heads = eng.plan.head_idx[l, : int(eng.plan.head_count[l])]   # the o-projection's kept-head list
+        heads = eng.plan.head_idx[l, : int(eng.plan.head_count[l])]  # the o-projection's kept-head list
         assert torch.equal(heads.long(), torch.nonzero(hk[l]).flatten())
     lr = ref.step(tok, 8, hk, nk)
     torch.testing.assert_close(eng.logits, lr, rtol=1e-4, atol=1e-4)
@@ -107,7 +117,7 @@ def test_kept_counts_and_bytes():
     hk = torch.ones(s.layers, s.heads, dtype=torch.bool)
     hk[1:, 16:] = False
     nk = torch.ones(s.layers, s.ffn, dtype=torch.bool)
-    nk[1:, s.ffn // 2:] = False
+    nk[1:, s.ffn // 2 :] = False
     half = bounds.step_bytes(s, hk, nk, batch=1, context=0)
     assert 0.5 < half["total_bytes"] / d["total_bytes"] < 0.6
     sp = PredictorSpec(2048, 1024, 0)

@@ -19,6 +19,7 @@ BF = torch.bfloat16
 
 def _kt():
     from pipeline.bench import kernels_triton
+
     return kernels_triton
 
 
@@ -30,13 +31,18 @@ def _rel(a, b):
 
 def _lin(n, k, *, bias, rowsum, g):
     from pipeline.bench.weights import Linear
-    w = torch.randn(n, k, generator=g, device=DEV).mul_(k ** -0.5).to(BF)
-    return Linear(w, torch.randn(n, generator=g, device=DEV) * 0.1 if bias else None,
-                  w.sum(1, dtype=torch.float32) if rowsum else None)
+
+    w = torch.randn(n, k, generator=g, device=DEV).mul_(k**-0.5).to(BF)
+    return Linear(
+        w,
+        torch.randn(n, generator=g, device=DEV) * 0.1 if bias else None,
+        w.sum(1, dtype=torch.float32) if rowsum else None,
+    )
 
 
 def _sel(kind, n_rows, group, g):
     from pipeline.bench.sel import DENSE, index, units
+
     if kind == "dense":
         return DENSE
     if kind == "units":
@@ -52,6 +58,7 @@ def _sel(kind, n_rows, group, g):
 @pytest.mark.parametrize("trial", range(12))
 def test_row_gemv(trial):
     from pipeline.bench import kernels_ref as KR
+
     KT = _kt()
     random.seed(trial)
     g = torch.Generator(device=DEV).manual_seed(trial)
@@ -81,6 +88,7 @@ def test_row_gemv_input_units_accumulate(trial):
     """The o-projection's form: input columns gathered by head, result added into the fp32 residual stream."""
     from pipeline.bench import kernels_ref as KR
     from pipeline.bench.sel import DENSE, unit_index
+
     KT = _kt()
     random.seed(400 + trial)
     g = torch.Generator(device=DEV).manual_seed(400 + trial)
@@ -92,7 +100,7 @@ def test_row_gemv_input_units_accumulate(trial):
     x = torch.randn(B, H * d, generator=g, device=DEV).to(BF)
     m = (torch.rand(H, generator=g, device=DEV) < 0.5).to(torch.int32)
     m[0] = 1
-    x[:, m.repeat_interleave(d) == 0] = float("nan")     # dropped heads' inputs are stale: must not be read
+    x[:, m.repeat_interleave(d) == 0] = float("nan")  # dropped heads' inputs are stale: must not be read
     kept = torch.nonzero(m).flatten().to(torch.int32)
     idx = torch.full((H,), -1, dtype=torch.int32, device=DEV)
     idx[: kept.numel()] = kept
@@ -109,6 +117,7 @@ def test_row_gemv_input_units_accumulate(trial):
 @pytest.mark.parametrize("trial", range(10))
 def test_col_gemv_add(trial):
     from pipeline.bench import kernels_ref as KR
+
     KT = _kt()
     random.seed(100 + trial)
     g = torch.Generator(device=DEV).manual_seed(100 + trial)
@@ -118,8 +127,9 @@ def test_col_gemv_add(trial):
     R = group * random.randint(2, 40)
     kind = random.choice(["dense", "units", "index"])
     from pipeline.bench.weights import Linear
+
     lin = _lin(R, N, bias=False, rowsum=False, g=g)
-    if random.random() < 0.5:   # the bias of a column kernel is per output column [N]
+    if random.random() < 0.5:  # the bias of a column kernel is per output column [N]
         lin = Linear(lin.w, torch.randn(N, generator=g, device=DEV) * 0.1)
     h = torch.randn(B, R, generator=g, device=DEV).to(BF)
     sel = _sel(kind, R, group, g)
@@ -135,6 +145,7 @@ def test_attention_decode(trial):
     """Split-T attention (several tilings, each launched twice: the merge counters must reset) and the one-program
     path, against the reference."""
     from pipeline.bench import kernels_ref as KR
+
     KT = _kt()
     random.seed(200 + trial)
     g = torch.Generator(device=DEV).manual_seed(200 + trial)
@@ -158,15 +169,20 @@ def test_attention_decode(trial):
     saved = dict(KT.CONFIG["attn"])
     try:
         # the last tiling covers the whole cache in one program per (b, h): no merge
-        for cfg in (dict(BT=64, NT=1, warps=4), dict(BT=32, NT=2, warps=2), dict(BT=16, NT=1, warps=1),
-                    dict(BT=128, NT=2, warps=4)):
+        for cfg in (
+            dict(BT=64, NT=1, warps=4),
+            dict(BT=32, NT=2, warps=2),
+            dict(BT=16, NT=1, warps=1),
+            dict(BT=128, NT=2, warps=4),
+        ):
             KT.CONFIG["attn"] = cfg
             work = KT.attention_workspace(B, H, T, d, DEV)
             for _ in range(2):
                 out_t = torch.full((B, H * d), float("nan"), device=DEV, dtype=BF)
                 kc_t, vc_t = kc.clone(), vc.clone()
-                KT.attention_decode(qkv, kc_t, vc_t, p, mask, out_t, heads=H, kv_heads=KVH, head_dim=d, rope=rope,
-                                    work=work)
+                KT.attention_decode(
+                    qkv, kc_t, vc_t, p, mask, out_t, heads=H, kv_heads=KVH, head_dim=d, rope=rope, work=work
+                )
                 assert torch.isnan(out_t[:, ~kept]).all()
                 assert _rel(out_t[:, kept], out_r[:, kept]) <= 1e-2, cfg
                 assert _rel(kc_t, kc_r) <= 1e-2 and _rel(vc_t, vc_r) <= 1e-2
@@ -178,6 +194,7 @@ def test_attention_decode(trial):
 @pytest.mark.parametrize("trial", range(8))
 def test_select_exact(trial):
     from pipeline.bench import kernels_ref as KR
+
     KT = _kt()
     random.seed(300 + trial)
     g = torch.Generator(device=DEV).manual_seed(300 + trial)
@@ -217,23 +234,44 @@ def test_select_exact(trial):
             assert torch.equal(i_t[r, :n], i_r[r, :n])
 
 
-@pytest.mark.parametrize("mode,batch", [("dense", 1), ("static", 1), ("shadowllm", 1), ("dejavu", 1),
-                                        ("shadowllm", 4), ("dejavu", 3), ("static", 16)])
+@pytest.mark.parametrize(
+    "mode,batch",
+    [("dense", 1), ("static", 1), ("shadowllm", 1), ("dejavu", 1), ("shadowllm", 4), ("dejavu", 3), ("static", 16)],
+)
 @pytest.mark.parametrize("fam", ["llama", "opt"])
 def test_engine_graph_matches_reference(mode, batch, fam):
     """The Triton engine, captured in a CUDA graph, equals the fp32 reference with the plan's masks zeroed."""
     from dataclasses import replace
+
     from pipeline.bench import reference, shapes, timing, weights
     from pipeline.bench.engine import DecodeEngine, EngineConfig
     from pipeline.bench.predictors import PredictorSpec
-    s = replace(shapes.tiny(fam), hidden=256, heads=4, kv_heads=2 if fam == "llama" else 4, head_dim=64, ffn=512,
-                vocab=512, layers=4, max_positions=512)
+
+    s = replace(
+        shapes.tiny(fam),
+        hidden=256,
+        heads=4,
+        kv_heads=2 if fam == "llama" else 4,
+        head_dim=64,
+        ffn=512,
+        vocab=512,
+        layers=4,
+        max_positions=512,
+    )
     w = weights.build(s, dtype=BF, device=DEV, keep_raw=True, seed=5)
-    cfg = EngineConfig(mode=mode, head_sparsity=0.5, neuron_sparsity=0.5, batch=batch, prompt_len=16, gen_len=8,
-                       shadowllm=PredictorSpec(64, 64, 16), dejavu=PredictorSpec(32, 32, 0))
+    cfg = EngineConfig(
+        mode=mode,
+        head_sparsity=0.5,
+        neuron_sparsity=0.5,
+        batch=batch,
+        prompt_len=16,
+        gen_len=8,
+        shadowllm=PredictorSpec(64, 64, 16),
+        dejavu=PredictorSpec(32, 32, 0),
+    )
     eng = DecodeEngine(s, cfg, weights=w, backend="triton", device=DEV)
     ref = reference.ReferenceDecoder(w, eng.k_cache, eng.v_cache)
-    g = timing.capture(eng)          # runs one eager step first, then resets
+    g = timing.capture(eng)  # runs one eager step first, then resets
     eng.reset()
     tok = eng.tok.clone()
     g.replay()

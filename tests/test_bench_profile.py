@@ -33,7 +33,7 @@ def test_summarize_fraction_of_copy():
     prof = {"parts_us": {"qkv": 10.0, "sample": 2.0}, "kernels_us": {}, "kernel_sum_us": 12.0}
     out = profile.summarize(prof, {"qkv": 4e7}, step_ms=0.015, copy_gbps=4000.0)
     qkv = next(r for r in out["parts"] if r["part"] == "qkv")
-    assert qkv["frac_of_copy"] == pytest.approx(1.0)          # 40 MB at 4000 GB/s = 10 µs
+    assert qkv["frac_of_copy"] == pytest.approx(1.0)  # 40 MB at 4000 GB/s = 10 µs
     assert qkv["lost_us"] == pytest.approx(0.0)
     assert out["between_kernels_us"] == pytest.approx(3.0)
     sample = next(r for r in out["parts"] if r["part"] == "sample")

@@ -1,5 +1,6 @@
 """One BOS policy per model (`model.add_bos`): resolved from the tokenizer, used by calibration, multiple-choice
 scoring and perplexity windows, kept by left truncation, part of every point's cache key."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,11 @@ from pipeline.evaluate.perplexity import perplexity
 from pipeline.models.adapters import resolve
 from tests.conftest import tiny_config
 
-CORPUS = ["the cat sat on the mat and the dog ran in the park", "goal do a thing b other",
-          "Question: How do I open a jar? Answer: Twist the lid."] * 10
+CORPUS = [
+    "the cat sat on the mat and the dog ran in the park",
+    "goal do a thing b other",
+    "Question: How do I open a jar? Answer: Twist the lid.",
+] * 10
 TEXT = " = Title = \n\n the cat sat on the mat . \n\n and the dog ran in the park . \n" * 4
 
 
@@ -28,9 +32,15 @@ def _tokenizer(needs_bos: bool) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
+    tok.train_from_iterator(
+        CORPUS,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     if needs_bos:
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
@@ -74,8 +84,10 @@ def _mirror(tmp_path: Path) -> Path:
     mirror = tmp_path / "mirror"
     (mirror / "piqa").mkdir(parents=True, exist_ok=True)
     long_goal = "the cat sat on the mat and the dog ran in the park " * 3
-    rows = [{"goal": f"{long_goal}goal {i}", "sol1": f"do a {i}", "sol2": f"do b thing {i}", "label": i % 2}
-            for i in range(12)]
+    rows = [
+        {"goal": f"{long_goal}goal {i}", "sol1": f"do a {i}", "sol2": f"do b thing {i}", "label": i % 2}
+        for i in range(12)
+    ]
     (mirror / "piqa" / "piqa_validation.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     (mirror / "wikitext2").mkdir(exist_ok=True)
     (mirror / "wikitext2" / "wiki.test.raw").write_text(TEXT)
@@ -83,6 +95,7 @@ def _mirror(tmp_path: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- resolution
+
 
 def test_auto_follows_the_tokenizer_and_true_false_override(bos_tok):
     plain = _tokenizer(needs_bos=False)
@@ -108,6 +121,7 @@ def test_default_model_smollm2_resolves_to_no_bos():
 
 # ----------------------------------------------------------------------------- every input path
 
+
 def test_every_perplexity_window_starts_with_bos_which_is_never_scored(bos_tok, bos_model):
     ids = _enc(bos_tok, TEXT)
     spy = InputSpy(bos_model)
@@ -125,8 +139,15 @@ def test_every_perplexity_window_starts_with_bos_which_is_never_scored(bos_tok, 
 
 def test_every_calibration_sequence_starts_with_bos_also_when_cut_from_the_left(tmp_path, bos_tok):
     mirror = _mirror(tmp_path)
-    plan = CalibrationPlan(tasks=("piqa", "wikitext2"), mirror_dir=str(mirror), n_per_task=4, calib_fraction=0.5,
-                           seed=1, max_tokens=12, add_bos=True)
+    plan = CalibrationPlan(
+        tasks=("piqa", "wikitext2"),
+        mirror_dir=str(mirror),
+        n_per_task=4,
+        calib_fraction=0.5,
+        seed=1,
+        max_tokens=12,
+        add_bos=True,
+    )
     seqs, _ = build(plan, bos_tok)
     assert {s.task for s in seqs} == {"piqa", "wikitext2"}
     for s in seqs:
@@ -140,29 +161,40 @@ def test_every_calibration_sequence_starts_with_bos_also_when_cut_from_the_left(
 
 
 def test_multiple_choice_truncation_keeps_the_bos(bos_tok, bos_model):
-    ctx, cont = encode_pair(bos_tok, "the cat sat on the mat and the dog ran in the park Answer:", " Twist the lid.",
-                            add_bos=True)
+    ctx, cont = encode_pair(
+        bos_tok, "the cat sat on the mat and the dog ran in the park Answer:", " Twist the lid.", add_bos=True
+    )
     max_length = 8
     spy = InputSpy(bos_model)
     try:
-        (s,) = loglikelihoods(bos_model, [(ctx, cont)], max_length=max_length, reuse_context=False,
-                              bos_id=bos_tok.bos_token_id)
+        (s,) = loglikelihoods(
+            bos_model, [(ctx, cont)], max_length=max_length, reuse_context=False, bos_id=bos_tok.bos_token_id
+        )
     finally:
         spy.close()
     assert spy.rows[0][0] == bos_tok.bos_token_id and len(spy.rows[0]) == max_length
     kept = [ctx[0]] + (ctx + cont)[-max_length:]
-    (ref,) = loglikelihoods(bos_model, [(kept[:-len(cont)], cont)], max_length=64, reuse_context=False)
+    (ref,) = loglikelihoods(bos_model, [(kept[: -len(cont)], cont)], max_length=64, reuse_context=False)
     assert s.loglik == pytest.approx(ref.loglik, abs=1e-5) and s.n_tokens == ref.n_tokens
 
 
 # ----------------------------------------------------------------------------- cache key
 
+
 def _params(tmp_path: Path, add_bos) -> dict:
-    return {"model": {"id": "unused", "add_bos": add_bos},
-            "data": {"mirror_dir": str(_mirror(tmp_path)), "calib_fraction": 0.5, "seed": 1},
-            "evaluate": {"tasks": ["piqa"], "limit": 2, "methods": ["dense"], "sparsities": [0.5],
-                         "perplexity": {"task": "wikitext2", "seq_len": 16, "max_windows": 2},
-                         "max_length": 16, "cache_dir": str(tmp_path / "cache")}}
+    return {
+        "model": {"id": "unused", "add_bos": add_bos},
+        "data": {"mirror_dir": str(_mirror(tmp_path)), "calib_fraction": 0.5, "seed": 1},
+        "evaluate": {
+            "tasks": ["piqa"],
+            "limit": 2,
+            "methods": ["dense"],
+            "sparsities": [0.5],
+            "perplexity": {"task": "wikitext2", "seq_len": 16, "max_windows": 2},
+            "max_length": 16,
+            "cache_dir": str(tmp_path / "cache"),
+        },
+    }
 
 
 def test_a_changed_bos_setting_misses_the_cache_and_is_recorded(tmp_path, bos_tok, bos_model):
@@ -173,8 +205,9 @@ def test_a_changed_bos_setting_misses_the_cache_and_is_recorded(tmp_path, bos_to
     layout = resolve(bos_model)
 
     def run(add_bos):
-        ev = Evaluator(parse(_params(tmp_path, add_bos)), bos_model, bos_tok, layout, "fp0", model_id="tiny",
-                       log=lambda s: None)
+        ev = Evaluator(
+            parse(_params(tmp_path, add_bos)), bos_model, bos_tok, layout, "fp0", model_id="tiny", log=lambda s: None
+        )
         return {r["task"]: r for r in ev.run()}
 
     off = run(False)
@@ -184,7 +217,10 @@ def test_a_changed_bos_setting_misses_the_cache_and_is_recorded(tmp_path, bos_to
     assert not any(r["cached"] for r in on.values())  # perplexity and multiple choice both rerun
     assert all(r["ident"]["task_settings"]["add_bos"] is True for r in on.values())
     assert on["wikitext2"]["details"]["add_bos"] is True
-    assert on["wikitext2"]["metrics"]["token_perplexity"]["value"] != off["wikitext2"]["metrics"]["token_perplexity"]["value"]
+    assert (
+        on["wikitext2"]["metrics"]["token_perplexity"]["value"]
+        != off["wikitext2"]["metrics"]["token_perplexity"]["value"]
+    )
     # "auto" resolves to True for this tokenizer: the same policy, the same points
     assert all(r["cached"] for r in run("auto").values())
     # the old per-stage keys are gone: one policy per model

@@ -11,13 +11,26 @@ from pipeline.evaluate import claims as CL
 
 
 def _rec(label, task, accs, s=0.5, pools=("heads",), lls=None):
-    rec = {"label": label, "task": task, "sparsity": s, "method": label.split("-")[0],
-           "ident": {"mask": {"pools": list(pools)}} if s > 0 else {}}
+    rec = {
+        "label": label,
+        "task": task,
+        "sparsity": s,
+        "method": label.split("-")[0],
+        "ident": {"mask": {"pools": list(pools)}} if s > 0 else {},
+    }
     if lls is not None:
         return dict(rec, per_example=[], metrics={}, details={"window_logliks": lls, "seq_len": 11})
-    return dict(rec, per_example=[{"id": f"{task}/{i}", "acc": float(a)} for i, a in enumerate(accs)],
-                metrics={"acc": {"value": float(np.mean(accs)), "n": len(accs),
-                                 "stderr": float(np.std(accs, ddof=1) / math.sqrt(len(accs)))}})
+    return dict(
+        rec,
+        per_example=[{"id": f"{task}/{i}", "acc": float(a)} for i, a in enumerate(accs)],
+        metrics={
+            "acc": {
+                "value": float(np.mean(accs)),
+                "n": len(accs),
+                "stderr": float(np.std(accs, ddof=1) / math.sqrt(len(accs))),
+            }
+        },
+    )
 
 
 def test_paired_accuracy_gap_by_hand():
@@ -53,8 +66,11 @@ def test_claims_markdown_files_dense_under_every_pools_setting_and_states_verdic
     rng = np.random.default_rng(0)
     good = (rng.random(400) < 0.7).astype(float)
     bad = np.where(rng.random(400) < 0.8, good, 0.0)  # B loses ~14 % of A's hits
-    recs = [_rec("shadowllm-plainact", "piqa", good), _rec("static-plainact", "piqa", bad),
-            _rec("dense", "piqa", good, s=0.0)]
+    recs = [
+        _rec("shadowllm-plainact", "piqa", good),
+        _rec("static-plainact", "piqa", bad),
+        _rec("dense", "piqa", good, s=0.0),
+    ]
     md = CL.claims_markdown(recs, ["piqa"], None)
     assert "a contextual predictor beats the static ranking" in md and "| heads | 0.50 |" in md and "A > B" in md
     idx = CL.index(recs)

@@ -16,8 +16,10 @@ CRITS = ["plainact", "fisher", "l2_norm", "jacov"]
 
 def _seqs(n=7):
     g = torch.Generator().manual_seed(0)
-    return [C.Sequence(f"t/{i}", "t", tuple(torch.randint(0, 96, (int(5 + i % 4),), generator=g).tolist()), 2)
-            for i in range(n)]
+    return [
+        C.Sequence(f"t/{i}", "t", tuple(torch.randint(0, 96, (int(5 + i % 4),), generator=g).tolist()), 2)
+        for i in range(n)
+    ]
 
 
 def _meta(model, layout):
@@ -73,8 +75,9 @@ def test_killed_run_resumes_without_duplicates(tmp_path, monkeypatch):
     assert len(ids) == len(set(ids)) == 7
     order_ref = np.argsort(reference.column("example_id"))
     order_res = np.argsort(ids)
-    np.testing.assert_allclose(resumed.scores("plainact", "heads")[order_res],
-                               reference.scores("plainact", "heads")[order_ref], rtol=1e-6)
+    np.testing.assert_allclose(
+        resumed.scores("plainact", "heads")[order_res], reference.scores("plainact", "heads")[order_ref], rtol=1e-6
+    )
 
 
 def test_shards_of_another_run_are_discarded(tmp_path):
@@ -128,7 +131,9 @@ def test_all_layer_scoring_equals_layer_by_layer():
     for l in range(layout.n_layers):
         a = cap.heads(cap.raw_heads[l]).float()
         u = crit.UnitBatch(a=a, g=None, valid=valid, labels=labels)
-        np.testing.assert_allclose(out["nwot_heads"][:, l * 4:(l + 1) * 4], crit.get("nwot").heads(u).numpy(), rtol=1e-5)
+        np.testing.assert_allclose(
+            out["nwot_heads"][:, l * 4 : (l + 1) * 4], crit.get("nwot").heads(u).numpy(), rtol=1e-5
+        )
 
 
 def test_a_code_change_invalidates_resumed_shards(tmp_path, monkeypatch):
@@ -173,8 +178,9 @@ def test_features_are_read_at_the_last_context_token(tmp_path):
         ids = torch.tensor([s.input_ids[: s.feature_pos + 1]])  # the context alone: causal, same features
         with UnitCapture(model, layout, layer_inputs=True) as cap, torch.no_grad():
             model(input_ids=ids)
-        np.testing.assert_allclose(out["feat_l0"][b], cap.heads(cap.raw_heads[0])[0, -1].flatten().numpy(),
-                                   rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(
+            out["feat_l0"][b], cap.heads(cap.raw_heads[0])[0, -1].flatten().numpy(), rtol=1e-4, atol=1e-6
+        )
         layers = torch.stack([h[0, -1] for h in cap.layer_inputs]).flatten().numpy()
         np.testing.assert_allclose(out["feat_layers"][b], layers, rtol=1e-4, atol=1e-6)
 
@@ -184,8 +190,7 @@ def test_float16_row_spanning_1e12_to_1_across_layers_keeps_every_layers_ranks(t
 
     rng = np.random.default_rng(0)
     L, U = 4, 64
-    row = np.concatenate([rng.permutation(U) / U + 0.5 for _ in range(L)]) * np.repeat(
-        [1e-12, 1e-9, 1e-6, 1.0], U)
+    row = np.concatenate([rng.permutation(U) / U + 0.5 for _ in range(L)]) * np.repeat([1e-12, 1e-9, 1e-6, 1.0], U)
     dims = {"n_layers": L, "n_heads": U, "ffn_dim": U}
     meta = {"schema_version": 2, "params_hash": "h", "criteria": ["x"], "model": {"dims": dims}}
     write_shard(tmp_path / "part-00000.parquet", {"example_id": ["a"], "x_heads": row[None]}, meta, "float16")

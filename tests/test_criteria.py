@@ -42,9 +42,9 @@ def ref_heads(name, u):
             elif name == "fisher":
                 out[b, h] = sum(np.mean([(a[t, d] * g[t, d]) ** 2 for t in range(len(ts))]) for d in range(D))
             elif name == "grad_norm":
-                out[b, h] = math.sqrt((g ** 2).sum())
+                out[b, h] = math.sqrt((g**2).sum())
             elif name == "l2_norm":
-                out[b, h] = math.sqrt((a ** 2).sum())
+                out[b, h] = math.sqrt((a**2).sum())
             elif name == "snip":
                 out[b, h] = np.abs(a * g).sum()
             elif name == "grasp":
@@ -77,8 +77,8 @@ def ref_neurons(name, u):
         out[b] = {
             "plainact": np.abs(a * g).sum(0),
             "fisher": ((a * g) ** 2).mean(0),
-            "grad_norm": np.sqrt((g ** 2).sum(0)),
-            "l2_norm": np.sqrt((a ** 2).sum(0)),
+            "grad_norm": np.sqrt((g**2).sum(0)),
+            "l2_norm": np.sqrt((a**2).sum(0)),
             "snip": np.abs(a * g).sum(0),
             "grasp": -(hg * a).sum(0),
             "nwot": np.log(np.maximum((a <= 0).mean(0), 1e-5)),

@@ -11,7 +11,6 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import VOCAB, tiny_model
 from pipeline.data.tasks import Example
 from pipeline.evaluate import methods as M
 from pipeline.evaluate.forward import ForwardInfo, dense_masking
@@ -20,9 +19,10 @@ from pipeline.evaluate.perplexity import count_words, perplexity
 from pipeline.evaluate.tasks import aggregate, mean_stderr, per_example
 from pipeline.masks import MaskSpec
 from pipeline.models.adapters import resolve
-
+from tests.conftest import VOCAB, tiny_model
 
 # ----------------------------------------------------------------------------- fakes
+
 
 class CharTokenizer:
     """Reversible character tokenizer with ids < VOCAB (bos 0, eos 1)."""
@@ -78,9 +78,12 @@ def _ctx(model, granularity="per_token", criterion="plainact", pred=None, kind="
 
 
 def _logits(model, masking, ids):
-    info = ForwardInfo(ids=ids, valid=torch.ones_like(ids, dtype=torch.bool),
-                       last=torch.full((ids.shape[0],), ids.shape[1] - 1),
-                       mask_src=[(tuple(r.tolist()), ids.shape[1] - 1) for r in ids])
+    info = ForwardInfo(
+        ids=ids,
+        valid=torch.ones_like(ids, dtype=torch.bool),
+        last=torch.full((ids.shape[0],), ids.shape[1] - 1),
+        mask_src=[(tuple(r.tolist()), ids.shape[1] - 1) for r in ids],
+    )
     with torch.no_grad(), masking.forward(info):
         return model(input_ids=ids, use_cache=False).logits
 
@@ -91,10 +94,15 @@ IDS = torch.randint(2, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1
 def _all_maskings(model, s, pools=("heads", "neurons")):
     layout = resolve(model)
     spec = MaskSpec(sparsity={p: s for p in pools})
-    static = {"heads": np.random.rand(layout.n_layers, layout.n_heads), "neurons": np.random.rand(layout.n_layers, layout.ffn_dim)}
+    static = {
+        "heads": np.random.rand(layout.n_layers, layout.n_heads),
+        "neurons": np.random.rand(layout.n_layers, layout.ffn_dim),
+    }
     local = MaskSpec(sparsity={p: s for p in pools}, scope="local")  # DejaVu on sparse inputs ranks per layer
-    out = {"static": M.StaticMasking(_ctx(model), spec, static, normalize=True),
-           "static/train_mean": M.StaticMasking(_ctx(model), spec, static, normalize=False)}
+    out = {
+        "static": M.StaticMasking(_ctx(model), spec, static, normalize=True),
+        "static/train_mean": M.StaticMasking(_ctx(model), spec, static, normalize=False),
+    }
     for g in ("per_token", "per_sequence"):
         out[f"shadowllm/{g}"] = M.ShadowLLMMasking(_ctx(model, g), spec, FakeShadow(layout))
         dv = local if g == "per_token" else spec
@@ -105,6 +113,7 @@ def _all_maskings(model, s, pools=("heads", "neurons")):
 
 
 # ----------------------------------------------------------------------------- masks through hooks
+
 
 def test_zero_sparsity_reproduces_dense_logits_exactly(model):
     dense = _logits(model, dense_masking(), IDS)
@@ -133,10 +142,14 @@ def test_masks_zero_the_right_units():
     def spy(l):
         def hook(_m, args):
             seen[l] = args[0].detach().clone()
+
         return hook
 
     masking = M.ShadowLLMMasking(_ctx(model, "per_token"), spec, FakeShadow(layout))
-    with torch.no_grad(), masking.forward(ForwardInfo(IDS, torch.ones_like(IDS, dtype=torch.bool), torch.tensor([11, 11]))):
+    with (
+        torch.no_grad(),
+        masking.forward(ForwardInfo(IDS, torch.ones_like(IDS, dtype=torch.bool), torch.tensor([11, 11]))),
+    ):
         hs = [layout.ffn_down[l].register_forward_pre_hook(spy(l)) for l in range(layout.n_layers)]
         try:
             model(input_ids=IDS)
@@ -154,13 +167,17 @@ def test_masks_zero_the_right_units():
 
 # ----------------------------------------------------------------------------- scoring
 
+
 def _requests():
     g = torch.Generator().manual_seed(3)
     ctx = torch.randint(2, VOCAB, (9,), generator=g).tolist()
     ctx2 = torch.randint(2, VOCAB, (5,), generator=g).tolist()
     conts = [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in (1, 3, 4, 2)]
-    return ([(ctx, c) for c in conts] + [(ctx2, conts[1]), (ctx2, conts[3]), (ctx2 + [5], conts[2])]
-            + [(ctx[:3], c) for c in conts[:3]])
+    return (
+        [(ctx, c) for c in conts]
+        + [(ctx2, conts[1]), (ctx2, conts[3]), (ctx2 + [5], conts[2])]
+        + [(ctx[:3], c) for c in conts[:3]]
+    )
 
 
 def _reference(model, ctx, cont):
@@ -168,7 +185,7 @@ def _reference(model, ctx, cont):
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=ids[:, :-1]).logits.float(), -1)[0]
     tgt = torch.tensor(cont)
-    sl = logp[len(ctx) - 1:]
+    sl = logp[len(ctx) - 1 :]
     return sl.gather(-1, tgt[:, None]).sum().item(), bool((sl.argmax(-1) == tgt).all())
 
 
@@ -224,6 +241,7 @@ def test_winogrande_partial_scoring_and_stderr():
 
 # ----------------------------------------------------------------------------- perplexity
 
+
 def test_perplexity_windows_and_word_count(model):
     tok = CharTokenizer()
     text = "the cat sat on the mat\n\n and the dog ran far away " * 3
@@ -241,6 +259,7 @@ def test_perplexity_windows_and_word_count(model):
 
 # ----------------------------------------------------------------------------- params and caching
 
+
 def _params(tmp_path: Path, **ev):
     mirror = tmp_path / "mirror"
     (mirror / "piqa").mkdir(parents=True, exist_ok=True)
@@ -248,25 +267,37 @@ def _params(tmp_path: Path, **ev):
     (mirror / "piqa" / "piqa_validation.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     (mirror / "wikitext2").mkdir(exist_ok=True)
     (mirror / "wikitext2" / "wiki.test.raw").write_text(" = Title = \n\n the cat sat on the mat . \n" * 6)
-    e = {"tasks": ["piqa"], "limit": 4, "perplexity": {"task": "wikitext2", "seq_len": 32, "max_windows": 2},
-         "methods": ["dense", "static:fisher"], "sparsities": [0.5], "scores_dir": str(tmp_path / "scores"),
-         "cache_dir": str(tmp_path / "cache")}
+    e = {
+        "tasks": ["piqa"],
+        "limit": 4,
+        "perplexity": {"task": "wikitext2", "seq_len": 32, "max_windows": 2},
+        "methods": ["dense", "static:fisher"],
+        "sparsities": [0.5],
+        "scores_dir": str(tmp_path / "scores"),
+        "cache_dir": str(tmp_path / "cache"),
+    }
     e.update(ev)
-    return {"model": {"id": "unused"}, "data": {"mirror_dir": str(mirror), "calib_fraction": 0.5, "seed": 1},
-            "evaluate": e}
+    return {
+        "model": {"id": "unused"},
+        "data": {"mirror_dir": str(mirror), "calib_fraction": 0.5, "seed": 1},
+        "evaluate": e,
+    }
 
 
-@pytest.mark.parametrize("bad,match", [
-    ({"sparsities": [1.2]}, "evaluate.sparsities"),
-    ({"methods": ["magic"]}, "evaluate.methods"),
-    ({"methods": ["static"]}, r"evaluate.methods\[0\]"),
-    ({"tasks": ["nope"]}, "evaluate.tasks"),
-    ({"limit": 0}, "evaluate.limit"),
-    ({"scope": "all"}, "evaluate.scope"),
-    ({"granularity": "per_word"}, "evaluate.granularity"),
-    ({"perplexity": {"task": "piqa"}}, "evaluate.perplexity.task"),
-    ({"colour": 1}, "evaluate.colour"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"sparsities": [1.2]}, "evaluate.sparsities"),
+        ({"methods": ["magic"]}, "evaluate.methods"),
+        ({"methods": ["static"]}, r"evaluate.methods\[0\]"),
+        ({"tasks": ["nope"]}, "evaluate.tasks"),
+        ({"limit": 0}, "evaluate.limit"),
+        ({"scope": "all"}, "evaluate.scope"),
+        ({"granularity": "per_word"}, "evaluate.granularity"),
+        ({"perplexity": {"task": "piqa"}}, "evaluate.perplexity.task"),
+        ({"colour": 1}, "evaluate.colour"),
+    ],
+)
 def test_bad_params_one_line_naming_parameter(tmp_path, bad, match):
     from pipeline.evaluate.config import parse
     from pipeline.params import ParamError
@@ -284,8 +315,10 @@ def test_sweep_caches_points_and_reruns_only_new_ones(tmp_path, monkeypatch):
     model = tiny_model("llama")
     layout = resolve(model)
     tok = CharTokenizer()
-    static = {"heads": np.random.rand(layout.n_layers, layout.n_heads).astype(np.float32),
-              "neurons": np.random.rand(layout.n_layers, layout.ffn_dim).astype(np.float32)}
+    static = {
+        "heads": np.random.rand(layout.n_layers, layout.n_heads).astype(np.float32),
+        "neurons": np.random.rand(layout.n_layers, layout.ffn_dim).astype(np.float32),
+    }
     import pipeline.aggregate as agg
 
     monkeypatch.setattr(agg, "load_static", lambda d, c, model_fingerprint=None, variant="train_mean": static)
@@ -297,8 +330,19 @@ def test_sweep_caches_points_and_reruns_only_new_ones(tmp_path, monkeypatch):
     cfg2 = parse(_params(tmp_path, sparsities=[0.5, 0.7]))
     recs2 = Evaluator(cfg2, model, tok, layout, "fp0", model_id="tiny", log=lambda s: None).run()
     assert len(recs2) == 6 and sum(not r["cached"] for r in recs2) == 2
-    info = {"model": "tiny", "fingerprint": "fp0", "scope": cfg2.scope, "pools": cfg2.pools, "granularity": "-",
-            "seed": 1, "calib_fraction": 0.5, "limit": 4, "seq_len": 32, "max_windows": 2, "cache_dir": "c"}
+    info = {
+        "model": "tiny",
+        "fingerprint": "fp0",
+        "scope": cfg2.scope,
+        "pools": cfg2.pools,
+        "granularity": "-",
+        "seed": 1,
+        "calib_fraction": 0.5,
+        "limit": 4,
+        "seq_len": 32,
+        "max_windows": 2,
+        "cache_dir": "c",
+    }
     out = write_all(tmp_path / "out", recs2, cfg2, info)
     header = (tmp_path / "out" / "results.csv").read_text().splitlines()[0]
     assert header.startswith("model,method,criterion,sparsity,granularity,task,metric,value,n,stderr")
@@ -319,10 +363,18 @@ def test_real_predictors_through_registry(tmp_path, kind, granularity):
     layout = resolve(model)
     pred = build(kind, "plainact", layout.dims(), {"hidden_heads": 16, "hidden_neurons": 16})
     save_predictor(pred, tmp_path / f"{kind}-plainact", {"model_fingerprint": "fpX"})
-    ctx = M.MethodContext(model=model, layout=layout, fingerprint="fpX", predictors_dir=str(tmp_path),
-                          criterion="plainact", granularity=granularity)
+    ctx = M.MethodContext(
+        model=model,
+        layout=layout,
+        fingerprint="fpX",
+        predictors_dir=str(tmp_path),
+        criterion="plainact",
+        granularity=granularity,
+    )
     dense = _logits(model, dense_masking(), IDS)
-    assert torch.equal(_logits(model, M.build(kind, ctx, MaskSpec(sparsity={"heads": 0.0, "neurons": 0.0})), IDS), dense)
+    assert torch.equal(
+        _logits(model, M.build(kind, ctx, MaskSpec(sparsity={"heads": 0.0, "neurons": 0.0})), IDS), dense
+    )
     scope = "local" if kind != "shadowllm" and granularity == "per_token" else "global"  # DejaVu on sparse inputs
     sparse = M.build(kind, ctx, MaskSpec(sparsity={"heads": 0.5, "neurons": 0.5}, scope=scope))
     assert not torch.allclose(_logits(model, sparse, IDS), dense, atol=1e-4)

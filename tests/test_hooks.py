@@ -31,8 +31,10 @@ def test_layout_of_tiny_models(model, arch):
 def test_captured_tensors_are_the_projection_inputs(model):
     layout = resolve(model)
     seen = {}
-    handles = [layout.attn_out[1].register_forward_pre_hook(lambda m, a: seen.__setitem__("o", a[0].clone())),
-               layout.ffn_down[2].register_forward_pre_hook(lambda m, a: seen.__setitem__("d", a[0].clone()))]
+    handles = [
+        layout.attn_out[1].register_forward_pre_hook(lambda m, a: seen.__setitem__("o", a[0].clone())),
+        layout.ffn_down[2].register_forward_pre_hook(lambda m, a: seen.__setitem__("d", a[0].clone())),
+    ]
     with UnitCapture(model, layout, layer_inputs=True) as cap, torch.no_grad():
         model(input_ids=_ids())
     for h in handles:
@@ -60,8 +62,11 @@ def test_scaling_a_unit_changes_loss_as_activation_times_gradient_predicts(model
         raw = cap.raw_heads[layer] if unit == "head" else cap.raw_neurons[layer]
         (grad,) = torch.autograd.grad(loss, [raw])
     view = cap.heads if unit == "head" else cap.neurons
-    predicted = -eps * (view(raw) * view(grad))[..., idx, :].sum() if unit == "head" else \
-        -eps * (view(raw) * view(grad))[..., idx].sum()
+    predicted = (
+        -eps * (view(raw) * view(grad))[..., idx, :].sum()
+        if unit == "head"
+        else -eps * (view(raw) * view(grad))[..., idx].sum()
+    )
 
     def scale(l, x):
         if l != layer:
@@ -89,8 +94,9 @@ def test_zero_masks_are_exact_noops_and_zeroing_changes_logits(model):
     ids = _ids()
     with torch.no_grad():
         dense = model(input_ids=ids).logits
-        with UnitMasker(model, layout, head_fn=lambda l, x: torch.ones(x.shape[2]),
-                        neuron_fn=lambda l, x: torch.ones(x.shape[2])):
+        with UnitMasker(
+            model, layout, head_fn=lambda l, x: torch.ones(x.shape[2]), neuron_fn=lambda l, x: torch.ones(x.shape[2])
+        ):
             same = model(input_ids=ids).logits
         with UnitMasker(model, layout, neuron_fn=lambda l, x: (torch.arange(x.shape[2]) % 2).float()):
             masked = model(input_ids=ids).logits
@@ -108,8 +114,16 @@ def test_unknown_architecture_names_what_is_missing():
     with pytest.raises(ArchitectureError, match="unknown architecture 'bert'"):
         resolve(Fake())
 
-    register(ArchSpec(name="broken", model_types=("broken_llama",), layers="model.layers",
-                      attn_out="self_attn.out", ffn_down="mlp.down_proj", ffn_in=("mlp.up_proj",)))
+    register(
+        ArchSpec(
+            name="broken",
+            model_types=("broken_llama",),
+            layers="model.layers",
+            attn_out="self_attn.out",
+            ffn_down="mlp.down_proj",
+            ffn_in=("mlp.up_proj",),
+        )
+    )
     from tests.conftest import tiny_model
 
     m = tiny_model("llama")

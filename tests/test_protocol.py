@@ -97,16 +97,27 @@ def test_candidates_sharing_a_context_get_identical_masks(method, reuse):
     model = tiny_model("llama")
     layout = resolve(model)
     ctx, conts = _example()
-    pred = {"shadowllm": FakeShadow(layout), "dejavu": FakeDejaVu(layout),
-            "lookahead": FakeDejaVu(layout, offset=1)}[method]
+    pred = {"shadowllm": FakeShadow(layout), "dejavu": FakeDejaVu(layout), "lookahead": FakeDejaVu(layout, offset=1)}[
+        method
+    ]
     cls = M.ShadowLLMMasking if method == "shadowllm" else M.DejaVuMasking
-    masks = _applied_masks(model, cls(_ctx(model, "per_sequence"), SPEC, pred), [(ctx, c) for c in conts],
-                           reuse_context=reuse, batch_size=2)
+    masks = _applied_masks(
+        model,
+        cls(_ctx(model, "per_sequence"), SPEC, pred),
+        [(ctx, c) for c in conts],
+        reuse_context=reuse,
+        batch_size=2,
+    )
     assert len(masks) >= 2 and (masks[1:] == masks[0]).all()
     # and the mask is the one the context alone produces: changing every continuation changes nothing
     other = [[(t + 11) % (VOCAB - 2) + 2 for t in c] for c in conts]
-    masks2 = _applied_masks(model, cls(_ctx(model, "per_sequence"), SPEC, pred), [(ctx, c) for c in other],
-                            reuse_context=reuse, batch_size=2)
+    masks2 = _applied_masks(
+        model,
+        cls(_ctx(model, "per_sequence"), SPEC, pred),
+        [(ctx, c) for c in other],
+        reuse_context=reuse,
+        batch_size=2,
+    )
     assert (masks2 == masks[0]).all()
 
 
@@ -120,11 +131,11 @@ def test_per_sequence_scores_agree_with_and_without_kv_reuse(method):
     reqs = [(ctx, c) for c in conts] + [(ctx[:4], c) for c in conts[:2]]
     sources = [1, 1, 1, 1, 5, 5]
     if method == "oracle":
-        make = lambda: M.OracleMasking(_ctx(model, "per_sequence"), SPEC)  # noqa: E731
+        make = lambda: M.OracleMasking(_ctx(model, "per_sequence"), SPEC)
     elif method == "shadowllm":
-        make = lambda: M.ShadowLLMMasking(_ctx(model, "per_sequence"), SPEC, FakeShadow(layout))  # noqa: E731
+        make = lambda: M.ShadowLLMMasking(_ctx(model, "per_sequence"), SPEC, FakeShadow(layout))
     else:
-        make = lambda: M.DejaVuMasking(_ctx(model, "per_sequence"), SPEC, FakeDejaVu(layout))  # noqa: E731
+        make = lambda: M.DejaVuMasking(_ctx(model, "per_sequence"), SPEC, FakeDejaVu(layout))
     a = loglikelihoods(model, reqs, masking=make(), reuse_context=True, mask_sources=sources, batch_size=2)
     b = loglikelihoods(model, reqs, masking=make(), reuse_context=False, mask_sources=sources, batch_size=2)
     assert [x.loglik for x in a] == pytest.approx([x.loglik for x in b], abs=1e-4)
@@ -183,7 +194,7 @@ def test_static_mask_equals_the_train_mean_keep_mask(tmp_path):
     agg.save_scores(tmp_path, {"plainact": train_mean}, {}, meta, raw_static={"plainact": raw})
     ctx = M.MethodContext(model=model, layout=layout, fingerprint="fp", scores_dir=str(tmp_path), criterion="plainact")
     static = M.build("static", ctx, SPEC)
-    for pool, U in (("heads", H), ("neurons", F)):
+    for pool, _U in (("heads", H), ("neurons", F)):
         want = keep_mask(torch.as_tensor(train_mean[pool]), 0.5, "global")
         assert torch.equal(static.keep[pool], want), pool
     raw_m = M.build("static_raw", ctx, SPEC)

@@ -1,4 +1,5 @@
 """Task registry, mirror loading, prompts (hand-checked against lm-eval 0.4 conventions), split, few-shot."""
+
 from __future__ import annotations
 
 import gzip
@@ -11,19 +12,34 @@ import pytest
 
 from pipeline.data.split import Split, fewshot_prefix, split_examples, with_fewshot
 from pipeline.data.tasks import (
-    DataError, Example, check_tasks, get_task, list_tasks, load_examples, load_text,
+    DataError,
+    Example,
+    check_tasks,
+    get_task,
+    list_tasks,
+    load_examples,
+    load_text,
 )
 
 MIRROR = Path(os.environ.get("SHADOWLLM_DATA_MIRROR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 needs_mirror = pytest.mark.skipif(not MIRROR.is_dir(), reason=f"data mirror {MIRROR} absent")
 
-COUNTS = {"piqa": 1838, "copa": 100, "winogrande": 1267, "rte": 277, "hellaswag": 10042,
-          "arc_easy": 570, "openbookqa": 500, "lambada": 5153}
+COUNTS = {
+    "piqa": 1838,
+    "copa": 100,
+    "winogrande": 1267,
+    "rte": 277,
+    "hellaswag": 10042,
+    "arc_easy": 570,
+    "openbookqa": 500,
+    "lambada": 5153,
+}
 N_CHOICES = {"piqa": 2, "copa": 2, "winogrande": 2, "rte": 2, "hellaswag": 4, "openbookqa": 4, "lambada": 1}
 
 
 # Mirror-driven tests run on the registered tasks the mirror has data for; any other task (one just added,
 # say) is skipped with a reason, so adding a task YAML never turns this module red (issue 9).
+
 
 def no_data_reason(task: str, split: str | None = None) -> str | None:
     """Why `task` (its `split`, default the mirror's) cannot be read from the mirror, or None when it can."""
@@ -59,8 +75,17 @@ def loaded() -> Loaded:
 
 
 def test_registry_lists_every_task():
-    assert set(list_tasks()) >= {"wikitext2", "piqa", "copa", "openbookqa", "winogrande", "rte",
-                                 "hellaswag", "arc_easy", "lambada"}
+    assert set(list_tasks()) >= {
+        "wikitext2",
+        "piqa",
+        "copa",
+        "openbookqa",
+        "winogrande",
+        "rte",
+        "hellaswag",
+        "arc_easy",
+        "lambada",
+    }
     assert get_task("wikitext2").kind == "perplexity"
     assert get_task("lambada").kind == "loglikelihood"
     for t in COUNTS:
@@ -102,6 +127,7 @@ def test_other_splits_load():
 
 # ----------------------------------------------------------- prompts, written by hand from the raw JSON
 
+
 @needs_mirror
 def test_piqa_prompt(loaded):
     e = loaded["piqa"][0]
@@ -110,7 +136,8 @@ def test_piqa_prompt(loaded):
         " Provide the guinea pig with a cage full of a few inches of bedding made of ripped paper strips, "
         "you will also need to supply it with a water bottle and a food dish.",
         " Provide the guinea pig with a cage full of a few inches of bedding made of ripped jeans material, "
-        "you will also need to supply it with a water bottle and a food dish.")
+        "you will also need to supply it with a water bottle and a food dish.",
+    )
     assert e.gold == 0
     assert loaded["piqa"][1].continuations == (" replace drawer with bobby pin ", " finish, woodgrain with  bobby pin ")
     assert loaded["piqa"][1].gold == 1
@@ -131,8 +158,10 @@ def test_copa_prompt(loaded):
 @needs_mirror
 def test_winogrande_partial_scoring(loaded):
     e = loaded["winogrande"][0]
-    assert e.contexts == ("Sarah was a much better surgeon than Maria so Sarah",
-                          "Sarah was a much better surgeon than Maria so Maria")
+    assert e.contexts == (
+        "Sarah was a much better surgeon than Maria so Sarah",
+        "Sarah was a much better surgeon than Maria so Maria",
+    )
     assert e.continuations == (" always got the easier cases.",) * 2
     assert e.gold == 1 and not e.shared_context
     assert loaded["winogrande"][1].gold == 0
@@ -141,32 +170,40 @@ def test_winogrande_partial_scoring(loaded):
 @needs_mirror
 def test_rte_prompt(loaded):
     e = loaded["rte"][0]
-    assert e.contexts[0] == ("Dana Reeve, the widow of the actor Christopher Reeve, has died of lung cancer at "
-                             "age 44, according to the Christopher Reeve Foundation.\nQuestion: Christopher "
-                             "Reeve had an accident. True or False?\nAnswer:")
+    assert e.contexts[0] == (
+        "Dana Reeve, the widow of the actor Christopher Reeve, has died of lung cancer at "
+        "age 44, according to the Christopher Reeve Foundation.\nQuestion: Christopher "
+        "Reeve had an accident. True or False?\nAnswer:"
+    )
     assert e.continuations == (" True", " False")
-    assert e.gold == 1                    # label 1 = not entailment = False
-    assert loaded["rte"][1].gold == 0     # label 0 = entailment = True
+    assert e.gold == 1  # label 1 = not entailment = False
+    assert loaded["rte"][1].gold == 0  # label 0 = entailment = True
 
 
 @needs_mirror
 def test_hellaswag_prompt_and_preprocess(loaded):
     e = loaded["hellaswag"][0]
-    assert e.contexts[0] == "Roof shingle removal: A man is sitting on a roof. He"   # ctx_b capitalised
-    assert e.continuations == (" is using wrap to wrap a pair of skis.", " is ripping level tiles off.",
-                               " is holding a rubik's cube.", " starts pulling up roofing on a roof.")
+    assert e.contexts[0] == "Roof shingle removal: A man is sitting on a roof. He"  # ctx_b capitalised
+    assert e.continuations == (
+        " is using wrap to wrap a pair of skis.",
+        " is ripping level tiles off.",
+        " is holding a rubik's cube.",
+        " starts pulling up roofing on a roof.",
+    )
     assert e.gold == 3
     e = loaded["hellaswag"][3243]  # WikiHow: [header]/[step] dropped, " [title]" -> ". ", double spaces squashed
     assert e.contexts[0] == (
         "Personal Care and Style: How to become a fashion consultant. Obtain your high school diploma or ged. "
         "This job requires a high school diploma or equivalent, so make sure to apply yourself and finish "
         "school. If your high school offers these classes, take art, design, and sewing to familiarize "
-        "yourself with foundational concepts in fashion.")
+        "yourself with foundational concepts in fashion."
+    )
     # "[substeps] Many ..." -> " Many ..." after removal (strip came first); plus the target delimiter.
     assert e.continuations[0] == (
         "  Many high schools have classes offered for their students who do not have a high school diploma, "
         "so be sure to register to take these classes and find a job in your field.. Search for entry-level "
-        "positions in fashion industries.")
+        "positions in fashion industries."
+    )
 
 
 @needs_mirror
@@ -178,8 +215,9 @@ def test_arc_and_openbookqa_prompts(loaded):
     e = loaded["arc_easy"][8]  # numeric labels "1".."4", answerKey "1"
     assert e.contexts[0].startswith("Question: A green plant absorbs light.") and e.gold == 0
     e = loaded["openbookqa"][0]
-    assert e.contexts[0] == ("Frilled sharks and angler fish live far beneath the surface of the ocean, "
-                             "which is why they are known as")
+    assert e.contexts[0] == (
+        "Frilled sharks and angler fish live far beneath the surface of the ocean, which is why they are known as"
+    )
     assert e.continuations == (" Deep sea animals", " fish", " Long Sea Fish", " Far Sea Animals")
     assert e.gold == 0
     assert loaded["openbookqa"][1].gold == 3
@@ -206,6 +244,7 @@ def test_wikitext_text():
 
 
 # ------------------------------------------------------------------------------------------ bad input
+
 
 def test_unknown_task_names_param_and_known():
     with pytest.raises(DataError, match=r"unknown task 'nope' \(params: tasks\); known: .*piqa"):
@@ -263,8 +302,16 @@ def test_bad_rows(tmp_path):
 
 
 def test_small_mirror_roundtrip(tmp_path):
-    rows = [{"premise": "It rained.", "choice1": "The grass got wet.", "choice2": "X.", "question": "effect",
-             "idx": 0, "label": 0}]
+    rows = [
+        {
+            "premise": "It rained.",
+            "choice1": "The grass got wet.",
+            "choice2": "X.",
+            "question": "effect",
+            "idx": 0,
+            "label": 0,
+        }
+    ]
     mirror = _fake_mirror(tmp_path, "copa", "".join(json.dumps(r) + "\n" for r in rows).encode())
     check_tasks(["copa"], mirror)
     (e,) = load_examples("copa", mirror)
@@ -283,6 +330,7 @@ def test_check_tasks_on_mirror():
 
 def test_hub_without_datasets_is_a_clear_error(monkeypatch):
     import importlib.util
+
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "datasets" else real(n, *a))
     with pytest.raises(DataError, match=r"datasets.*data\.mirror_dir"):
@@ -293,21 +341,25 @@ def test_hub_without_datasets_is_a_clear_error(monkeypatch):
 
 def test_new_task_is_one_yaml_file(tmp_path, monkeypatch):
     import pipeline.data.tasks as tasks_mod
+
     task_dir = tmp_path / "tasks"
     shutil.copytree(tasks_mod.TASK_DIR, task_dir)
     (task_dir / "boolq_like.yaml").write_text(
         "name: boolq_like\nkind: multiple_choice\nmetrics: [acc]\n"
         "mirror: {split: validation, files: {validation: bq/v.jsonl}}\n"
         "hub: {path: super_glue, name: boolq}\n"
-        "prompt:\n  context: \"{{passage}}\\nQuestion: {{question}}?\\nAnswer:\"\n"
-        "  choices: \"['no', 'yes']\"\n  gold: label\n", encoding="utf-8")
+        'prompt:\n  context: "{{passage}}\\nQuestion: {{question}}?\\nAnswer:"\n'
+        "  choices: \"['no', 'yes']\"\n  gold: label\n",
+        encoding="utf-8",
+    )
     monkeypatch.setattr(tasks_mod, "TASK_DIR", task_dir)
     tasks_mod._registry.cache_clear()
     try:
         assert "boolq_like" in list_tasks()
         (tmp_path / "m" / "bq").mkdir(parents=True)
         (tmp_path / "m" / "bq" / "v.jsonl").write_text(
-            json.dumps({"passage": "P", "question": "q", "label": 1}) + "\n", encoding="utf-8")
+            json.dumps({"passage": "P", "question": "q", "label": 1}) + "\n", encoding="utf-8"
+        )
         (e,) = load_examples("boolq_like", tmp_path / "m")
         assert e.contexts[0] == "P\nQuestion: q?\nAnswer:" and e.continuations == (" no", " yes") and e.gold == 1
     finally:
@@ -315,6 +367,7 @@ def test_new_task_is_one_yaml_file(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------- split, few-shot
+
 
 def _toy(task: str = "piqa", n: int = 50) -> list[Example]:
     return [Example(f"{task}/{i}", task, (f"Q{i}:",) * 2, (f" a{i}", f" b{i}"), i % 2) for i in range(n)]
@@ -337,8 +390,8 @@ def test_split_disjoint_deterministic_seeded():
 
 def test_split_max_calib_keeps_eval_fixed():
     exs = _toy()
-    _, evals, rec = split_examples(exs, calib_fraction=0.5, seed=3)
-    calib_c, evals_c, rec_c = split_examples(exs, calib_fraction=0.5, seed=3, max_calib=4)
+    _, _evals, rec = split_examples(exs, calib_fraction=0.5, seed=3)
+    calib_c, _evals_c, rec_c = split_examples(exs, calib_fraction=0.5, seed=3, max_calib=4)
     assert len(calib_c) == 4 and rec_c.calib_ids == rec.calib_ids[:4] and rec_c.eval_ids == rec.eval_ids
 
 
@@ -355,14 +408,14 @@ def test_fewshot_never_includes_the_example_itself():
     pool = _toy(n=6)
     for ex in pool:
         for seed in range(20):
-            prefix = fewshot_prefix(ex, pool, 5, seed)   # 5 of the 5 others: must be exactly those
+            prefix = fewshot_prefix(ex, pool, 5, seed)  # 5 of the 5 others: must be exactly those
             shots = prefix.split("\n\n")[:-1]
             assert len(shots) == 5 and prefix.endswith("\n\n")
             assert f"Q{ex.id.split('/')[1]}:" not in {s.split(" ")[0] for s in shots}
     ex = pool[0]
     prefix = fewshot_prefix(ex, pool, 2, seed=7)
     assert prefix == fewshot_prefix(ex, pool, 2, seed=7)
-    for shot in prefix.split("\n\n")[:-1]:   # solved: context + gold continuation
+    for shot in prefix.split("\n\n")[:-1]:  # solved: context + gold continuation
         i = int(shot.split(":")[0][1:])
         assert shot == f"Q{i}:" + (f" a{i}" if i % 2 == 0 else f" b{i}")
     assert fewshot_prefix(ex, pool, 0, 0) == ""
@@ -381,14 +434,14 @@ def test_winogrande_fewshot_uses_gold_option(loaded):
 
 # ------------------------------------------------------------------- a registered task without data
 
-_ABSENT_TASK_PLUGIN = '''
+_ABSENT_TASK_PLUGIN = """
 from pathlib import Path
 import pipeline.data.tasks as tasks_mod
 
 def pytest_configure(config):
     tasks_mod.TASK_DIR = Path({task_dir!r})
     tasks_mod._registry.cache_clear()
-'''
+"""
 
 
 @needs_mirror
@@ -401,21 +454,46 @@ def test_a_registered_task_without_mirror_data_is_skipped_not_failed(tmp_path):
     import sys
 
     import pipeline.data.tasks as tasks_mod
+
     task_dir = tmp_path / "tasks"
     shutil.copytree(tasks_mod.TASK_DIR, task_dir)
     (task_dir / "absent_task.yaml").write_text(
         "name: absent_task\nkind: multiple_choice\nmetrics: [acc]\n"
         "mirror: {split: validation, files: {validation: absent_task/validation.jsonl}}\n"
         "hub: {path: nobody/absent_task}\n"
-        "prompt:\n  context: \"{{q}}\"\n  choices: \"['a', 'b']\"\n  gold: label\n", encoding="utf-8")
+        "prompt:\n  context: \"{{q}}\"\n  choices: \"['a', 'b']\"\n  gold: label\n",
+        encoding="utf-8",
+    )
     (tmp_path / "absent_task_plugin.py").write_text(_ABSENT_TASK_PLUGIN.format(task_dir=str(task_dir)))
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "SHADOWLLM_DATA_MIRROR": str(MIRROR),
-           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(root), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "SHADOWLLM_DATA_MIRROR": str(MIRROR),
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(root), os.environ.get("PYTHONPATH", "")]),
+    }
     me = "test_a_registered_task_without_mirror_data_is_skipped_not_failed"
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "--noconftest", "-p", "no:cacheprovider",
-                          "-p", "absent_task_plugin", "-k", f"not {me}", __file__],
-                         cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-rs",
+            "--noconftest",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "absent_task_plugin",
+            "-k",
+            f"not {me}",
+            __file__,
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     out = run.stdout + run.stderr
     assert run.returncode == 0, out[-4000:]
     assert re.search(r"\d+ passed", out) and not re.search(r"\d+ (failed|errors?)\b", out), out[-4000:]

@@ -32,8 +32,7 @@ def _seqs(n: int, T: int, seed: int) -> list[list[int]]:
 
 
 def _ctx(model, calib=(64, 32, 0)):
-    return M.MethodContext(model=model, layout=resolve(model), fingerprint="test",
-                           calibration=lambda: _seqs(*calib))
+    return M.MethodContext(model=model, layout=resolve(model), fingerprint="test", calibration=lambda: _seqs(*calib))
 
 
 def _build(name, ctx, s, pools=("heads", "neurons")):
@@ -43,7 +42,9 @@ def _build(name, ctx, s, pools=("heads", "neurons")):
 
 def _realised(model, masking, ids):
     """Dropped share per reported (site, layer) tensor over all tokens of `ids`, and the pooled share per pool."""
-    info = ForwardInfo(ids=ids, valid=torch.ones_like(ids, dtype=torch.bool), last=torch.full((len(ids),), ids.shape[1] - 1))
+    info = ForwardInfo(
+        ids=ids, valid=torch.ones_like(ids, dtype=torch.bool), last=torch.full((len(ids),), ids.shape[1] - 1)
+    )
     per, pooled = defaultdict(lambda: [0.0, 0]), defaultdict(lambda: [0.0, 0])
 
     def obs(pool, l, keep, site=None, cost=None):
@@ -58,6 +59,7 @@ def _realised(model, masking, ids):
 
 
 # ----------------------------------------------------------------------------- calibration
+
 
 @pytest.mark.parametrize("method", ["teal", "cats"])
 def test_thresholds_calibrated_to_s_hit_s_within_2_percent_on_held_out_data(arch, method):
@@ -107,6 +109,7 @@ def test_abs_histogram_quantile_matches_the_exact_quantile():
 
 # ----------------------------------------------------------------------------- exactness
 
+
 def test_a_method_at_zero_sparsity_reproduces_dense_logits_exactly(arch):
     model = tiny_model(arch)
     dense = _logits(model, dense_masking(), IDS)
@@ -147,13 +150,21 @@ def test_scores_agree_with_and_without_kv_reuse(method):
 
 # ----------------------------------------------------------------------------- WINA
 
+
 def test_wina_score_equals_abs_x_times_weight_column_norm_by_hand(arch):
     model = tiny_model(arch)
     lin = TH.layer_linears(resolve(model))[1]
     W = lin.by_role["k"].weight.detach()
     x = torch.randn(3, W.shape[1], generator=torch.Generator().manual_seed(0))
-    by_hand = torch.tensor([[abs(float(x[r, i])) * math.sqrt(sum(float(W[o, i]) ** 2 for o in range(W.shape[0])))
-                             for i in range(W.shape[1])] for r in range(3)])
+    by_hand = torch.tensor(
+        [
+            [
+                abs(float(x[r, i])) * math.sqrt(sum(float(W[o, i]) ** 2 for o in range(W.shape[0])))
+                for i in range(W.shape[1])
+            ]
+            for r in range(3)
+        ]
+    )
     got = TH.wina_scores(x, W.float().norm(dim=0))
     assert torch.allclose(got, by_hand, rtol=1e-5)
 
@@ -182,6 +193,7 @@ def test_wina_score_equals_abs_x_times_weight_column_norm_by_hand(arch):
 
 
 # ----------------------------------------------------------------------------- GRIFFIN
+
 
 def test_griffin_statistic_by_hand():
     z = torch.tensor([[[3.0, 4.0, 0.0], [0.0, 0.0, 2.0], [1.0, 0.0, 0.0]]])  # [B=1, T=3, F=3]
@@ -212,12 +224,14 @@ def test_griffin_mask_depends_on_the_context_only(arch, reuse):
     g = torch.Generator().manual_seed(7)
     c = torch.randint(2, VOCAB, (10,), generator=g).tolist()
     conts = [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in (3, 1, 4, 2)]
-    masks, _ = _griffin_masks(model, _build("griffin", ctx, 0.5), [(c, k) for k in conts], reuse_context=reuse,
-                              batch_size=2)
+    masks, _ = _griffin_masks(
+        model, _build("griffin", ctx, 0.5), [(c, k) for k in conts], reuse_context=reuse, batch_size=2
+    )
     assert len(masks) >= 2 and (masks == masks[0]).all()  # every candidate: one mask
     other = [[(t + 11) % (VOCAB - 2) + 2 for t in k] for k in conts]
-    masks2, _ = _griffin_masks(model, _build("griffin", ctx, 0.5), [(c, k) for k in other], reuse_context=reuse,
-                               batch_size=2)
+    masks2, _ = _griffin_masks(
+        model, _build("griffin", ctx, 0.5), [(c, k) for k in other], reuse_context=reuse, batch_size=2
+    )
     assert (masks2 == masks[0]).all()  # other continuations: the same mask
     # = the top-k of the dense context's statistic, layer 0 dense, k = n_kept(F, s) elsewhere
     lay = resolve(model)
@@ -233,12 +247,14 @@ def test_griffin_mask_depends_on_the_context_only(arch, reuse):
         stat = TH.griffin_statistic(cap.neurons(cap.raw_neurons[l]), torch.ones(1, len(c), dtype=torch.bool))[0]
         assert int(keep.sum()) == n_kept(lay.ffn_dim, 0.5)
         assert stat[keep].min() >= stat[~keep].max()
-    masks3, _ = _griffin_masks(model, _build("griffin", ctx, 0.5), [(c[:-1] + [(c[-1] + 5) % (VOCAB - 2) + 2], conts[0])],
-                               reuse_context=reuse)
+    masks3, _ = _griffin_masks(
+        model, _build("griffin", ctx, 0.5), [(c[:-1] + [(c[-1] + 5) % (VOCAB - 2) + 2], conts[0])], reuse_context=reuse
+    )
     assert not torch.equal(masks3[0], masks[0])  # another context: another mask
 
 
 # ----------------------------------------------------------------------------- bytes
+
 
 def test_byte_sparsity_by_hand_on_a_small_config():
     """Tiny Llama: E = 32, H = 4 query heads of 8 in 2 kv groups, F = 48, 3 layers, vocab 96."""
@@ -255,8 +271,10 @@ def test_byte_sparsity_by_hand_on_a_small_config():
     keep_n = torch.ones(3, 48, dtype=torch.bool)
     keep_n[1, :10] = False
     by_hand = (2 * 512 + 512) + 512 + 10 * 96  # = 3008 elements
-    got = sum(float(TH.skipped_elements(wb, "heads", l, keep_h[l])) + float(TH.skipped_elements(wb, "neurons", l, keep_n[l]))
-              for l in range(3))
+    got = sum(
+        float(TH.skipped_elements(wb, "heads", l, keep_h[l])) + float(TH.skipped_elements(wb, "neurons", l, keep_n[l]))
+        for l in range(3)
+    )
     assert got == by_hand
     # an input-channel mask: 5 of o's 32 input columns (32 rows each) and 3 of down's 48 (32 rows)
     assert float(TH.skipped_elements(wb, "heads", 1, torch.arange(32) >= 5, cost=32)) == 5 * 32
@@ -265,8 +283,11 @@ def test_byte_sparsity_by_hand_on_a_small_config():
     masking = M.StaticMasking(_ctx(model), MaskSpec(sparsity={"heads": 0.5, "neurons": 0.5}), {}, normalize=False)
     masking.mult = {"heads": keep_h.float(), "neurons": keep_n.float()}
     meter = TH.meter(masking, wb)
-    loglikelihoods(model, [(IDS[0, :8].tolist(), IDS[0, 8:].tolist()), (IDS[1, :5].tolist(), IDS[1, 5:].tolist())],
-                   masking=meter.wrap(masking))
+    loglikelihoods(
+        model,
+        [(IDS[0, :8].tolist(), IDS[0, 8:].tolist()), (IDS[1, :5].tolist(), IDS[1, 5:].tolist())],
+        masking=meter.wrap(masking),
+    )
     bs = meter.summary()["byte_sparsity"]
     assert bs["mean"] == pytest.approx(by_hand / 26112) and bs["std"] == pytest.approx(0.0, abs=1e-12)
     assert bs["n_tokens"] == 2 * 11  # every real token of both requests (no padding)
@@ -320,14 +341,20 @@ def test_a_gated_mlp_without_an_activation_module_says_why_cats_does_not_apply()
 
 # ----------------------------------------------------------------------------- the sweep
 
+
 def test_thresholders_run_in_the_sweep_and_record_byte_sparsity(tmp_path):
     from pipeline.evaluate.config import parse
     from pipeline.evaluate.runner import Evaluator
 
     model = tiny_model("llama")
     layout = resolve(model)
-    params = _params(tmp_path, methods=["dense", "teal", "cats", "griffin", "wina"], limit=2,
-                     perplexity={"task": "wikitext2", "seq_len": 32, "max_windows": 1}, calibration_examples=4)
+    params = _params(
+        tmp_path,
+        methods=["dense", "teal", "cats", "griffin", "wina"],
+        limit=2,
+        perplexity={"task": "wikitext2", "seq_len": 32, "max_windows": 1},
+        calibration_examples=4,
+    )
     params["collect"] = {"tasks": ["piqa"], "n_per_task": 6, "max_tokens": 64}
     cfg = parse(params)
     ev = Evaluator(cfg, model, CharTokenizer(), layout, "fp0", model_id="tiny", log=lambda s: None)
@@ -336,14 +363,16 @@ def test_thresholders_run_in_the_sweep_and_record_byte_sparsity(tmp_path):
     recs = ev.run()
     assert len(recs) == 10
     by = {(r["method"], r["task"]): r for r in recs}
-    for (name, task), r in by.items():
+    for (name, _task), r in by.items():
         b = r["sparsity_detail"]["bytes"]["byte_sparsity"]
         assert b["n_tokens"] > 0 and b["std"] >= 0
         if name == "dense":
             assert b["mean"] == 0.0
         else:
             assert 0.05 < b["mean"] < 0.5, (name, b)
-    assert by[("teal", "piqa")]["granularity"] == "per_token" and by[("griffin", "piqa")]["granularity"] == "per_sequence"
+    assert (
+        by[("teal", "piqa")]["granularity"] == "per_token" and by[("griffin", "piqa")]["granularity"] == "per_sequence"
+    )
     assert by[("griffin", "piqa")]["sparsity_detail"]["heads"]["effective"] == 0.0  # neurons only, and says so
     assert "neurons only" in by[("griffin", "piqa")]["sparsity_detail"]["heads"]["note"]
     eff = by[("teal", "piqa")]["sparsity_detail"]["neurons"]["effective"]  # measured: 2 of 3 layers at ~0.5
@@ -351,25 +380,39 @@ def test_thresholders_run_in_the_sweep_and_record_byte_sparsity(tmp_path):
     json.dumps(recs)  # records stay JSON
     from pipeline.evaluate.report import write_all
 
-    info = {"model": "tiny", "fingerprint": "fp0", "scope": cfg.scope, "pools": cfg.pools, "granularity": "-",
-            "seed": 1, "calib_fraction": 0.5, "limit": 2, "seq_len": 32, "max_windows": 1, "cache_dir": "c"}
+    info = {
+        "model": "tiny",
+        "fingerprint": "fp0",
+        "scope": cfg.scope,
+        "pools": cfg.pools,
+        "granularity": "-",
+        "seed": 1,
+        "calib_fraction": 0.5,
+        "limit": 2,
+        "seq_len": 32,
+        "max_windows": 1,
+        "cache_dir": "c",
+    }
     out = write_all(tmp_path / "out", recs, cfg, info)
     assert out["metrics"]["wina (no transform)"]["s50"]["byte_sparsity"] > 0.05
     assert "bytes skipped" in (tmp_path / "out" / "report.md").read_text()
     assert "byte_sparsity" in (tmp_path / "out" / "results.csv").read_text().splitlines()[0]
     # the calibration sample is part of the point key of teal and cats only
     cfg2 = parse({**params, "evaluate": {**params["evaluate"], "calibration_examples": 3}})
-    from pipeline.evaluate.runner import artifact_hash
     from pipeline.evaluate.config import MethodSpec
+    from pipeline.evaluate.runner import artifact_hash
 
     assert artifact_hash(cfg, MethodSpec("teal")) != artifact_hash(cfg2, MethodSpec("teal"))
     assert artifact_hash(cfg, MethodSpec("wina")) is None
 
 
-@pytest.mark.parametrize("bad,match", [
-    ({"calibration_examples": 0}, "evaluate.calibration_examples"),
-    ({"methods": ["teal"]}, "collect.tasks"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"calibration_examples": 0}, "evaluate.calibration_examples"),
+        ({"methods": ["teal"]}, "collect.tasks"),
+    ],
+)
 def test_bad_threshold_params_one_line_naming_parameter(tmp_path, bad, match):
     from pipeline.evaluate.config import parse
     from pipeline.params import ParamError
@@ -394,8 +437,11 @@ def test_report_pools_byte_sparsity_over_tasks():
     from pipeline.evaluate.report import pooled_bytes
 
     def rec(n, mean, std):
-        return {"sparsity_detail": {"bytes": {"byte_sparsity": {"mean": mean, "std": std, "n_tokens": n},
-                                              "predictor_share": 0.01}}}
+        return {
+            "sparsity_detail": {
+                "bytes": {"byte_sparsity": {"mean": mean, "std": std, "n_tokens": n}, "predictor_share": 0.01}
+            }
+        }
 
     x = torch.cat([torch.full((30,), 0.2), torch.full((10,), 0.6)]).double()
     got = pooled_bytes([rec(30, 0.2, 0.0), rec(10, 0.6, 0.0), {"sparsity_detail": {}}])

@@ -1,4 +1,5 @@
 """encode_pair (lm-eval 0.4 `_encode_pair`) and perplexity windows on a tiny in-memory byte-level BPE."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,18 +9,26 @@ from transformers import PreTrainedTokenizerFast
 from pipeline.data.errors import DataError
 from pipeline.data.tokenize import encode_pair, encode_text_windows, keep_last
 
-CORPUS = ["Question: How do I open a jar?\nAnswer: Twist the lid.",
-          "The man turned on the faucet therefore water flowed from the spout.",
-          "Sarah was a much better surgeon than Maria so she always got the easier cases."] * 20
+CORPUS = [
+    "Question: How do I open a jar?\nAnswer: Twist the lid.",
+    "The man turned on the faucet therefore water flowed from the spout.",
+    "Sarah was a much better surgeon than Maria so she always got the easier cases.",
+] * 20
 
 
 def _tokenizer(bos: bool = True) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
+    tok.train_from_iterator(
+        CORPUS,
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=["<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>" if bos else None, eos_token="</s>")
 
 
@@ -55,7 +64,7 @@ def test_continuation_is_whole_minus_context_length(tok):
     context, continuation = "Twi", "st the lid."
     whole = enc(tok, context + continuation)
     ctx, cont = encode_pair(tok, context, continuation)
-    assert ctx == enc(tok, context) and cont == whole[len(ctx):]
+    assert ctx == enc(tok, context) and cont == whole[len(ctx) :]
 
 
 def test_add_bos_and_empty_context(tok):

@@ -9,8 +9,11 @@ from pipeline.tracking import metric_name
 
 def test_method_titles_become_valid_mlflow_metric_names():
     validation = pytest.importorskip("mlflow.utils.validation")
-    for key in ("dejavu-l2_norm (dense inputs)/s50/mean_acc", "oracle-plainact (gold scores)/s30/piqa_acc",
-                "static_raw-fisher (raw mean)/s70/word_perplexity"):
+    for key in (
+        "dejavu-l2_norm (dense inputs)/s50/mean_acc",
+        "oracle-plainact (gold scores)/s30/piqa_acc",
+        "static_raw-fisher (raw mean)/s70/word_perplexity",
+    ):
         name = metric_name(key)
         validation._validate_metric_name(name)
         assert name.replace("_", "").replace(" ", "") != "" and "/s" in name

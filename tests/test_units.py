@@ -18,12 +18,12 @@ SPARSITIES = [0.1, 0.3, 0.5, 0.7, 0.9, 0.95]
 
 
 def test_n_removed_rounds_half_up_and_never_empties_a_layer():
-    assert n_removed(9, 0.5) == 5 and n_kept(9, 0.5) == 4      # 4.5 -> 5 (Python's round() gave 4)
-    assert n_removed(9, 0.3) == 3 and n_removed(9, 0.7) == 6    # 2.7 -> 3, 6.3 -> 6
+    assert n_removed(9, 0.5) == 5 and n_kept(9, 0.5) == 4  # 4.5 -> 5 (Python's round() gave 4)
+    assert n_removed(9, 0.3) == 3 and n_removed(9, 0.7) == 6  # 2.7 -> 3, 6.3 -> 6
     assert n_removed(1536, 0.3) == 461 and n_removed(1536, 0.7) == 1075
-    assert n_removed(10, 0.15) == 2   # 1.5 -> 2
-    assert n_removed(45, 0.7) == 32   # 31.5 as written, although the float product 0.7 * 45 is 31.499999999999996
-    assert n_removed(10, 0.25) == 3   # 2.5 -> 3 (round() gave 2)
+    assert n_removed(10, 0.15) == 2  # 1.5 -> 2
+    assert n_removed(45, 0.7) == 32  # 31.5 as written, although the float product 0.7 * 45 is 31.499999999999996
+    assert n_removed(10, 0.25) == 3  # 2.5 -> 3 (round() gave 2)
     assert n_removed(10, 0.0) == 0 and n_kept(10, 0.0) == 10
     assert n_removed(10, 0.96) == 9 and n_kept(3, 0.99) == 1 and n_kept(1, 0.9) == 1
     for n in range(1, 40):
@@ -47,17 +47,17 @@ def test_every_scope_removes_the_same_total(n_layers, n_units, s):
     """local, global and hybrid at the same nominal sparsity remove the same number of units (before: SmolLM2
     heads at 0.5 lost 116 locally and 130 globally)."""
     want = (n_layers - 1) * n_removed(n_units, s)
-    got = {scope: masks.removal_counts(n_layers, n_units, s, scope, min_keep=0.0)["removed"]
-           for scope in masks.SCOPES}
+    got = {scope: masks.removal_counts(n_layers, n_units, s, scope, min_keep=0.0)["removed"] for scope in masks.SCOPES}
     assert got == {scope: want for scope in masks.SCOPES}
-    eff = {scope: masks.removal_counts(n_layers, n_units, s, scope, min_keep=0.0)["effective"]
-           for scope in masks.SCOPES}
+    eff = {
+        scope: masks.removal_counts(n_layers, n_units, s, scope, min_keep=0.0)["effective"] for scope in masks.SCOPES
+    }
     assert len(set(eff.values())) == 1
 
 
 def test_smollm2_heads_at_half():
     d = {scope: masks.removal_counts(30, 9, 0.5, scope)["removed"] for scope in masks.SCOPES}
-    assert d == {"local": 145, "global": 145, "hybrid": 145}   # 29 layers × 5 of 9
+    assert d == {"local": 145, "global": 145, "hybrid": 145}  # 29 layers × 5 of 9
 
 
 @pytest.mark.parametrize("n_units", [1, 2, 3, 7, 9, 10, 48, 1536])
@@ -97,8 +97,8 @@ def test_keep_mask_removes_what_removal_counts_says(n_layers, n_units, s, min_ke
     `requested` keeps the asked-for figure and `effective` the real one."""
     g = torch.Generator().manual_seed(0)
     x = torch.rand(3, n_layers, n_units, generator=g)
-    x[0, 1] = 0.0   # one example with a whole layer at the bottom (the floor binds) ...
-    x[1] = 1.0      # ... and one all ties
+    x[0, 1] = 0.0  # one example with a whole layer at the bottom (the floor binds) ...
+    x[1] = 1.0  # ... and one all ties
     for scope in masks.SCOPES:
         c = masks.removal_counts(n_layers, n_units, s, scope, min_keep=min_keep)
         keep = masks.keep_mask(x, s, scope, min_keep=min_keep)
@@ -115,6 +115,6 @@ def test_keep_mask_removes_what_removal_counts_says(n_layers, n_units, s, min_ke
 def test_hybrid_cap_is_reported():
     spec = masks.MaskSpec(sparsity={"heads": 0.7, "neurons": 0.0}, scope="hybrid", min_keep=0.5)
     d = masks.describe(spec, 4, {"heads": 10, "neurons": 20})
-    assert d["heads"]["requested"] == 21 and d["heads"]["removed"] == 15   # each layer keeps 5 of 10, not 3
+    assert d["heads"]["requested"] == 21 and d["heads"]["removed"] == 15  # each layer keeps 5 of 10, not 3
     assert d["heads"]["effective"] == pytest.approx(15 / 40)
     assert pool_removed(3, 10, 0.7) == 21

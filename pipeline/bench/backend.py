@@ -8,8 +8,10 @@ from types import ModuleType
 def get(name: str) -> ModuleType:
     if name == "torch":
         from . import kernels_ref
+
         return kernels_ref
     if name == "triton":
         from . import kernels_triton
+
         return kernels_triton
     raise ValueError(f"unknown kernel backend {name!r} (torch | triton)")

@@ -15,8 +15,16 @@ import torch
 from .shapes import ModelShape
 
 
-def step_bytes(shape: ModelShape, head_keep: torch.Tensor, neuron_keep: torch.Tensor, *, batch: int, context: float,
-               predictor_bytes: int = 0, elem: int = 2) -> dict[str, float]:
+def step_bytes(
+    shape: ModelShape,
+    head_keep: torch.Tensor,
+    neuron_keep: torch.Tensor,
+    *,
+    batch: int,
+    context: float,
+    predictor_bytes: int = 0,
+    elem: int = 2,
+) -> dict[str, float]:
     """head_keep [L, H] bool, neuron_keep [L, F] bool -> bytes by part for one decode step."""
     s = shape
     D, d = s.hidden, s.head_dim
@@ -30,14 +38,28 @@ def step_bytes(shape: ModelShape, head_keep: torch.Tensor, neuron_keep: torch.Te
     head = s.vocab * D * elem
     kv = (kv_heads * 2 * d).sum().item() * context * batch * elem
     total = qkv + o + mlp_in + mlp_out + head + kv + predictor_bytes
-    return {"attn_bytes": qkv + o, "mlp_bytes": mlp_in + mlp_out, "lm_head_bytes": head, "kv_bytes": kv,
-            "predictor_bytes": float(predictor_bytes), "total_bytes": total,
-            "qkv_bytes": qkv, "o_bytes": o, "mlp_in_bytes": mlp_in, "mlp_out_bytes": mlp_out}
+    return {
+        "attn_bytes": qkv + o,
+        "mlp_bytes": mlp_in + mlp_out,
+        "lm_head_bytes": head,
+        "kv_bytes": kv,
+        "predictor_bytes": float(predictor_bytes),
+        "total_bytes": total,
+        "qkv_bytes": qkv,
+        "o_bytes": o,
+        "mlp_in_bytes": mlp_in,
+        "mlp_out_bytes": mlp_out,
+    }
 
 
 def dense_bytes(shape: ModelShape, *, batch: int, context: float) -> dict[str, float]:
-    return step_bytes(shape, torch.ones(shape.layers, shape.heads, dtype=torch.bool),
-                      torch.ones(shape.layers, shape.ffn, dtype=torch.bool), batch=batch, context=context)
+    return step_bytes(
+        shape,
+        torch.ones(shape.layers, shape.heads, dtype=torch.bool),
+        torch.ones(shape.layers, shape.ffn, dtype=torch.bool),
+        batch=batch,
+        context=context,
+    )
 
 
 def bound(total_bytes: float, dense_total: float, copy_gbps: float) -> dict[str, float]:

@@ -41,7 +41,7 @@ class EngineConfig:
     shadowllm: PredictorSpec = field(default_factory=lambda: PredictorSpec(2048, 1024))
     dejavu: PredictorSpec = field(default_factory=lambda: PredictorSpec(1024, 1024))
     overlap: bool = True
-    pdl: bool = True               # programmatic dependent launch of the layer kernels (Triton backend, sm_90+)
+    pdl: bool = True  # programmatic dependent launch of the layer kernels (Triton backend, sm_90+)
     eps: float = 1e-5
     seed: int = 0
 
@@ -53,9 +53,17 @@ class EngineConfig:
 
 
 class DecodeEngine:
-    def __init__(self, shape: ModelShape, cfg: EngineConfig, *, weights: ModelWeights | None = None,
-                 backend: str = "triton", device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
-                 predictors: dict | None = None):
+    def __init__(
+        self,
+        shape: ModelShape,
+        cfg: EngineConfig,
+        *,
+        weights: ModelWeights | None = None,
+        backend: str = "triton",
+        device: str | torch.device = "cuda",
+        dtype: torch.dtype = torch.bfloat16,
+        predictors: dict | None = None,
+    ):
         self.shape, self.cfg, self.device, self.dtype = shape, cfg, torch.device(device), dtype
         self.k = backend_mod.get(backend)
         self.w = weights if weights is not None else build(shape, dtype=dtype, device=device, seed=cfg.seed)
@@ -103,13 +111,16 @@ class DecodeEngine:
         kf = self.plan.k_neurons
         exact = B == 1 or mode == "static"
         self.expect_neurons = kf if exact else int(F * (1 - (1 - kf / F) ** B))
-        self.bound_neurons = kf if exact else min(F, B * kf)     # the most a layer can keep (grid sizes)
+        self.bound_neurons = kf if exact else min(F, B * kf)  # the most a layer can keep (grid sizes)
         self.profiling = False
         # With DejaVu's predictors on a side stream, PDL is off: early-launched layer kernels would hold the SMs the
         # side stream needs (H200, Llama-3-8B at 50%: 4.19 ms/token with PDL, 3.59 ms without).
         self.pdl = cfg.pdl and not (mode == "dejavu" and cfg.overlap)
-        self.side = torch.cuda.Stream(device=dev) if (dev.type == "cuda" and cfg.overlap
-                                                         and mode in ("shadowllm", "dejavu")) else None
+        self.side = (
+            torch.cuda.Stream(device=dev)
+            if (dev.type == "cuda" and cfg.overlap and mode in ("shadowllm", "dejavu"))
+            else None
+        )
 
     # ------------------------------------------------------------------ predictors
     def _alloc_pred(self, spec: PredictorSpec, n_h: int, n_f: int, rows: int) -> None:
@@ -137,12 +148,21 @@ class DecodeEngine:
             xin = self.p_mid
         k.row_gemv(xin, p.neuron_out, self.s_neurons, sel=DENSE, tile="pred")
         r0 = 1 if skip_first_row else 0
-        sh = self.s_heads.view(B, -1, s.heads)[:, r0:r0 + n_rows]
-        sn = self.s_neurons.view(B, -1, s.ffn)[:, r0:r0 + n_rows]
-        k.select_heads(sh, self.plan.k_heads, self.plan.qkv_mask, self.plan.head_idx, self.plan.head_count,
-                       out_row0=out_row0, kv_heads=s.kv_heads, union=self.union_h)
-        k.select_neurons(sn, self.plan.k_neurons, self.plan.ffn_idx, self.plan.ffn_count, out_row0=out_row0,
-                         union=self.union_f)
+        sh = self.s_heads.view(B, -1, s.heads)[:, r0 : r0 + n_rows]
+        sn = self.s_neurons.view(B, -1, s.ffn)[:, r0 : r0 + n_rows]
+        k.select_heads(
+            sh,
+            self.plan.k_heads,
+            self.plan.qkv_mask,
+            self.plan.head_idx,
+            self.plan.head_count,
+            out_row0=out_row0,
+            kv_heads=s.kv_heads,
+            union=self.union_h,
+        )
+        k.select_neurons(
+            sn, self.plan.k_neurons, self.plan.ffn_idx, self.plan.ffn_count, out_row0=out_row0, union=self.union_f
+        )
 
     def _fork(self):
         if self.side is None:
@@ -177,7 +197,7 @@ class DecodeEngine:
             lw = w.layers[l]
             sparse = mode != "dense" and l > 0
             if pending and mode == "dejavu":
-                self._join()       # layer l's plan must be ready
+                self._join()  # layer l's plan must be ready
                 pending = False
             if mode == "dejavu" and l + 1 < L:
                 with mark("predictor"):
@@ -192,24 +212,56 @@ class DecodeEngine:
                 pending = False
             qm = self.plan.qkv_mask[l]
             with mark("qkv"):
-                k.row_gemv(self.resid, lw.qkv, self.qkv, norm=s.norm, eps=cfg.eps,
-                           sel=units(qm, d) if sparse else DENSE, tile="qkv", pdl=pdl)
+                k.row_gemv(
+                    self.resid,
+                    lw.qkv,
+                    self.qkv,
+                    norm=s.norm,
+                    eps=cfg.eps,
+                    sel=units(qm, d) if sparse else DENSE,
+                    tile="qkv",
+                    pdl=pdl,
+                )
             with mark("attention"):
-                k.attention_decode(self.qkv, self.k_cache[l], self.v_cache[l], self.pos, qm, self.attn, heads=H,
-                                   kv_heads=KVH, head_dim=d, rope=self.rope, work=self.attn_work, pdl=pdl)
+                k.attention_decode(
+                    self.qkv,
+                    self.k_cache[l],
+                    self.v_cache[l],
+                    self.pos,
+                    qm,
+                    self.attn,
+                    heads=H,
+                    kv_heads=KVH,
+                    head_dim=d,
+                    rope=self.rope,
+                    work=self.attn_work,
+                    pdl=pdl,
+                )
             if mode == "shadowllm" and l == 0:
                 with mark("predictor"), self._fork():
                     self._run_predictor(self.shadow, self.attn, 1, L - 1, skip_first_row=True)
                 pending = self.side is not None
             with mark("o"):
-                hsel = unit_index(self.plan.head_idx[l], self.plan.head_count[l:l + 1], d) if sparse else None
+                hsel = unit_index(self.plan.head_idx[l], self.plan.head_count[l : l + 1], d) if sparse else None
                 k.row_gemv(self.attn, lw.o, self.resid, sel=DENSE, ksel=hsel, accumulate=True, tile="o", pdl=pdl)
-            fsel = (index(self.plan.ffn_idx[l], self.plan.ffn_count[l:l + 1], self.expect_neurons, self.bound_neurons)
-                    if sparse else DENSE)
+            fsel = (
+                index(self.plan.ffn_idx[l], self.plan.ffn_count[l : l + 1], self.expect_neurons, self.bound_neurons)
+                if sparse
+                else DENSE
+            )
             with mark("mlp_in"):
                 if s.gated:
-                    k.row_gemv(self.resid, lw.w1, self.h, lin2=lw.w3, norm=s.norm, eps=cfg.eps, act="silu_gate",
-                               sel=fsel, pdl=pdl)
+                    k.row_gemv(
+                        self.resid,
+                        lw.w1,
+                        self.h,
+                        lin2=lw.w3,
+                        norm=s.norm,
+                        eps=cfg.eps,
+                        act="silu_gate",
+                        sel=fsel,
+                        pdl=pdl,
+                    )
                 else:
                     k.row_gemv(self.resid, lw.w1, self.h, norm=s.norm, eps=cfg.eps, act="relu", sel=fsel, pdl=pdl)
             with mark("mlp_out"):

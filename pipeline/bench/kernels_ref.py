@@ -38,9 +38,21 @@ def _finish(acc, lin: Linear, rows, norm, st):
     return acc
 
 
-def row_gemv(x: torch.Tensor, lin: Linear, out: torch.Tensor, *, lin2: Linear | None = None, norm: str = "none",
-             eps: float = 1e-5, act: str = "none", sel: Sel, ksel: Sel | None = None, accumulate: bool = False,
-             tile: str = "row", pdl: bool = False) -> None:
+def row_gemv(
+    x: torch.Tensor,
+    lin: Linear,
+    out: torch.Tensor,
+    *,
+    lin2: Linear | None = None,
+    norm: str = "none",
+    eps: float = 1e-5,
+    act: str = "none",
+    sel: Sel,
+    ksel: Sel | None = None,
+    accumulate: bool = False,
+    tile: str = "row",
+    pdl: bool = False,
+) -> None:
     """out[:, j] = act(norm(x) · W[row_j]) for the selected rows (see sel.py for the output layout).
 
     ksel: only the input columns of kept units count (the rest of x is treated as 0); accumulate: out += result.
@@ -95,9 +107,21 @@ def attention_workspace(batch: int, heads: int, max_len: int, head_dim: int, dev
     return None
 
 
-def attention_decode(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-                     head_mask: torch.Tensor, out: torch.Tensor, *, heads: int, kv_heads: int, head_dim: int,
-                     rope: tuple[torch.Tensor, torch.Tensor] | None, work: None = None, pdl: bool = False) -> None:
+def attention_decode(
+    qkv: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pos: torch.Tensor,
+    head_mask: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    rope: tuple[torch.Tensor, torch.Tensor] | None,
+    work: None = None,
+    pdl: bool = False,
+) -> None:
     """One decode step of attention for the kept heads; writes the new k/v at `pos` for kept kv groups.
 
     qkv [B, (H+2KVH)·d]; caches [B, KVH, T, d]; out [B, H·d] (dropped heads are not written)."""
@@ -106,8 +130,8 @@ def attention_decode(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     p = int(pos.reshape(-1)[0])
     B = qkv.shape[0]
     q = qkv[:, : H * d].float().view(B, H, d)
-    k = qkv[:, H * d: (H + KVH) * d].float().view(B, KVH, d)
-    v = qkv[:, (H + KVH) * d:].float().view(B, KVH, d)
+    k = qkv[:, H * d : (H + KVH) * d].float().view(B, KVH, d)
+    v = qkv[:, (H + KVH) * d :].float().view(B, KVH, d)
     if rope is not None:
         cos, sin = rope[0][p], rope[1][p]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -116,14 +140,14 @@ def attention_decode(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     for g in torch.nonzero(kv_keep).flatten().tolist():
         k_cache[:, g, p] = k[:, g].to(k_cache.dtype)
         v_cache[:, g, p] = v[:, g].to(v_cache.dtype)
-    scale = d ** -0.5
+    scale = d**-0.5
     for h in torch.nonzero(keep).flatten().tolist():
         g = h // gs
         kk = k_cache[:, g, : p + 1].float()
         vv = v_cache[:, g, : p + 1].float()
         s = torch.einsum("bd,btd->bt", q[:, h] * scale, kk)
         o = torch.einsum("bt,btd->bd", torch.softmax(s, -1), vv)
-        out[:, h * d: (h + 1) * d] = o.to(out.dtype)
+        out[:, h * d : (h + 1) * d] = o.to(out.dtype)
 
 
 def _topk_union(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -134,11 +158,20 @@ def _topk_union(scores: torch.Tensor, k: int) -> torch.Tensor:
     return m
 
 
-def select_heads(scores: torch.Tensor, k: int, qkv_mask: torch.Tensor, head_idx: torch.Tensor,
-                 head_count: torch.Tensor, *, out_row0: int, kv_heads: int, union: torch.Tensor | None = None) -> None:
+def select_heads(
+    scores: torch.Tensor,
+    k: int,
+    qkv_mask: torch.Tensor,
+    head_idx: torch.Tensor,
+    head_count: torch.Tensor,
+    *,
+    out_row0: int,
+    kv_heads: int,
+    union: torch.Tensor | None = None,
+) -> None:
     """scores [B, R, H] -> qkv_mask rows out_row0…out_row0+R-1 = [head keep | kv keep | kv keep] (int32), and the
     ascending kept-head list + count of those rows."""
-    B, R, H = scores.shape
+    _B, R, H = scores.shape
     for r in range(R):
         m = _topk_union(scores[:, r], k)
         kv = m.view(kv_heads, H // kv_heads).any(1)
@@ -148,10 +181,17 @@ def select_heads(scores: torch.Tensor, k: int, qkv_mask: torch.Tensor, head_idx:
         head_count[out_row0 + r] = nz.numel()
 
 
-def select_neurons(scores: torch.Tensor, k: int, idx: torch.Tensor, count: torch.Tensor, *, out_row0: int,
-                   union: torch.Tensor | None = None) -> None:
+def select_neurons(
+    scores: torch.Tensor,
+    k: int,
+    idx: torch.Tensor,
+    count: torch.Tensor,
+    *,
+    out_row0: int,
+    union: torch.Tensor | None = None,
+) -> None:
     """scores [B, R, F] -> idx[out_row0 + r, :count] = ascending kept neurons (union over the batch)."""
-    B, R, F = scores.shape
+    _B, R, _F = scores.shape
     for r in range(R):
         nz = torch.nonzero(_topk_union(scores[:, r], k)).flatten()
         idx[out_row0 + r, : nz.numel()] = nz.to(idx.dtype)

@@ -19,9 +19,9 @@ TRITON_INTERPRET=1 on a CPU.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
-import torch
 
 from .sel import Sel
 from .weights import Linear
@@ -31,18 +31,18 @@ _ACT = {"none": 0, "relu": 1, "silu_gate": 2}
 _SEL = {"dense": 0, "units": 1, "index": 2}
 
 # Tile choices; run_all may overwrite them from its sweeps.
-CONFIG = {   # defaults = sweep picks on the H200 (results/benchmark/h200.json, micro.config)
-    "row": {"BN": 2, "BK": 512, "warps": 4},                  # batch 1, gate/up or fc1
-    "qkv": {"BN": 2, "BK": 1024, "warps": 4},                 # batch 1, per-role row tiles
-    "head": {"BN": 4, "BK": 512, "warps": 4},                 # LM head
-    "pred": {"BN": 4, "BK": 512, "warps": 4},                 # predictor layers
+CONFIG = {  # defaults = sweep picks on the H200 (results/benchmark/h200.json, micro.config)
+    "row": {"BN": 2, "BK": 512, "warps": 4},  # batch 1, gate/up or fc1
+    "qkv": {"BN": 2, "BK": 1024, "warps": 4},  # batch 1, per-role row tiles
+    "head": {"BN": 4, "BK": 512, "warps": 4},  # LM head
+    "pred": {"BN": 4, "BK": 512, "warps": 4},  # predictor layers
     "o": {"BN": 4, "BK": 512, "warps": 4},
-    "row_dot": {"BN": 32, "BK": 256, "warps": 4},             # batch 2..16 (tensor cores, M padded to 16)
-    "col": {"BN": 512, "BK": 8, "KPP": 256, "warps": 4, "TP": 1536},   # batch 1, index lists (down/fc2); TP below
-    "col_units": {"BN": 512, "BK": 8, "KPP": 32, "warps": 4},   # batch 1, head units (o in column form: comparison)
+    "row_dot": {"BN": 32, "BK": 256, "warps": 4},  # batch 2..16 (tensor cores, M padded to 16)
+    "col": {"BN": 512, "BK": 8, "KPP": 256, "warps": 4, "TP": 1536},  # batch 1, index lists (down/fc2); TP below
+    "col_units": {"BN": 512, "BK": 8, "KPP": 32, "warps": 4},  # batch 1, head units (o in column form: comparison)
     "col_dot": {"BN": 128, "BK": 64, "KPP": 256, "warps": 4},
-    "attn": {"BT": 32, "NT": 1, "warps": 2},                  # split-T: ceil(T / (BT·NT)) programs per head
-    "pdl": True,                                              # programmatic dependent launch (sm_90+)
+    "attn": {"BT": 32, "NT": 1, "warps": 2},  # split-T: ceil(T / (BT·NT)) programs per head
+    "pdl": True,  # programmatic dependent launch (sm_90+)
 }
 
 
@@ -85,13 +85,39 @@ def _grid_dep(PDL: tl.constexpr):
 
 
 @triton.jit
-def _row_kernel(x_ptr, stride_xb, B, K,
-                w_ptr, b_ptr, c_ptr, w2_ptr, b2_ptr, c2_ptr,
-                out_ptr, stride_ob, N,
-                mask_ptr, idx_ptr, count_ptr, kidx_ptr, kcount_ptr, eps,
-                G: tl.constexpr, SEL: tl.constexpr, NORM: tl.constexpr, ACT: tl.constexpr,
-                HAS_BIAS: tl.constexpr, KSEL: tl.constexpr, GK: tl.constexpr, ACCUM: tl.constexpr,
-                PDL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _row_kernel(
+    x_ptr,
+    stride_xb,
+    B,
+    K,
+    w_ptr,
+    b_ptr,
+    c_ptr,
+    w2_ptr,
+    b2_ptr,
+    c2_ptr,
+    out_ptr,
+    stride_ob,
+    N,
+    mask_ptr,
+    idx_ptr,
+    count_ptr,
+    kidx_ptr,
+    kcount_ptr,
+    eps,
+    G: tl.constexpr,
+    SEL: tl.constexpr,
+    NORM: tl.constexpr,
+    ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    KSEL: tl.constexpr,
+    GK: tl.constexpr,
+    ACCUM: tl.constexpr,
+    PDL: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
     pid = tl.program_id(0)
     r0 = pid * BN
     offs_n = r0 + tl.arange(0, BN)
@@ -115,7 +141,7 @@ def _row_kernel(x_ptr, stride_xb, B, K,
     bmask = offs_b < B
     acc = tl.zeros([BM, BN], tl.float32)
     acc2 = tl.zeros([BM, BN], tl.float32)
-    part = tl.zeros([BN, BK], tl.float32)     # batch 1: elementwise partial products, reduced once at the end
+    part = tl.zeros([BN, BK], tl.float32)  # batch 1: elementwise partial products, reduced once at the end
     part2 = tl.zeros([BN, BK], tl.float32)
     s1 = tl.zeros([BM], tl.float32)
     s2 = tl.zeros([BM], tl.float32)
@@ -197,16 +223,34 @@ def _row_kernel(x_ptr, stride_xb, B, K,
         acc = acc / (1.0 + tl.exp(-acc)) * acc2
     out_ptrs = out_ptr + offs_b[:, None] * stride_ob + offs_n[None, :]
     omask = bmask[:, None] & nmask[None, :]
-    if ACCUM:   # residual add: each program owns its output rows, so a plain read-modify-write suffices
+    if ACCUM:  # residual add: each program owns its output rows, so a plain read-modify-write suffices
         acc += tl.load(out_ptrs, mask=omask, other=0.0)
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
 @triton.jit
-def _col_kernel(h_ptr, stride_hb, B, w_ptr, b_ptr, out_ptr, stride_ob, N, R,
-                mask_ptr, idx_ptr, count_ptr,
-                G: tl.constexpr, SEL: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KPP: tl.constexpr):
+def _col_kernel(
+    h_ptr,
+    stride_hb,
+    B,
+    w_ptr,
+    b_ptr,
+    out_ptr,
+    stride_ob,
+    N,
+    R,
+    mask_ptr,
+    idx_ptr,
+    count_ptr,
+    G: tl.constexpr,
+    SEL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    PDL: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    KPP: tl.constexpr,
+):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -215,11 +259,10 @@ def _col_kernel(h_ptr, stride_hb, B, w_ptr, b_ptr, out_ptr, stride_ob, N, R,
     bmask = offs_b < B
     out_ptrs = out_ptr + offs_b[:, None] * stride_ob + offs_n[None, :]
     omask = bmask[:, None] & nmask[None, :]
-    if HAS_BIAS:
-        if pid_k == 0:
-            _grid_dep(PDL)
-            bias = tl.load(b_ptr + offs_n, mask=nmask, other=0.0)
-            tl.atomic_add(out_ptrs, tl.zeros([BM, BN], tl.float32) + bias[None, :], mask=omask, sem="relaxed")
+    if HAS_BIAS and pid_k == 0:
+        _grid_dep(PDL)
+        bias = tl.load(b_ptr + offs_n, mask=nmask, other=0.0)
+        tl.atomic_add(out_ptrs, tl.zeros([BM, BN], tl.float32) + bias[None, :], mask=omask, sem="relaxed")
     k_start = pid_k * KPP
     lim = R
     if SEL == 1:
@@ -240,11 +283,11 @@ def _col_kernel(h_ptr, stride_hb, B, w_ptr, b_ptr, out_ptr, stride_ob, N, R,
         rows = tl.load(idx_ptr + offs_k, mask=kmask, other=0)
     else:
         rows = offs_k
-    w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * N + offs_n[None, :], mask=kmask[:, None] & nmask[None, :],
-                other=0.0)
+    w = tl.load(
+        w_ptr + rows.to(tl.int64)[:, None] * N + offs_n[None, :], mask=kmask[:, None] & nmask[None, :], other=0.0
+    )
     _grid_dep(PDL)
-    h = tl.load(h_ptr + offs_b[:, None] * stride_hb + offs_k[None, :], mask=bmask[:, None] & kmask[None, :],
-                other=0.0)
+    h = tl.load(h_ptr + offs_b[:, None] * stride_hb + offs_k[None, :], mask=bmask[:, None] & kmask[None, :], other=0.0)
     for k0 in range(BK, KPP + BK, BK):
         offs_kn = k_start + k0 + tl.arange(0, BK)
         kmask_n = (offs_kn < lim) & (k0 < KPP)
@@ -252,10 +295,14 @@ def _col_kernel(h_ptr, stride_hb, B, w_ptr, b_ptr, out_ptr, stride_ob, N, R,
             rows_n = tl.load(idx_ptr + offs_kn, mask=kmask_n, other=0)
         else:
             rows_n = offs_kn
-        w_n = tl.load(w_ptr + rows_n.to(tl.int64)[:, None] * N + offs_n[None, :],
-                      mask=kmask_n[:, None] & nmask[None, :], other=0.0)
-        h_n = tl.load(h_ptr + offs_b[:, None] * stride_hb + offs_kn[None, :], mask=bmask[:, None] & kmask_n[None, :],
-                      other=0.0)
+        w_n = tl.load(
+            w_ptr + rows_n.to(tl.int64)[:, None] * N + offs_n[None, :],
+            mask=kmask_n[:, None] & nmask[None, :],
+            other=0.0,
+        )
+        h_n = tl.load(
+            h_ptr + offs_b[:, None] * stride_hb + offs_kn[None, :], mask=bmask[:, None] & kmask_n[None, :], other=0.0
+        )
         if BM == 1:
             part += w.to(tl.float32) * tl.reshape(h.to(tl.float32), [BK, 1])
         else:
@@ -267,10 +314,33 @@ def _col_kernel(h_ptr, stride_hb, B, w_ptr, b_ptr, out_ptr, stride_ob, N, R,
 
 
 @triton.jit
-def _attn_kernel(qkv_ptr, stride_qb, kc_ptr, vc_ptr, pos_ptr, mask_ptr, out_ptr, stride_ob, cos_ptr, sin_ptr,
-                 part_acc_ptr, part_ml_ptr, count_ptr, H, KVH, T, scale,
-                 GS: tl.constexpr, D: tl.constexpr, ROPE: tl.constexpr, BT: tl.constexpr, NT: tl.constexpr,
-                 S: tl.constexpr, SB: tl.constexpr, PDL: tl.constexpr):
+def _attn_kernel(
+    qkv_ptr,
+    stride_qb,
+    kc_ptr,
+    vc_ptr,
+    pos_ptr,
+    mask_ptr,
+    out_ptr,
+    stride_ob,
+    cos_ptr,
+    sin_ptr,
+    part_acc_ptr,
+    part_ml_ptr,
+    count_ptr,
+    H,
+    KVH,
+    T,
+    scale,
+    GS: tl.constexpr,
+    D: tl.constexpr,
+    ROPE: tl.constexpr,
+    BT: tl.constexpr,
+    NT: tl.constexpr,
+    S: tl.constexpr,
+    SB: tl.constexpr,
+    PDL: tl.constexpr,
+):
     """Program (b, h, s) attends over cache positions [s·NT·BT, (s+1)·NT·BT) (split-T, flash-decoding); split 0
     also handles the new token (RoPE, cache write). With S > 1 every split leaves (m, l, acc) in a workspace and
     the last split to finish (an acq_rel counter per (b, h), reset by that split) merges them: one launch."""
@@ -304,7 +374,7 @@ def _attn_kernel(qkv_ptr, stride_qb, kc_ptr, vc_ptr, pos_ptr, mask_ptr, out_ptr,
         qp = tl.load(base + h * D + partner).to(tl.float32)
         q = q * cs + sign * qp * sn
     q = q * scale
-    if sp == 0:     # the new token: its k/v go to the cache and start the running softmax
+    if sp == 0:  # the new token: its k/v go to the cache and start the running softmax
         k = tl.load(base + (H + g) * D + offs_d).to(tl.float32)
         v = tl.load(base + (H + KVH + g) * D + offs_d).to(tl.float32)
         if ROPE:
@@ -319,7 +389,7 @@ def _attn_kernel(qkv_ptr, stride_qb, kc_ptr, vc_ptr, pos_ptr, mask_ptr, out_ptr,
         m = tl.full([], float("-inf"), tl.float32)
         l_sum = tl.zeros([], tl.float32)
         acc = tl.zeros([D], tl.float32)
-    for i in range(NT):     # hand-pipelined: tile i+1 is requested before tile i is used
+    for i in range(NT):  # hand-pipelined: tile i+1 is requested before tile i is used
         offs_tn = offs_t + BT
         nmask = (offs_tn < T) & (i + 1 < NT)
         kt_n = tl.load(kc_ptr + cbase + offs_tn[:, None] * D + offs_d[None, :], mask=nmask[:, None], other=0.0)
@@ -328,7 +398,7 @@ def _attn_kernel(qkv_ptr, stride_qb, kc_ptr, vc_ptr, pos_ptr, mask_ptr, out_ptr,
         s = tl.sum(kt.to(tl.float32) * q[None, :], axis=1)
         s = tl.where(tmask, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=0))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)      # an empty split keeps m = -inf, l = 0
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # an empty split keeps m = -inf, l = 0
         alpha = tl.exp(m - m_ref)
         p = tl.exp(s - m_ref)
         acc = acc * alpha + tl.sum(p[:, None] * tl.where(tmask[:, None], vt.to(tl.float32), 0.0), axis=0)
@@ -344,24 +414,42 @@ def _attn_kernel(qkv_ptr, stride_qb, kc_ptr, vc_ptr, pos_ptr, mask_ptr, out_ptr,
         tl.store(part_acc_ptr + slot * D + offs_d, acc)
         tl.store(part_ml_ptr + slot * 2, m)
         tl.store(part_ml_ptr + slot * 2 + 1, l_sum)
-        tl.debug_barrier()                       # every thread's partial is written before the release below
+        tl.debug_barrier()  # every thread's partial is written before the release below
         done = tl.atomic_add(count_ptr + bh, 1, sem="acq_rel")
-        if done == S - 1:                        # the last split merges all of them
+        if done == S - 1:  # the last split merges all of them
             offs_s = tl.arange(0, SB)
             smask = offs_s < S
             ms = tl.load(part_ml_ptr + (bh * S + offs_s) * 2, mask=smask, other=float("-inf"), volatile=True)
             ls = tl.load(part_ml_ptr + (bh * S + offs_s) * 2 + 1, mask=smask, other=0.0, volatile=True)
-            accs = tl.load(part_acc_ptr + (bh * S + offs_s)[:, None] * D + offs_d[None, :], mask=smask[:, None],
-                           other=0.0, volatile=True)
-            wgt = tl.exp(ms - tl.max(ms, axis=0))   # split 0 always holds the new token: the max is finite
+            accs = tl.load(
+                part_acc_ptr + (bh * S + offs_s)[:, None] * D + offs_d[None, :],
+                mask=smask[:, None],
+                other=0.0,
+                volatile=True,
+            )
+            wgt = tl.exp(ms - tl.max(ms, axis=0))  # split 0 always holds the new token: the max is finite
             o = tl.sum(wgt[:, None] * accs, axis=0) / tl.sum(wgt * ls, axis=0)
             tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty))
-            tl.atomic_xchg(count_ptr + bh, 0, sem="relaxed")   # ready for the next launch
+            tl.atomic_xchg(count_ptr + bh, 0, sem="relaxed")  # ready for the next launch
 
 
 @triton.jit
-def _write_selection(sel, offs, valid, n, out_row, mask_ptr, stride_mr, idx_ptr, stride_ir, count_ptr, KVH,
-                     GS: tl.constexpr, MODE: tl.constexpr, KV_BLOCK: tl.constexpr):
+def _write_selection(
+    sel,
+    offs,
+    valid,
+    n,
+    out_row,
+    mask_ptr,
+    stride_mr,
+    idx_ptr,
+    stride_ir,
+    count_ptr,
+    KVH,
+    GS: tl.constexpr,
+    MODE: tl.constexpr,
+    KV_BLOCK: tl.constexpr,
+):
     """Heads (MODE 0): the [head keep | kv keep | kv keep] mask row and the ascending kept-head list + count.
     Neurons (MODE 1): the ascending kept-neuron list + count."""
     sel_i = sel.to(tl.int32)
@@ -384,9 +472,9 @@ def _topk_mask(s, valid, k, BLOCK: tl.constexpr):
     (an order-preserving integer view of the float) is found by bisection, one block-wide count per bit. (A 4-way
     search, 16 passes of three counts, and a radix select, four 256-bin histograms, were both slower on the H200.)"""
     bits = s.to(tl.int32, bitcast=True)
-    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)               # signed order == float order
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # signed order == float order
     key = tl.where(valid, key, tl.full([BLOCK], -2147483648, tl.int32))
-    lo = tl.full([], -2147483648, tl.int64)       # count(key >= lo) >= k
+    lo = tl.full([], -2147483648, tl.int64)  # count(key >= lo) >= k
     hi = tl.full([], 2147483647, tl.int64)
     for _ in range(32):
         mid = lo + (hi - lo) // 2
@@ -402,10 +490,26 @@ def _topk_mask(s, valid, k, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _select_kernel(s_ptr, stride_sb, stride_sr, n, k,
-                   mask_ptr, stride_mr, idx_ptr, stride_ir, count_ptr, union_ptr, out_row0, KVH,
-                   GS: tl.constexpr, MODE: tl.constexpr, SINGLE: tl.constexpr, BLOCK: tl.constexpr,
-                   KV_BLOCK: tl.constexpr):
+def _select_kernel(
+    s_ptr,
+    stride_sb,
+    stride_sr,
+    n,
+    k,
+    mask_ptr,
+    stride_mr,
+    idx_ptr,
+    stride_ir,
+    count_ptr,
+    union_ptr,
+    out_row0,
+    KVH,
+    GS: tl.constexpr,
+    MODE: tl.constexpr,
+    SINGLE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    KV_BLOCK: tl.constexpr,
+):
     r = tl.program_id(0)
     b = tl.program_id(1)
     offs = tl.arange(0, BLOCK)
@@ -413,25 +517,67 @@ def _select_kernel(s_ptr, stride_sb, stride_sr, n, k,
     s = tl.load(s_ptr + b.to(tl.int64) * stride_sb + r * stride_sr + offs, mask=valid, other=0.0).to(tl.float32)
     sel = _topk_mask(s, valid, k, BLOCK)
     if SINGLE:
-        _write_selection(sel, offs, valid, n, out_row0 + r, mask_ptr, stride_mr, idx_ptr, stride_ir, count_ptr, KVH,
-                         GS, MODE, KV_BLOCK)
+        _write_selection(
+            sel,
+            offs,
+            valid,
+            n,
+            out_row0 + r,
+            mask_ptr,
+            stride_mr,
+            idx_ptr,
+            stride_ir,
+            count_ptr,
+            KVH,
+            GS,
+            MODE,
+            KV_BLOCK,
+        )
     else:
         tl.atomic_or(union_ptr + r * n + offs, sel.to(tl.int32), mask=valid & sel, sem="relaxed")
 
 
 @triton.jit
-def _compact_kernel(union_ptr, n, mask_ptr, stride_mr, idx_ptr, stride_ir, count_ptr, out_row0, KVH,
-                    GS: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr):
+def _compact_kernel(
+    union_ptr,
+    n,
+    mask_ptr,
+    stride_mr,
+    idx_ptr,
+    stride_ir,
+    count_ptr,
+    out_row0,
+    KVH,
+    GS: tl.constexpr,
+    MODE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    KV_BLOCK: tl.constexpr,
+):
     r = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     valid = offs < n
     u = tl.load(union_ptr + r * n + offs, mask=valid, other=0)
-    tl.store(union_ptr + r * n + offs, tl.zeros([BLOCK], tl.int32), mask=valid)   # ready for the next step
-    _write_selection(u != 0, offs, valid, n, out_row0 + r, mask_ptr, stride_mr, idx_ptr, stride_ir, count_ptr, KVH,
-                     GS, MODE, KV_BLOCK)
+    tl.store(union_ptr + r * n + offs, tl.zeros([BLOCK], tl.int32), mask=valid)  # ready for the next step
+    _write_selection(
+        u != 0,
+        offs,
+        valid,
+        n,
+        out_row0 + r,
+        mask_ptr,
+        stride_mr,
+        idx_ptr,
+        stride_ir,
+        count_ptr,
+        KVH,
+        GS,
+        MODE,
+        KV_BLOCK,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- wrappers
+
 
 def _pdl(requested: bool, t: torch.Tensor) -> bool:
     """Programmatic dependent launch where asked for, enabled in CONFIG and supported (CUDA, sm_90+)."""
@@ -439,29 +585,44 @@ def _pdl(requested: bool, t: torch.Tensor) -> bool:
 
 
 def _sel_args(sel: Sel, anchor: torch.Tensor):
-    return (sel.mask if sel.mask is not None else anchor,
-            sel.idx if sel.idx is not None else anchor,
-            sel.count if sel.count is not None else anchor)
+    return (
+        sel.mask if sel.mask is not None else anchor,
+        sel.idx if sel.idx is not None else anchor,
+        sel.count if sel.count is not None else anchor,
+    )
 
 
-def row_gemv(x: torch.Tensor, lin: Linear, out: torch.Tensor, *, lin2: Linear | None = None, norm: str = "none",
-             eps: float = 1e-5, act: str = "none", sel: Sel, ksel: Sel | None = None, accumulate: bool = False,
-             tile: str = "row", pdl: bool = False) -> None:
+def row_gemv(
+    x: torch.Tensor,
+    lin: Linear,
+    out: torch.Tensor,
+    *,
+    lin2: Linear | None = None,
+    norm: str = "none",
+    eps: float = 1e-5,
+    act: str = "none",
+    sel: Sel,
+    ksel: Sel | None = None,
+    accumulate: bool = False,
+    tile: str = "row",
+    pdl: bool = False,
+) -> None:
     B, K = x.shape
     N = lin.w.shape[0]
     assert x.stride(1) == 1 and out.stride(1) == 1 and lin.w.is_contiguous() and B <= 16
     cfg = CONFIG.get(tile, CONFIG["row"]) if B == 1 else CONFIG["row_dot"]
     BN = cfg["BN"] if B == 1 else max(cfg["BN"], 16)
     BK = cfg["BK"]
-    if B == 1 and K < BK and sel.kind != "units":   # short rows (predictor output layers): more rows per program
+    if B == 1 and K < BK and sel.kind != "units":  # short rows (predictor output layers): more rows per program
         BK = max(16, triton.next_power_of_2(K))
         BN *= 2 * (cfg["BK"] // BK)
     if sel.kind == "units":
         BN = min(BN, sel.group)
         assert sel.group % BN == 0 and (B == 1 or BN >= 16), "unit size must be a multiple of the row tile"
     if ksel is not None:
-        assert ksel.kind == "unit_index" and norm == "none" and act != "silu_gate", \
+        assert ksel.kind == "unit_index" and norm == "none" and act != "silu_gate", (
             "input-column selection: a unit list, no fused norm or gate"
+        )
     if accumulate:
         assert sel.kind == "dense" and out.dtype == torch.float32, "accumulate: dense rows into an fp32 output"
     has_bias = lin.bias is not None
@@ -474,16 +635,43 @@ def row_gemv(x: torch.Tensor, lin: Linear, out: torch.Tensor, *, lin2: Linear | 
     if ksel is not None:
         BK = max(BK, ksel.group)
         assert BK % ksel.group == 0, "the K tile must hold whole units"
-    n_rows = min(N, sel.bound) if sel.kind == "index" and sel.bound else N   # no programs for rows never kept
+    n_rows = min(N, sel.bound) if sel.kind == "index" and sel.bound else N  # no programs for rows never kept
     grid = (triton.cdiv(n_rows, BN),)
-    _row_kernel[grid](x, x.stride(0), B, K,
-                      lin.w, b, c, w2.w, w2.bias if has_bias else x, w2.rowsum if w2.rowsum is not None else x,
-                      out, out.stride(0), N, mask, idx, count,
-                      ksel.idx if ksel is not None else x, ksel.count if ksel is not None else x, eps,
-                      G=sel.group, SEL=_SEL[sel.kind], NORM=_NORM[norm], ACT=_ACT[act], HAS_BIAS=has_bias,
-                      KSEL=ksel is not None, GK=ksel.group if ksel is not None else 1, ACCUM=accumulate,
-                      PDL=_pdl(pdl, x), BM=1 if B == 1 else 16, BN=BN, BK=BK, num_warps=cfg["warps"],
-                      launch_pdl=_pdl(pdl, x))
+    _row_kernel[grid](
+        x,
+        x.stride(0),
+        B,
+        K,
+        lin.w,
+        b,
+        c,
+        w2.w,
+        w2.bias if has_bias else x,
+        w2.rowsum if w2.rowsum is not None else x,
+        out,
+        out.stride(0),
+        N,
+        mask,
+        idx,
+        count,
+        ksel.idx if ksel is not None else x,
+        ksel.count if ksel is not None else x,
+        eps,
+        G=sel.group,
+        SEL=_SEL[sel.kind],
+        NORM=_NORM[norm],
+        ACT=_ACT[act],
+        HAS_BIAS=has_bias,
+        KSEL=ksel is not None,
+        GK=ksel.group if ksel is not None else 1,
+        ACCUM=accumulate,
+        PDL=_pdl(pdl, x),
+        BM=1 if B == 1 else 16,
+        BN=BN,
+        BK=BK,
+        num_warps=cfg["warps"],
+        launch_pdl=_pdl(pdl, x),
+    )
 
 
 def col_gemv_add(h: torch.Tensor, lin: Linear, out: torch.Tensor, *, sel: Sel, pdl: bool = False) -> None:
@@ -503,14 +691,35 @@ def col_gemv_add(h: torch.Tensor, lin: Linear, out: torch.Tensor, *, sel: Sel, p
     mask, idx, count = _sel_args(sel, h)
     n_rows = min(R, sel.bound) if sel.kind == "index" and sel.bound else R
     grid = (triton.cdiv(N, cfg["BN"]), triton.cdiv(n_rows, kpp))
-    _col_kernel[grid](h, h.stride(0), B, lin.w, lin.bias if lin.bias is not None else out, out, out.stride(0), N, R,
-                      mask, idx, count, G=sel.group, SEL=_SEL[sel.kind], HAS_BIAS=lin.bias is not None,
-                      PDL=_pdl(pdl, h), BM=1 if B == 1 else 16, BN=cfg["BN"], BK=bk, KPP=kpp, num_warps=cfg["warps"],
-                      launch_pdl=_pdl(pdl, h))
+    _col_kernel[grid](
+        h,
+        h.stride(0),
+        B,
+        lin.w,
+        lin.bias if lin.bias is not None else out,
+        out,
+        out.stride(0),
+        N,
+        R,
+        mask,
+        idx,
+        count,
+        G=sel.group,
+        SEL=_SEL[sel.kind],
+        HAS_BIAS=lin.bias is not None,
+        PDL=_pdl(pdl, h),
+        BM=1 if B == 1 else 16,
+        BN=cfg["BN"],
+        BK=bk,
+        KPP=kpp,
+        num_warps=cfg["warps"],
+        launch_pdl=_pdl(pdl, h),
+    )
 
 
 def rope_tables(max_pos, head_dim, theta, device):
     from .kernels_ref import rope_tables as _rt
+
     return _rt(max_pos, head_dim, theta, device)
 
 
@@ -519,14 +728,21 @@ def attention_workspace(batch: int, heads: int, max_len: int, head_dim: int, dev
     cfg = CONFIG["attn"]
     span = cfg["BT"] * cfg.get("NT", 1)
     splits = triton.cdiv(max_len, span)
-    return {"BT": cfg["BT"], "NT": cfg.get("NT", 1), "splits": splits, "warps": cfg["warps"], "max_len": max_len,
-            "acc": torch.zeros(batch * heads * splits * head_dim, dtype=torch.float32, device=device),
-            "ml": torch.zeros(batch * heads * splits * 2, dtype=torch.float32, device=device),
-            "count": torch.zeros(batch * heads, dtype=torch.int32, device=device)}
+    return {
+        "BT": cfg["BT"],
+        "NT": cfg.get("NT", 1),
+        "splits": splits,
+        "warps": cfg["warps"],
+        "max_len": max_len,
+        "acc": torch.zeros(batch * heads * splits * head_dim, dtype=torch.float32, device=device),
+        "ml": torch.zeros(batch * heads * splits * 2, dtype=torch.float32, device=device),
+        "count": torch.zeros(batch * heads, dtype=torch.int32, device=device),
+    }
 
 
-def attention_decode(qkv, k_cache, v_cache, pos, head_mask, out, *, heads, kv_heads, head_dim, rope, work: dict,
-                     pdl: bool = False) -> None:
+def attention_decode(
+    qkv, k_cache, v_cache, pos, head_mask, out, *, heads, kv_heads, head_dim, rope, work: dict, pdl: bool = False
+) -> None:
     """`work` from `attention_workspace` (its tiling; one split when BT·NT covers the cache)."""
     B = qkv.shape[0]
     T = k_cache.shape[2]
@@ -535,11 +751,35 @@ def attention_decode(qkv, k_cache, v_cache, pos, head_mask, out, *, heads, kv_he
     cos, sin = rope if rope is not None else (qkv, qkv)
     bt, nt, splits, warps = work["BT"], work["NT"], work["splits"], work["warps"]
     acc, ml, count = work["acc"], work["ml"], work["count"]
-    _attn_kernel[(B, heads, splits)](qkv, qkv.stride(0), k_cache, v_cache, pos, head_mask, out, out.stride(0),
-                                     cos, sin, acc, ml, count, heads, kv_heads, T, head_dim ** -0.5,
-                                     GS=heads // kv_heads, D=head_dim, ROPE=rope is not None, BT=bt, NT=nt, S=splits,
-                                     SB=triton.next_power_of_2(splits), PDL=_pdl(pdl, qkv), num_warps=warps,
-                                     launch_pdl=_pdl(pdl, qkv))
+    _attn_kernel[(B, heads, splits)](
+        qkv,
+        qkv.stride(0),
+        k_cache,
+        v_cache,
+        pos,
+        head_mask,
+        out,
+        out.stride(0),
+        cos,
+        sin,
+        acc,
+        ml,
+        count,
+        heads,
+        kv_heads,
+        T,
+        head_dim**-0.5,
+        GS=heads // kv_heads,
+        D=head_dim,
+        ROPE=rope is not None,
+        BT=bt,
+        NT=nt,
+        S=splits,
+        SB=triton.next_power_of_2(splits),
+        PDL=_pdl(pdl, qkv),
+        num_warps=warps,
+        launch_pdl=_pdl(pdl, qkv),
+    )
 
 
 def _select_warps(block: int) -> int:
@@ -558,18 +798,50 @@ def _select(scores, k, mode, *, mask, idx, count, out_row0, kv_heads=1, union=No
     mask_t = mask if mask is not None else count
     stride_mr = mask_t.stride(0)
     stride_ir = idx.stride(0)
-    _select_kernel[(R, B)](scores, scores.stride(0), scores.stride(1), n, k,
-                           mask_t, stride_mr, idx, stride_ir, count, union if union is not None else count,
-                           out_row0, kv_heads, GS=gs, MODE=mode, SINGLE=single, BLOCK=block, KV_BLOCK=kvb,
-                           num_warps=_select_warps(block))
+    _select_kernel[(R, B)](
+        scores,
+        scores.stride(0),
+        scores.stride(1),
+        n,
+        k,
+        mask_t,
+        stride_mr,
+        idx,
+        stride_ir,
+        count,
+        union if union is not None else count,
+        out_row0,
+        kv_heads,
+        GS=gs,
+        MODE=mode,
+        SINGLE=single,
+        BLOCK=block,
+        KV_BLOCK=kvb,
+        num_warps=_select_warps(block),
+    )
     if not single:
-        _compact_kernel[(R,)](union, n, mask_t, stride_mr, idx, stride_ir, count, out_row0, kv_heads,
-                              GS=gs, MODE=mode, BLOCK=block, KV_BLOCK=kvb, num_warps=_select_warps(block))
+        _compact_kernel[(R,)](
+            union,
+            n,
+            mask_t,
+            stride_mr,
+            idx,
+            stride_ir,
+            count,
+            out_row0,
+            kv_heads,
+            GS=gs,
+            MODE=mode,
+            BLOCK=block,
+            KV_BLOCK=kvb,
+            num_warps=_select_warps(block),
+        )
 
 
 def select_heads(scores, k, qkv_mask, head_idx, head_count, *, out_row0, kv_heads, union=None) -> None:
-    _select(scores, k, 0, mask=qkv_mask, idx=head_idx, count=head_count, out_row0=out_row0, kv_heads=kv_heads,
-            union=union)
+    _select(
+        scores, k, 0, mask=qkv_mask, idx=head_idx, count=head_count, out_row0=out_row0, kv_heads=kv_heads, union=union
+    )
 
 
 def select_neurons(scores, k, idx, count, *, out_row0, union=None) -> None:

@@ -47,10 +47,19 @@ class KernelBench:
         g = torch.Generator(device="cuda").manual_seed(seed)
 
         def w(n, k):
-            return torch.randn((n, k), generator=g, device="cuda", dtype=torch.bfloat16).mul_(k ** -0.5)
-        self.sets = [dict(w1=Linear(w(F, D)), w3=Linear(w(F, D)), w2T=Linear(w(F, D)),
-                          qkv=Linear(w(shape.qkv_rows, D)), o=Linear(w(D, H * d)), oT=Linear(w(H * d, D)))
-                     for _ in range(n_sets)]
+            return torch.randn((n, k), generator=g, device="cuda", dtype=torch.bfloat16).mul_(k**-0.5)
+
+        self.sets = [
+            dict(
+                w1=Linear(w(F, D)),
+                w3=Linear(w(F, D)),
+                w2T=Linear(w(F, D)),
+                qkv=Linear(w(shape.qkv_rows, D)),
+                o=Linear(w(D, H * d)),
+                oT=Linear(w(H * d, D)),
+            )
+            for _ in range(n_sets)
+        ]
         self.x = torch.randn(batch, D, generator=g, device="cuda")
         self.h = torch.randn(batch, F, generator=g, device="cuda").to(torch.bfloat16)
         self.qkv_out = torch.zeros(batch, shape.qkv_rows, device="cuda", dtype=torch.bfloat16)
@@ -71,7 +80,7 @@ class KernelBench:
         plan_mod.set_layer(p, one, 0, heads, neurons)
         fsel = index(p.ffn_idx[0], p.ffn_count[0:1], kf, kf)
         olist = unit_index(p.head_idx[0], p.head_count[0:1], s.head_dim)
-        kkv = int(p.qkv_mask[0, s.heads: s.heads + s.kv_heads].sum())
+        kkv = int(p.qkv_mask[0, s.heads : s.heads + s.kv_heads].sum())
         return fsel, units(p.qkv_mask[0], s.head_dim), olist, kf, kh, kkv
 
     def run(self, kernel: str, sparsity: float) -> dict:
@@ -83,20 +92,26 @@ class KernelBench:
         fs = DENSE if dense else fsel
         hs = DENSE if dense else hsel
         if kernel == "gateup":
-            fn = lambda: [KT.row_gemv(self.x, st["w1"], self.h, lin2=st["w3"], norm="rms", act="silu_gate", sel=fs, pdl=True)
-                          for st in self.sets]
+            fn = lambda: [
+                KT.row_gemv(self.x, st["w1"], self.h, lin2=st["w3"], norm="rms", act="silu_gate", sel=fs, pdl=True)
+                for st in self.sets
+            ]
             nbytes = 2 * kf * D * 2
         elif kernel == "down":
             fn = lambda: [KT.col_gemv_add(self.h, st["w2T"], self.out, sel=fs, pdl=True) for st in self.sets]
             nbytes = kf * D * 2
         elif kernel == "qkv":
-            fn = lambda: [KT.row_gemv(self.x, st["qkv"], self.qkv_out, norm="rms", sel=hs, tile="qkv", pdl=True)
-                          for st in self.sets]
+            fn = lambda: [
+                KT.row_gemv(self.x, st["qkv"], self.qkv_out, norm="rms", sel=hs, tile="qkv", pdl=True)
+                for st in self.sets
+            ]
             nbytes = (kh + 2 * kkv) * s.head_dim * D * 2
         elif kernel == "o":
             ks = None if dense else olist
-            fn = lambda: [KT.row_gemv(self.attn, st["o"], self.out, sel=DENSE, ksel=ks, accumulate=True, tile="o", pdl=True)
-                          for st in self.sets]
+            fn = lambda: [
+                KT.row_gemv(self.attn, st["o"], self.out, sel=DENSE, ksel=ks, accumulate=True, tile="o", pdl=True)
+                for st in self.sets
+            ]
             nbytes = kh * s.head_dim * D * 2
         elif kernel == "o_col":
             fn = lambda: [KT.col_gemv_add(self.attn, st["oT"], self.out, sel=hs) for st in self.sets]
@@ -105,21 +120,44 @@ class KernelBench:
             T = 256
             H, KVH, d = s.heads, s.kv_heads, s.head_dim
             if not hasattr(self, "kv"):
-                self.kv = [(torch.randn(self.B, KVH, T, d, device="cuda", dtype=torch.bfloat16),
-                            torch.randn(self.B, KVH, T, d, device="cuda", dtype=torch.bfloat16)) for _ in self.sets]
+                self.kv = [
+                    (
+                        torch.randn(self.B, KVH, T, d, device="cuda", dtype=torch.bfloat16),
+                        torch.randn(self.B, KVH, T, d, device="cuda", dtype=torch.bfloat16),
+                    )
+                    for _ in self.sets
+                ]
                 self.pos = torch.tensor([192], dtype=torch.int32, device="cuda")
                 from .kernels_ref import rope_tables
+
                 self.rope = rope_tables(T, d, 500000.0, "cuda")
                 self.qkv_in = torch.randn(self.B, s.qkv_rows, device="cuda").to(torch.bfloat16)
             qm = hsel.mask if not dense else torch.ones(H + 2 * KVH, dtype=torch.int32, device="cuda")
             work = KT.attention_workspace(self.B, H, T, d, "cuda")
-            fn = lambda: [KT.attention_decode(self.qkv_in, kc, vc, self.pos, qm, self.attn, heads=H, kv_heads=KVH,
-                                              head_dim=d, rope=self.rope, work=work, pdl=True) for kc, vc in self.kv]
+            fn = lambda: [
+                KT.attention_decode(
+                    self.qkv_in,
+                    kc,
+                    vc,
+                    self.pos,
+                    qm,
+                    self.attn,
+                    heads=H,
+                    kv_heads=KVH,
+                    head_dim=d,
+                    rope=self.rope,
+                    work=work,
+                    pdl=True,
+                )
+                for kc, vc in self.kv
+            ]
             nbytes = (kkv if not dense else KVH) * 2 * 192 * d * 2 * self.B
         elif kernel == "torch_gateup":
             xb = self.x.to(torch.bfloat16)
-            fn = lambda: [(torch.nn.functional.linear(xb, st["w1"].w), torch.nn.functional.linear(xb, st["w3"].w))
-                          for st in self.sets]
+            fn = lambda: [
+                (torch.nn.functional.linear(xb, st["w1"].w), torch.nn.functional.linear(xb, st["w3"].w))
+                for st in self.sets
+            ]
             nbytes = 2 * s.ffn * D * 2
         elif kernel == "torch_down":
             fn = lambda: [torch.matmul(self.h, st["w2T"].w) for st in self.sets]
@@ -127,25 +165,53 @@ class KernelBench:
         else:
             raise ValueError(kernel)
         ms = _time_graph(fn) / self.n
-        return {"kernel": kernel, "sparsity": sparsity, "batch": self.B, "us": ms * 1e3, "bytes": nbytes,
-                "gbps": nbytes / (ms * 1e-3) / 1e9}
+        return {
+            "kernel": kernel,
+            "sparsity": sparsity,
+            "batch": self.B,
+            "us": ms * 1e3,
+            "bytes": nbytes,
+            "gbps": nbytes / (ms * 1e-3) / 1e9,
+        }
 
 
-ROW_CANDIDATES = [dict(BN=4, BK=512, warps=4), dict(BN=2, BK=512, warps=2), dict(BN=2, BK=512, warps=4),
-                  dict(BN=4, BK=256, warps=2), dict(BN=2, BK=1024, warps=4)]
-COL_CANDIDATES = [dict(BN=512, BK=8, KPP=256, warps=4, TP=1536), dict(BN=512, BK=8, KPP=256, warps=4, TP=768),
-                  dict(BN=512, BK=8, KPP=128, warps=4), dict(BN=256, BK=8, KPP=256, warps=2),
-                  dict(BN=1024, BK=4, KPP=256, warps=4)]
+ROW_CANDIDATES = [
+    dict(BN=4, BK=512, warps=4),
+    dict(BN=2, BK=512, warps=2),
+    dict(BN=2, BK=512, warps=4),
+    dict(BN=4, BK=256, warps=2),
+    dict(BN=2, BK=1024, warps=4),
+]
+COL_CANDIDATES = [
+    dict(BN=512, BK=8, KPP=256, warps=4, TP=1536),
+    dict(BN=512, BK=8, KPP=256, warps=4, TP=768),
+    dict(BN=512, BK=8, KPP=128, warps=4),
+    dict(BN=256, BK=8, KPP=256, warps=2),
+    dict(BN=1024, BK=4, KPP=256, warps=4),
+]
 ROW_DOT_CANDIDATES = [dict(BN=64, BK=128, warps=4), dict(BN=32, BK=256, warps=4), dict(BN=64, BK=256, warps=8)]
-COL_DOT_CANDIDATES = [dict(BN=128, BK=64, KPP=256, warps=4), dict(BN=256, BK=64, KPP=256, warps=8),
-                      dict(BN=64, BK=64, KPP=128, warps=4)]
+COL_DOT_CANDIDATES = [
+    dict(BN=128, BK=64, KPP=256, warps=4),
+    dict(BN=256, BK=64, KPP=256, warps=8),
+    dict(BN=64, BK=64, KPP=128, warps=4),
+]
 # Batch-1 tiles are swept on whole decode steps (`engine_sweep`): a kernel's cost depends on its neighbours (with
 # programmatic dependent launch it streams its first weight tile while the previous one runs), and a sweep of
 # one kernel chained with itself picked tiles that were slower in the decode.
-SMALL_ROW_CANDIDATES = [dict(BN=4, BK=512, warps=4), dict(BN=2, BK=1024, warps=4), dict(BN=4, BK=1024, warps=8),
-                        dict(BN=2, BK=2048, warps=8), dict(BN=1, BK=4096, warps=8)]
-ATTN_CANDIDATES = [dict(BT=16, NT=1, warps=1), dict(BT=32, NT=1, warps=2), dict(BT=64, NT=1, warps=4),
-                   dict(BT=16, NT=2, warps=2), dict(BT=32, NT=1, warps=1)]
+SMALL_ROW_CANDIDATES = [
+    dict(BN=4, BK=512, warps=4),
+    dict(BN=2, BK=1024, warps=4),
+    dict(BN=4, BK=1024, warps=8),
+    dict(BN=2, BK=2048, warps=8),
+    dict(BN=1, BK=4096, warps=8),
+]
+ATTN_CANDIDATES = [
+    dict(BT=16, NT=1, warps=1),
+    dict(BT=32, NT=1, warps=2),
+    dict(BT=64, NT=1, warps=4),
+    dict(BT=16, NT=2, warps=2),
+    dict(BT=32, NT=1, warps=1),
+]
 
 
 def _pick(key: str, candidates: list[dict], measure, unit: str, lower_is_better: bool) -> dict:
@@ -165,8 +231,9 @@ def _pick(key: str, candidates: list[dict], measure, unit: str, lower_is_better:
     return {"key": key, "best": best, "all": results}
 
 
-def engine_sweep(shape: ModelShape, weights, key: str, candidates: list[dict], *, points=(("dense", 0.0),
-                 ("static", 0.5))) -> dict:
+def engine_sweep(
+    shape: ModelShape, weights, key: str, candidates: list[dict], *, points=(("dense", 0.0), ("static", 0.5))
+) -> dict:
     """Time whole decode steps (CUDA graph, batch 1) for each tile candidate of `key`; keep the fastest (sum of
     the median ms/token over `points`) in KT.CONFIG."""
     from . import timing
@@ -180,6 +247,7 @@ def engine_sweep(shape: ModelShape, weights, key: str, candidates: list[dict], *
             total += timing.summarize(timing.time_decode(eng, g, warmup=4))["ms_per_token"]
             del g, eng
         return total
+
     out = _pick(key, candidates, measure, "ms", lower_is_better=True)
     return {**out, "kernel": f"decode step ({', '.join(f'{m}@{sp:.0%}' for m, sp in points)})"}
 
@@ -187,7 +255,9 @@ def engine_sweep(shape: ModelShape, weights, key: str, candidates: list[dict], *
 def sweep(bench: KernelBench, key: str, kernel: str, candidates: list[dict], sparsities=(0.0, 0.5, 0.9)) -> dict:
     """Time each tile candidate on `kernel` (GB/s = total bytes / total time over the sparsities, i.e. what a
     decode at those sparsities would see); keep the best in KT.CONFIG."""
+
     def measure() -> float:
         runs = [bench.run(kernel, sp) for sp in sparsities]
         return sum(r["bytes"] for r in runs) / (sum(r["us"] for r in runs) * 1e-6) / 1e9
+
     return {**_pick(key, candidates, measure, "gbps", lower_is_better=False), "kernel": kernel}

@@ -18,7 +18,6 @@ from pipeline.units import n_kept
 
 from .shapes import ModelShape
 
-
 # Units each pruned layer keeps out of n at a sparsity: the one definition, n − floor(s·n + 1/2) and at least 1,
 # which the accuracy masks and the ranking recall use too (`pipeline.units`).
 kept = n_kept
@@ -50,11 +49,15 @@ class Plan:
 
 def dense_plan(shape: ModelShape, device) -> Plan:
     L, H, KVH, F = shape.layers, shape.heads, shape.kv_heads, shape.ffn
-    return Plan(torch.ones(L, H + 2 * KVH, dtype=torch.int32, device=device),
-                torch.arange(H, dtype=torch.int32, device=device).repeat(L, 1).contiguous(),
-                torch.full((L,), H, dtype=torch.int32, device=device),
-                torch.arange(F, dtype=torch.int32, device=device).repeat(L, 1).contiguous(),
-                torch.full((L,), F, dtype=torch.int32, device=device), H, F)
+    return Plan(
+        torch.ones(L, H + 2 * KVH, dtype=torch.int32, device=device),
+        torch.arange(H, dtype=torch.int32, device=device).repeat(L, 1).contiguous(),
+        torch.full((L,), H, dtype=torch.int32, device=device),
+        torch.arange(F, dtype=torch.int32, device=device).repeat(L, 1).contiguous(),
+        torch.full((L,), F, dtype=torch.int32, device=device),
+        H,
+        F,
+    )
 
 
 def set_layer(plan: Plan, shape: ModelShape, layer: int, heads: torch.Tensor, neurons: torch.Tensor) -> None:

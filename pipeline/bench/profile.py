@@ -17,12 +17,26 @@ from .shapes import ModelShape
 PARTS = ("embed", "qkv", "attention", "o", "mlp_in", "mlp_out", "predictor", "lm_head", "sample")
 
 
-def part_bytes(shape: ModelShape, head_keep: torch.Tensor, neuron_keep: torch.Tensor, *, context: float,
-               predictor_bytes: int, batch: int = 1) -> dict[str, float]:
+def part_bytes(
+    shape: ModelShape,
+    head_keep: torch.Tensor,
+    neuron_keep: torch.Tensor,
+    *,
+    context: float,
+    predictor_bytes: int,
+    batch: int = 1,
+) -> dict[str, float]:
     """Bytes each part reads in one step (weights; the KV cache for attention), from the bound's accounting."""
     by = step_bytes(shape, head_keep, neuron_keep, batch=batch, context=context, predictor_bytes=predictor_bytes)
-    return {"qkv": by["qkv_bytes"], "attention": by["kv_bytes"], "o": by["o_bytes"], "mlp_in": by["mlp_in_bytes"],
-            "mlp_out": by["mlp_out_bytes"], "predictor": by["predictor_bytes"], "lm_head": by["lm_head_bytes"]}
+    return {
+        "qkv": by["qkv_bytes"],
+        "attention": by["kv_bytes"],
+        "o": by["o_bytes"],
+        "mlp_in": by["mlp_in_bytes"],
+        "mlp_out": by["mlp_out_bytes"],
+        "predictor": by["predictor_bytes"],
+        "lm_head": by["lm_head_bytes"],
+    }
 
 
 def _on_device(evt) -> bool:
@@ -33,6 +47,7 @@ def attribute(events: list[tuple[float, float, str]], spans: list[tuple[float, f
     """Sum the durations of device `events` (start, end, name) by the labelled span (start, end, label) each one
     starts in; events outside every span go to "other"."""
     import bisect
+
     spans = sorted(spans)
     starts = [sp[0] for sp in spans]
     out: dict[str, float] = {}
@@ -46,10 +61,11 @@ def attribute(events: list[tuple[float, float, str]], spans: list[tuple[float, f
 def profile_engine(engine, *, steps: int = 4) -> dict:
     """Device µs per step for each part of the step and for each kernel name (eager run of `steps` steps)."""
     from torch.profiler import ProfilerActivity, profile
+
     engine.reset()
     engine.profiling = True
     try:
-        engine.step()                  # compile/warm outside the profile
+        engine.step()  # compile/warm outside the profile
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
@@ -58,14 +74,19 @@ def profile_engine(engine, *, steps: int = 4) -> dict:
     finally:
         engine.profiling = False
     dev = [e for e in prof.events() if _on_device(e)]
-    spans = [(e.time_range.start, e.time_range.end, e.key) for e in dev if e.key in PARTS]   # GPU-side ranges
+    spans = [(e.time_range.start, e.time_range.end, e.key) for e in dev if e.key in PARTS]  # GPU-side ranges
     kern = [(e.time_range.start, e.time_range.end, e.key) for e in dev if e.key not in PARTS]
     kernels: dict[str, float] = {}
     for t0, t1, name in kern:
         kernels[name] = kernels.get(name, 0.0) + (t1 - t0) / steps
     parts = {k: v / steps for k, v in attribute(kern, spans).items()}
-    return {"parts_us": parts, "kernels_us": dict(sorted(kernels.items(), key=lambda kv: -kv[1])),
-            "kernel_sum_us": sum(kernels.values()), "steps": steps, "n_kernels": len(kern) / steps}
+    return {
+        "parts_us": parts,
+        "kernels_us": dict(sorted(kernels.items(), key=lambda kv: -kv[1])),
+        "kernel_sum_us": sum(kernels.values()),
+        "steps": steps,
+        "n_kernels": len(kern) / steps,
+    }
 
 
 def summarize(prof: dict, nbytes: dict[str, float], step_ms: float, copy_gbps: float) -> dict:
@@ -76,9 +97,21 @@ def summarize(prof: dict, nbytes: dict[str, float], step_ms: float, copy_gbps: f
         if us is None:
             continue
         b = nbytes.get(part, 0.0)
-        ideal = b / (copy_gbps * 1e3)     # µs at copy bandwidth
-        rows.append({"part": part, "us": us, "bytes": b, "gbps": b / (us * 1e3) if us and b else None,
-                     "frac_of_copy": ideal / us if us and b else None, "lost_us": us - ideal})
+        ideal = b / (copy_gbps * 1e3)  # µs at copy bandwidth
+        rows.append(
+            {
+                "part": part,
+                "us": us,
+                "bytes": b,
+                "gbps": b / (us * 1e3) if us and b else None,
+                "frac_of_copy": ideal / us if us and b else None,
+                "lost_us": us - ideal,
+            }
+        )
     total = sum(r["us"] for r in rows)
-    return {"parts": rows, "kernel_sum_us": total, "step_us": step_ms * 1e3,
-            "between_kernels_us": step_ms * 1e3 - total}
+    return {
+        "parts": rows,
+        "kernel_sum_us": total,
+        "step_us": step_ms * 1e3,
+        "between_kernels_us": step_ms * 1e3 - total,
+    }

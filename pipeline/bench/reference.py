@@ -29,8 +29,13 @@ class ReferenceDecoder:
         s = self.s
         self.rope = rope_tables(k_cache.shape[3], s.head_dim, s.rope_theta, k_cache.device) if s.rope else None
 
-    def step(self, tok: torch.Tensor, pos: int, head_keep: torch.Tensor | None = None,
-             neuron_keep: torch.Tensor | None = None) -> torch.Tensor:
+    def step(
+        self,
+        tok: torch.Tensor,
+        pos: int,
+        head_keep: torch.Tensor | None = None,
+        neuron_keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """tok [B] -> logits [B, V]; head_keep [L, H] / neuron_keep [L, F] bool (None: dense)."""
         s, w = self.s, self.w
         H, KVH, d = s.heads, s.kv_heads, s.head_dim
@@ -45,14 +50,14 @@ class ReferenceDecoder:
             if "bqkv" in r:
                 qkv = qkv + r["bqkv"]
             q = qkv[:, : H * d].view(B, H, d)
-            k = qkv[:, H * d: (H + KVH) * d].view(B, KVH, d)
-            v = qkv[:, (H + KVH) * d:].view(B, KVH, d)
+            k = qkv[:, H * d : (H + KVH) * d].view(B, KVH, d)
+            v = qkv[:, (H + KVH) * d :].view(B, KVH, d)
             if self.rope is not None:
                 q = apply_rope(q, self.rope[0][pos], self.rope[1][pos])
                 k = apply_rope(k, self.rope[0][pos], self.rope[1][pos])
             self.kc[l, :, :, pos] = k
             self.vc[l, :, :, pos] = v
-            kk = self.kc[l, :, :, : pos + 1].repeat_interleave(H // KVH, dim=1)   # [B, H, T, d]
+            kk = self.kc[l, :, :, : pos + 1].repeat_interleave(H // KVH, dim=1)  # [B, H, T, d]
             vv = self.vc[l, :, :, : pos + 1].repeat_interleave(H // KVH, dim=1)
             att = torch.softmax(torch.einsum("bhd,bhtd->bht", q, kk) / math.sqrt(d), -1)
             o = torch.einsum("bht,bhtd->bhd", att, vv)

@@ -9,10 +9,29 @@ from pathlib import Path
 
 from pipeline.io import atomic_path
 
-COLUMNS = ["model", "mode", "batch", "head_sparsity", "neuron_sparsity", "ms_per_token", "ms_p10", "ms_p90",
-           "tokens_per_s", "achieved_gbps", "bound_ms", "frac_of_bound", "speedup_vs_dense", "speedup_bound",
-           "total_bytes", "predictor_bytes", "predictor_params", "predictor_share", "kept_heads_mean",
-           "kept_neurons_mean", "status"]
+COLUMNS = [
+    "model",
+    "mode",
+    "batch",
+    "head_sparsity",
+    "neuron_sparsity",
+    "ms_per_token",
+    "ms_p10",
+    "ms_p90",
+    "tokens_per_s",
+    "achieved_gbps",
+    "bound_ms",
+    "frac_of_bound",
+    "speedup_vs_dense",
+    "speedup_bound",
+    "total_bytes",
+    "predictor_bytes",
+    "predictor_params",
+    "predictor_share",
+    "kept_heads_mean",
+    "kept_neurons_mean",
+    "status",
+]
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> None:
@@ -35,29 +54,41 @@ def summarize(rows: list[dict], micro: dict | None, target_model: str = "llama-3
     sh50 = _find(rows, model=target_model, mode="shadowllm", batch=1, head_sparsity=0.5)
     dj50 = _find(rows, model=target_model, mode="dejavu", batch=1, head_sparsity=0.5)
     st50 = _find(rows, model=target_model, mode="static", batch=1, head_sparsity=0.5)
-    out["shadowllm50_speedup_vs_dense"] = {"value": sh50 and dense and dense["ms_per_token"] / sh50["ms_per_token"],
-                                           "target": 1.6}
-    out["shadowllm50_speedup_vs_dejavu"] = {"value": sh50 and dj50 and dj50["ms_per_token"] / sh50["ms_per_token"],
-                                            "target": 1.15}
-    out["static50_speedup_vs_dense"] = {"value": st50 and dense and dense["ms_per_token"] / st50["ms_per_token"],
-                                        "target": None}
+    out["shadowllm50_speedup_vs_dense"] = {
+        "value": sh50 and dense and dense["ms_per_token"] / sh50["ms_per_token"],
+        "target": 1.6,
+    }
+    out["shadowllm50_speedup_vs_dejavu"] = {
+        "value": sh50 and dj50 and dj50["ms_per_token"] / sh50["ms_per_token"],
+        "target": 1.15,
+    }
+    out["static50_speedup_vs_dense"] = {
+        "value": st50 and dense and dense["ms_per_token"] / st50["ms_per_token"],
+        "target": None,
+    }
     sh0 = _find(rows, model=target_model, mode="shadowllm", batch=1, head_sparsity=0.0)
     st0 = _find(rows, model=target_model, mode="static", batch=1, head_sparsity=0.0)
     share = None
     if sh0 and st0:
         share = (sh0["ms_per_token"] - st0["ms_per_token"]) / sh0["ms_per_token"]
-    out["shadowllm0_predictor_share"] = {"value": share, "target": 0.05, "lower_is_better": True,
-                                         "note": "(shadowllm@0% − static@0%) / shadowllm@0%: same kernels, predictor added"}
+    out["shadowllm0_predictor_share"] = {
+        "value": share,
+        "target": 0.05,
+        "lower_is_better": True,
+        "note": "(shadowllm@0% − static@0%) / shadowllm@0%: same kernels, predictor added",
+    }
     if sh0 and dense:
         out["shadowllm0_over_dense"] = {"value": sh0["ms_per_token"] / dense["ms_per_token"] - 1, "target": None}
     gather = [r for r in (micro or {}).get("kernels", []) if r["kernel"] in ("gateup", "down", "qkv", "o")]
     at50 = [r for r in gather if r["sparsity"] == 0.5]
     if at50:
         out["gather_kernels_min_frac_of_copy_at50"] = {
-            "value": min(r["frac_of_copy"] for r in at50), "target": 0.85,
+            "value": min(r["frac_of_copy"] for r in at50),
+            "target": 0.85,
             "note": "min over gate/up, down, qkv, o at 50% sparsity; bytes actually read / time / copy bandwidth",
-            "per_kernel": {f'{r["kernel"]}@{r["sparsity"]}': r["frac_of_copy"] for r in gather}}
-    for k, v in out.items():
+            "per_kernel": {f"{r['kernel']}@{r['sparsity']}": r["frac_of_copy"] for r in gather},
+        }
+    for _k, v in out.items():
         t, val = v.get("target"), v.get("value")
         if t is not None and val is not None:
             v["met"] = bool(val <= t) if v.get("lower_is_better") else bool(val >= t)
@@ -80,69 +111,109 @@ def _fmt(v, nd=2):
 def to_markdown(results: dict) -> str:
     rows = [r for r in results["rows"] if r.get("status") == "ok"]
     copy = results.get("copy", {})
-    lines = [f"# Decode latency, {results.get('device', '?')}", "",
-             f"Copy bandwidth (read+write): **{_fmt(copy.get('copy_gbps'), 0)} GB/s**. Prompt "
-             f"{results['params']['prompt_len']}, generate {results['params']['gen_len']}, bf16, CUDA graphs; "
-             "ms/token = median CUDA-event time of one decode step (one token for each sequence of the batch). "
-             "Sparsity = heads and neurons alike, layer 0 dense. bound = bytes read / copy bandwidth.", ""]
+    lines = [
+        f"# Decode latency, {results.get('device', '?')}",
+        "",
+        f"Copy bandwidth (read+write): **{_fmt(copy.get('copy_gbps'), 0)} GB/s**. Prompt "
+        f"{results['params']['prompt_len']}, generate {results['params']['gen_len']}, bf16, CUDA graphs; "
+        "ms/token = median CUDA-event time of one decode step (one token for each sequence of the batch). "
+        "Sparsity = heads and neurons alike, layer 0 dense. bound = bytes read / copy bandwidth.",
+        "",
+    ]
     lines += ["## Targets", "", "| target | value | goal | met |", "|---|---|---|---|"]
     for k, v in results.get("summary", {}).items():
         if v.get("target") is None:
             continue
-        lines.append(f"| {k} | {_fmt(v.get('value'), 3)} | {'≤' if v.get('lower_is_better') else '≥'} {v['target']} | "
-                     f"{ {True: 'yes', False: '**no**', None: '–'}[v.get('met')] } |")
-    lines += ["", "## Per configuration", "",
-              "| model | mode | batch | sparsity | ms/token | tok/s | GB/s | bound ms | frac of bound | × dense | bound × | "
-              "pred MB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {k} | {_fmt(v.get('value'), 3)} | {'≤' if v.get('lower_is_better') else '≥'} {v['target']} | "
+            f"{ {True: 'yes', False: '**no**', None: '–'}[v.get('met')] } |"
+        )
+    lines += [
+        "",
+        "## Per configuration",
+        "",
+        "| model | mode | batch | sparsity | ms/token | tok/s | GB/s | bound ms | frac of bound | × dense | bound × | "
+        "pred MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['mode']} | {r['batch']} | {r['head_sparsity']:.0%} | {r['ms_per_token']:.3f} | "
-                     f"{r['tokens_per_s']:.0f} | {r['achieved_gbps']:.0f} | {r['bound_ms']:.3f} | "
-                     f"{r['frac_of_bound']:.2f} | {_fmt(r.get('speedup_vs_dense'))} | {r['speedup_bound']:.2f} | "
-                     f"{r['predictor_bytes'] / 1e6:.0f} |")
+        lines.append(
+            f"| {r['model']} | {r['mode']} | {r['batch']} | {r['head_sparsity']:.0%} | {r['ms_per_token']:.3f} | "
+            f"{r['tokens_per_s']:.0f} | {r['achieved_gbps']:.0f} | {r['bound_ms']:.3f} | "
+            f"{r['frac_of_bound']:.2f} | {_fmt(r.get('speedup_vs_dense'))} | {r['speedup_bound']:.2f} | "
+            f"{r['predictor_bytes'] / 1e6:.0f} |"
+        )
     extra = [r for r in results.get("extra_rows", []) if r.get("status") == "ok"]
     if extra:
-        lines += ["", "## Ablations (batch 1)", "",
-                  "| variant | model | mode | sparsity | overlap | PDL | ms/token | × dense | pred MB |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Ablations (batch 1)",
+            "",
+            "| variant | model | mode | sparsity | overlap | PDL | ms/token | × dense | pred MB |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in extra:
-            lines.append(f"| {r['variant']} | {r['model']} | {r['mode']} | {r['head_sparsity']:.0%} | {r.get('overlap')} | "
-                         f"{r.get('pdl', True)} | "
-                         f"{r['ms_per_token']:.3f} | {_fmt(r.get('speedup_vs_dense'))} | {r['predictor_bytes'] / 1e6:.0f} |")
+            lines.append(
+                f"| {r['variant']} | {r['model']} | {r['mode']} | {r['head_sparsity']:.0%} | {r.get('overlap')} | "
+                f"{r.get('pdl', True)} | "
+                f"{r['ms_per_token']:.3f} | {_fmt(r.get('speedup_vs_dense'))} | {r['predictor_bytes'] / 1e6:.0f} |"
+            )
     micro = results.get("micro") or {}
     if micro.get("kernels"):
-        lines += ["", "## Kernels alone (batch 1, distinct weights per launch)", "",
-                  "| kernel | sparsity | µs | GB/s | frac of copy |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Kernels alone (batch 1, distinct weights per launch)",
+            "",
+            "| kernel | sparsity | µs | GB/s | frac of copy |",
+            "|---|---|---|---|---|",
+        ]
         for r in micro["kernels"]:
-            lines.append(f"| {r['kernel']} | {r['sparsity']:.0%} | {r['us']:.1f} | {r['gbps']:.0f} | {r['frac_of_copy']:.2f} |")
+            lines.append(
+                f"| {r['kernel']} | {r['sparsity']:.0%} | {r['us']:.1f} | {r['gbps']:.0f} | {r['frac_of_copy']:.2f} |"
+            )
     for pr in results.get("profile", []):
-        lines += ["", f"## Profile: {results.get('summary_model')} {pr['mode']} at {pr['sparsity']:.0%}, batch 1 "
-                  "(predictors not overlapped, no PDL)", "",
-                  f"Graph step {pr['step_us']:.0f} µs = device time of the kernels {pr['kernel_sum_us']:.0f} µs "
-                  f"({pr['n_kernels']:.0f} kernels, timed eagerly) + {pr['between_kernels_us']:.0f} µs between them.",
-                  "", "| part | µs / step | MB read | GB/s | frac of copy | µs over copy speed |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## Profile: {results.get('summary_model')} {pr['mode']} at {pr['sparsity']:.0%}, batch 1 "
+            "(predictors not overlapped, no PDL)",
+            "",
+            f"Graph step {pr['step_us']:.0f} µs = device time of the kernels {pr['kernel_sum_us']:.0f} µs "
+            f"({pr['n_kernels']:.0f} kernels, timed eagerly) + {pr['between_kernels_us']:.0f} µs between them.",
+            "",
+            "| part | µs / step | MB read | GB/s | frac of copy | µs over copy speed |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in pr["parts"]:
-            lines.append(f"| {r['part']} | {r['us']:.1f} | {r['bytes'] / 1e6:.0f} | {_fmt(r['gbps'], 0)} | "
-                         f"{_fmt(r['frac_of_copy'])} | {r['lost_us']:.1f} |")
+            lines.append(
+                f"| {r['part']} | {r['us']:.1f} | {r['bytes'] / 1e6:.0f} | {_fmt(r['gbps'], 0)} | "
+                f"{_fmt(r['frac_of_copy'])} | {r['lost_us']:.1f} |"
+            )
     skipped = [r for r in results["rows"] if r.get("status") != "ok"]
     if skipped:
-        lines += ["", f"Not measured: {len(skipped)} configurations ("
-                  + ", ".join(sorted({r.get('status', '?') for r in skipped})) + ")."]
+        lines += [
+            "",
+            f"Not measured: {len(skipped)} configurations ("
+            + ", ".join(sorted({r.get("status", "?") for r in skipped}))
+            + ").",
+        ]
     return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict], path: str | Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     ok = [r for r in rows if r.get("status") == "ok"]
     models = list(dict.fromkeys(r["model"] for r in ok))
     if not models:
         return
     n = len(models)
     cols = min(4, n)
-    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4.2 * cols, 3.4 * ((n + cols - 1) // cols)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        (n + cols - 1) // cols, cols, figsize=(4.2 * cols, 3.4 * ((n + cols - 1) // cols)), squeeze=False
+    )
     for ax, m in zip(axes.flat, models):
         _panel(ax, [r for r in ok if r["model"] == m and r["batch"] == 1], f"{m}, batch 1", "ms / token")
     for ax in list(axes.flat)[n:]:
@@ -172,8 +243,10 @@ def _panel(ax, rows: list[dict], title: str, ylabel: str) -> None:
 
 def plot_batches(rows: list[dict], model: str, path: str | Path) -> bool:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     ok = [r for r in rows if r.get("status") == "ok" and r["model"] == model]
     batches = sorted({r["batch"] for r in ok})
     if len(batches) < 2:
@@ -208,18 +281,24 @@ def write_all(results: dict, out_dir: str | Path, stem: str) -> list[Path]:
 
 def short_table(results: dict) -> str:
     rows = results["rows"]
-    lines = [f"copy bandwidth {results.get('copy', {}).get('copy_gbps', 0):.0f} GB/s",
-             f"{'model':12s} {'B':>2s} {'dense':>7s} {'frac':>5s} | {'st50':>7s} {'sh50':>7s} {'dj50':>7s} | "
-             f"{'sh/dense':>8s} {'sh/dj':>6s} {'sh0%':>7s} {'st0%':>7s}"]
+    lines = [
+        f"copy bandwidth {results.get('copy', {}).get('copy_gbps', 0):.0f} GB/s",
+        f"{'model':12s} {'B':>2s} {'dense':>7s} {'frac':>5s} | {'st50':>7s} {'sh50':>7s} {'dj50':>7s} | "
+        f"{'sh/dense':>8s} {'sh/dj':>6s} {'sh0%':>7s} {'st0%':>7s}",
+    ]
     keys = list(dict.fromkeys((r["model"], r["batch"]) for r in rows if r.get("status") == "ok"))
     for m, b in keys:
         d = _find(rows, model=m, mode="dense", batch=b)
-        st, sh, dj = (_find(rows, model=m, mode=x, batch=b, head_sparsity=0.5) for x in ("static", "shadowllm", "dejavu"))
+        st, sh, dj = (
+            _find(rows, model=m, mode=x, batch=b, head_sparsity=0.5) for x in ("static", "shadowllm", "dejavu")
+        )
         sh0 = _find(rows, model=m, mode="shadowllm", batch=b, head_sparsity=0.0)
         st0 = _find(rows, model=m, mode="static", batch=b, head_sparsity=0.0)
         g = lambda r: r["ms_per_token"] if r else float("nan")
-        lines.append(f"{m:12s} {b:2d} {g(d):7.3f} {(d or {}).get('frac_of_bound', float('nan')):5.2f} | {g(st):7.3f} "
-                     f"{g(sh):7.3f} {g(dj):7.3f} | {g(d) / g(sh):8.2f} {g(dj) / g(sh):6.2f} {g(sh0):7.3f} {g(st0):7.3f}")
+        lines.append(
+            f"{m:12s} {b:2d} {g(d):7.3f} {(d or {}).get('frac_of_bound', float('nan')):5.2f} | {g(st):7.3f} "
+            f"{g(sh):7.3f} {g(dj):7.3f} | {g(d) / g(sh):8.2f} {g(dj) / g(sh):6.2f} {g(sh0):7.3f} {g(st0):7.3f}"
+        )
     for k, v in results.get("summary", {}).items():
         if v.get("target") is not None:
             lines.append(f"target {k}: {_fmt(v.get('value'), 3)} (goal {v['target']}) met={v.get('met')}")

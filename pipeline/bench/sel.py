@@ -19,13 +19,13 @@ import torch
 
 @dataclass(frozen=True)
 class Sel:
-    kind: str                             # "dense" | "units" | "index" | "unit_index"
-    mask: torch.Tensor | None = None      # int32 [n_units]
+    kind: str  # "dense" | "units" | "index" | "unit_index"
+    mask: torch.Tensor | None = None  # int32 [n_units]
     group: int = 1
-    idx: torch.Tensor | None = None       # int32 [n_rows]
-    count: torch.Tensor | None = None     # int32 [1]
-    expect: int = 0                       # host-side hint: typical kept rows (tiling only; 0 = unknown)
-    bound: int = 0                        # host-side: count never exceeds this (grid size; 0 = all rows)
+    idx: torch.Tensor | None = None  # int32 [n_rows]
+    count: torch.Tensor | None = None  # int32 [1]
+    expect: int = 0  # host-side hint: typical kept rows (tiling only; 0 = unknown)
+    bound: int = 0  # host-side: count never exceeds this (grid size; 0 = all rows)
 
 
 DENSE = Sel("dense")

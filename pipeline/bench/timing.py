@@ -30,7 +30,7 @@ def copy_bandwidth(nbytes: int = 2 << 30, reps: int = 30, warmup: int = 5) -> di
 def capture(engine) -> torch.cuda.CUDAGraph:
     """Compile (one eager step), then capture one decode step in a CUDA graph."""
     engine.reset()
-    engine.step()                      # JIT-compiles every kernel variant outside the capture
+    engine.step()  # JIT-compiles every kernel variant outside the capture
     torch.cuda.synchronize()
     engine.reset()
     g = torch.cuda.CUDAGraph()
@@ -63,5 +63,10 @@ def time_decode(engine, graph: torch.cuda.CUDAGraph, *, warmup: int = 8, repeats
 
 def summarize(times: list[float]) -> dict[str, float]:
     qs = statistics.quantiles(times, n=10) if len(times) >= 10 else [min(times)] * 9
-    return {"ms_per_token": statistics.median(times), "ms_p10": qs[0], "ms_p90": qs[-1],
-            "ms_mean": statistics.fmean(times), "n_timed": len(times)}
+    return {
+        "ms_per_token": statistics.median(times),
+        "ms_p10": qs[0],
+        "ms_p90": qs[-1],
+        "ms_mean": statistics.fmean(times),
+        "n_timed": len(times),
+    }

@@ -22,18 +22,19 @@ from .shapes import ModelShape
 @dataclass
 class Linear:
     """A (possibly folded) weight with the per-row extras the kernels need."""
-    w: torch.Tensor                      # [N, K]
-    bias: torch.Tensor | None = None     # fp32 [N]
-    rowsum: torch.Tensor | None = None   # fp32 [N] (only for LayerNorm / min-max input normalisation)
+
+    w: torch.Tensor  # [N, K]
+    bias: torch.Tensor | None = None  # fp32 [N]
+    rowsum: torch.Tensor | None = None  # fp32 [N] (only for LayerNorm / min-max input normalisation)
 
 
 @dataclass
 class LayerWeights:
     qkv: Linear
-    o: Linear                            # w: [D, H·d]; bias: [D]
-    w1: Linear                           # gate or fc1, [F, D]
-    w3: Linear | None                    # up, [F, D] (gated only)
-    w2T: Linear                          # [F, D]; bias: [D]
+    o: Linear  # w: [D, H·d]; bias: [D]
+    w1: Linear  # gate or fc1, [F, D]
+    w3: Linear | None  # up, [F, D] (gated only)
+    w2T: Linear  # [F, D]; bias: [D]
     raw: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -41,9 +42,9 @@ class LayerWeights:
 class ModelWeights:
     shape: ModelShape
     layers: list[LayerWeights]
-    embed: torch.Tensor                  # [V, D]
-    pos_embed: torch.Tensor | None       # [P + 2, D] (OPT)
-    lm_head: Linear                      # folded with the final norm
+    embed: torch.Tensor  # [V, D]
+    pos_embed: torch.Tensor | None  # [P + 2, D] (OPT)
+    lm_head: Linear  # folded with the final norm
     raw: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def matrix_bytes(self) -> int:
@@ -60,12 +61,19 @@ def _randn(shape, gen, device, dtype, scale):
     return t.mul_(scale)
 
 
-def fold(w: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor | None, bias: torch.Tensor | None,
-         norm: str, *, inplace: bool) -> Linear:
+def fold(
+    w: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    norm: str,
+    *,
+    inplace: bool,
+) -> Linear:
     """Fold a pre-norm (γ, β) into the next matrix: returns W·diag(γ), bias W·β + b, and row sums if needed."""
     b = None
     if beta is not None:
-        b = (w.float() @ beta.float())
+        b = w.float() @ beta.float()
     if bias is not None:
         b = bias.float() if b is None else b + bias.float()
     wf = w.mul_(gamma.to(w.dtype)) if inplace else w * gamma.to(w.dtype)
@@ -73,12 +81,18 @@ def fold(w: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor | None, bias: 
     return Linear(wf, b, rowsum)
 
 
-def build(shape: ModelShape, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-          seed: int = 0, keep_raw: bool = False) -> ModelWeights:
+def build(
+    shape: ModelShape,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    keep_raw: bool = False,
+) -> ModelWeights:
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     D, F, H, d = shape.hidden, shape.ffn, shape.heads, shape.head_dim
-    s_in, s_ff = D ** -0.5, F ** -0.5
+    s_in, s_ff = D**-0.5, F**-0.5
     ln = shape.norm == "ln"
 
     def vec(n, mean=0.0, scale=0.1):
@@ -99,16 +113,36 @@ def build(shape: ModelShape, *, dtype: torch.dtype = torch.bfloat16, device: str
         w2T = _randn((F, D), gen, device, dtype, s_ff)
         b2 = vec(D) if shape.mlp_bias else None
         if keep_raw:
-            raw = {k: v.clone() for k, v in dict(ln1_w=g1, ln1_b=be1, wqkv=wqkv, bqkv=bqkv, wo=wo, bo=bo, ln2_w=g2,
-                                                 ln2_b=be2, w1=w1, b1=b1, w3=w3, w2T=w2T, b2=b2).items() if v is not None}
+            raw = {
+                k: v.clone()
+                for k, v in dict(
+                    ln1_w=g1,
+                    ln1_b=be1,
+                    wqkv=wqkv,
+                    bqkv=bqkv,
+                    wo=wo,
+                    bo=bo,
+                    ln2_w=g2,
+                    ln2_b=be2,
+                    w1=w1,
+                    b1=b1,
+                    w3=w3,
+                    w2T=w2T,
+                    b2=b2,
+                ).items()
+                if v is not None
+            }
         norm = shape.norm
-        layers.append(LayerWeights(
-            qkv=fold(wqkv, g1, be1, bqkv, norm, inplace=not keep_raw),
-            o=Linear(wo, bo),
-            w1=fold(w1, g2, be2, b1, norm, inplace=not keep_raw),
-            w3=fold(w3, g2, be2, None, norm, inplace=not keep_raw) if w3 is not None else None,
-            w2T=Linear(w2T, b2),
-            raw=raw))
+        layers.append(
+            LayerWeights(
+                qkv=fold(wqkv, g1, be1, bqkv, norm, inplace=not keep_raw),
+                o=Linear(wo, bo),
+                w1=fold(w1, g2, be2, b1, norm, inplace=not keep_raw),
+                w3=fold(w3, g2, be2, None, norm, inplace=not keep_raw) if w3 is not None else None,
+                w2T=Linear(w2T, b2),
+                raw=raw,
+            )
+        )
     embed = _randn((shape.vocab, D), gen, device, dtype, 1.0)
     pos_embed = _randn((shape.max_positions + 2, D), gen, device, dtype, 0.1) if shape.family == "opt" else None
     gf = vec(D, 1.0)

@@ -73,7 +73,7 @@ def index(records: list[dict[str, Any]]) -> dict[tuple[str, str, float], dict[st
     by: dict[tuple[str, str, float], dict[str, dict[str, Any]]] = defaultdict(dict)
     pools = {pools_of(r) for r in records} - {"dense"}
     for r in records:
-        for p in (pools if pools_of(r) == "dense" else [pools_of(r)]):
+        for p in pools if pools_of(r) == "dense" else [pools_of(r)]:
             by[(p, r["label"], float(r["sparsity"]))][r["task"]] = r
     return by
 
@@ -83,8 +83,9 @@ def _acc(rec: dict[str, Any], metric: str) -> dict[str, float]:
     return {e["id"]: float(e[key]) for e in rec["per_example"]}
 
 
-def accuracy_gap(a: dict[str, dict[str, Any]], b: dict[str, dict[str, Any]], tasks: list[str],
-                 metric: str = "acc") -> Gap | None:
+def accuracy_gap(
+    a: dict[str, dict[str, Any]], b: dict[str, dict[str, Any]], tasks: list[str], metric: str = "acc"
+) -> Gap | None:
     """Paired mean-accuracy difference A − B over `tasks` (None unless both have every task)."""
     deltas, ses, n = [], [], 0
     for t in tasks:
@@ -116,8 +117,10 @@ def mean_accuracy(per_task: dict[str, dict[str, Any]], tasks: list[str]) -> tupl
     if any(t not in per_task for t in tasks):
         return None
     vals = [per_task[t]["metrics"]["acc"] for t in tasks]
-    return (float(np.mean([v["value"] for v in vals])),
-            float(math.sqrt(sum(v["stderr"] ** 2 for v in vals)) / len(tasks)))
+    return (
+        float(np.mean([v["value"] for v in vals])),
+        float(math.sqrt(sum(v["stderr"] ** 2 for v in vals)) / len(tasks)),
+    )
 
 
 CLAIMS = (
@@ -127,8 +130,16 @@ CLAIMS = (
     ("DejaVu-style beats the static ranking of its criterion", "dejavu-l2_norm (dense inputs)", "static-l2_norm"),
     ("fisher is a better static criterion than plainact", "static-fisher", "static-plainact"),
     ("l2_norm is a better static criterion than plainact", "static-l2_norm", "static-plainact"),
-    ("the train mean is a better static ranking than the raw mean", "static-plainact", "static_raw-plainact (raw mean)"),
-    ("the oracle (gold scores) beats the static ranking (headroom)", "oracle-plainact (gold scores)", "static-plainact"),
+    (
+        "the train mean is a better static ranking than the raw mean",
+        "static-plainact",
+        "static_raw-plainact (raw mean)",
+    ),
+    (
+        "the oracle (gold scores) beats the static ranking (headroom)",
+        "oracle-plainact (gold scores)",
+        "static-plainact",
+    ),
 )
 
 
@@ -147,10 +158,14 @@ def claims_markdown(records: list[dict[str, Any]], tasks: list[str], ppl_task: s
     by = index(records)
     pools = sorted({k[0] for k in by})
     sparsities = sorted({k[2] for k in by if k[2] > 0})
-    L = ["## Claims, paired (A − B)", "",
-         "Accuracy: 7-task mean of per-example differences, points ± stderr (paired); perplexity: token-perplexity "
-         f"ratio A / B over the same windows (± stderr of its log). Verdict: |Δ| > {Z:g}·stderr, else within noise; "
-         "accuracy and perplexity are judged separately (lower perplexity is better).", ""]
+    L = [
+        "## Claims, paired (A − B)",
+        "",
+        "Accuracy: 7-task mean of per-example differences, points ± stderr (paired); perplexity: token-perplexity "
+        f"ratio A / B over the same windows (± stderr of its log). Verdict: |Δ| > {Z:g}·stderr, else within noise; "
+        "accuracy and perplexity are judged separately (lower perplexity is better).",
+        "",
+    ]
     for title, a, b in CLAIMS:
         rows = []
         for p in pools:
@@ -159,19 +174,31 @@ def claims_markdown(records: list[dict[str, Any]], tasks: list[str], ppl_task: s
                 if not ra or not rb:
                     continue
                 acc = accuracy_gap(ra, rb, tasks)
-                ppl = perplexity_gap(ra[ppl_task], rb[ppl_task]) if ppl_task and ppl_task in ra and ppl_task in rb else None
+                ppl = (
+                    perplexity_gap(ra[ppl_task], rb[ppl_task])
+                    if ppl_task and ppl_task in ra and ppl_task in rb
+                    else None
+                )
                 pv = "–" if ppl is None else {"A > B": "A worse", "A < B": "A better"}.get(ppl.verdict, ppl.verdict)
                 rows.append(f"| {p} | {s:.2f} | {_pct(acc)} | {acc.verdict if acc else '–'} | {_ratio(ppl)} | {pv} |")
         if not rows:
             continue
-        L += [f"### {title}", "", f"A = `{a}`, B = `{b}`", "",
-              "| pools | sparsity | Δ mean acc (points) | accuracy | token ppl A / B | perplexity |",
-              "|---|---|---|---|---|---|", *rows, ""]
+        L += [
+            f"### {title}",
+            "",
+            f"A = `{a}`, B = `{b}`",
+            "",
+            "| pools | sparsity | Δ mean acc (points) | accuracy | token ppl A / B | perplexity |",
+            "|---|---|---|---|---|---|",
+            *rows,
+            "",
+        ]
     return "\n".join(L)
 
 
-def write_claims(path: str | Path, records: list[dict[str, Any]], tasks: list[str], ppl_task: str | None,
-                 header: str = "") -> str:
+def write_claims(
+    path: str | Path, records: list[dict[str, Any]], tasks: list[str], ppl_task: str | None, header: str = ""
+) -> str:
     md = (header + "\n\n" if header else "") + claims_markdown(records, tasks, ppl_task)
     write_text(Path(path), md)
     return md

@@ -22,7 +22,7 @@ def _load_lmeval(out_dir: Path) -> tuple[dict, dict]:
     res = json.loads(results[-1].read_text())
     samples = {}
     for f in out_dir.rglob("samples_*.jsonl"):
-        task = f.name[len("samples_"):].rsplit("_", 1)[0]
+        task = f.name[len("samples_") :].rsplit("_", 1)[0]
         samples[task] = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
     return res, samples
 
@@ -47,8 +47,10 @@ def _load_ours(cache: Path, limit: int | None) -> dict[str, dict]:
 def main(lmeval_out: Path, cache: Path, limit: int | None, out: Path) -> None:
     res, samples = _load_lmeval(lmeval_out)
     ours = _load_ours(cache, limit)
-    lines = ["| task | n | metric | ours | lm-eval 0.4.13 | Δ / stderr | same prediction | max abs Δ loglik |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| task | n | metric | ours | lm-eval 0.4.13 | Δ / stderr | same prediction | max abs Δ loglik |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     summary = []
     for task in sorted(ours):
         key = f"local_{task}"
@@ -65,11 +67,15 @@ def main(lmeval_out: Path, cache: Path, limit: int | None, out: Path) -> None:
             ov, os_ = o["metrics"][metric]["value"], o["metrics"][metric]["stderr"]
             lv, ls = lm[f"{metric},none"], lm[f"{metric}_stderr,none"]
             same = sum(by_id[i][metric] == sam[i][metric] for i in common)
-            dll = max((abs(a - float(b[0])) for i in common
-                       for a, b in zip(by_id[i]["loglik"], sam[i]["filtered_resps"])), default=float("nan"))
+            dll = max(
+                (abs(a - float(b[0])) for i in common for a, b in zip(by_id[i]["loglik"], sam[i]["filtered_resps"])),
+                default=float("nan"),
+            )
             z = (ov - lv) / os_ if os_ else 0.0
-            lines.append(f"| {task} | {o['metrics'][metric]['n']} | {metric} | {100 * ov:.1f} ± {100 * os_:.1f} | "
-                         f"{100 * lv:.1f} ± {100 * ls:.1f} | {z:+.2f} | {same}/{len(common)} | {dll:.2e} |")
+            lines.append(
+                f"| {task} | {o['metrics'][metric]['n']} | {metric} | {100 * ov:.1f} ± {100 * os_:.1f} | "
+                f"{100 * lv:.1f} ± {100 * ls:.1f} | {z:+.2f} | {same}/{len(common)} | {dll:.2e} |"
+            )
             summary.append(abs(z) <= 1.0)
     lines.append("")
     lines.append(f"All within one stderr: {all(summary)} ({sum(summary)}/{len(summary)} task-metric pairs).")

@@ -11,8 +11,8 @@ from pipeline import params as P
 from pipeline.data import tasks as registry
 from pipeline.data.errors import DataError
 from pipeline.data.tokenize import add_bos_setting
-from pipeline.masks import NORMALIZE, POOLS, SCOPES, MaskSpec
 from pipeline.evaluate import methods as M
+from pipeline.masks import NORMALIZE, POOLS, SCOPES, MaskSpec
 
 W = "evaluate"
 
@@ -57,8 +57,12 @@ class EvalConfig:
     raw: dict[str, Any] = field(default_factory=dict)
 
     def mask_spec(self, sparsity: float) -> MaskSpec:
-        return MaskSpec(sparsity={p: (sparsity if p in self.pools else 0.0) for p in POOLS}, scope=self.scope,
-                        min_keep=self.min_keep, normalize=self.normalize)
+        return MaskSpec(
+            sparsity={p: (sparsity if p in self.pools else 0.0) for p in POOLS},
+            scope=self.scope,
+            min_keep=self.min_keep,
+            normalize=self.normalize,
+        )
 
 
 def _int_or_none(v: Any, name: str, minimum: int = 1) -> int | None:
@@ -80,12 +84,30 @@ def parse(params: dict[str, Any]) -> EvalConfig:
 def _parse(params: dict[str, Any]) -> EvalConfig:
     e = P.section(params, W)
     d = params.get("data", {}) or {}
-    known_keys = {"tasks", "limit", "perplexity", "methods", "sparsities", "pools", "scope", "hybrid_min_keep",
-                  "normalize", "granularity", "batch_size", "max_length", "num_fewshot", "scores_dir",
-                  "predictors_dir", "cache_dir", "calibration_examples"}
+    known_keys = {
+        "tasks",
+        "limit",
+        "perplexity",
+        "methods",
+        "sparsities",
+        "pools",
+        "scope",
+        "hybrid_min_keep",
+        "normalize",
+        "granularity",
+        "batch_size",
+        "max_length",
+        "num_fewshot",
+        "scores_dir",
+        "predictors_dir",
+        "cache_dir",
+        "calibration_examples",
+    }
     if "add_bos" in e:
-        raise P.ParamError("parameter evaluate.add_bos was replaced by model.add_bos (auto | true | false): "
-                           "one BOS policy per model, shared by collect and evaluate")
+        raise P.ParamError(
+            "parameter evaluate.add_bos was replaced by model.add_bos (auto | true | false): "
+            "one BOS policy per model, shared by collect and evaluate"
+        )
     unknown = sorted(set(e) - known_keys)
     if unknown:
         raise P.ParamError(f"unknown parameter evaluate.{unknown[0]}; known: {', '.join(sorted(known_keys))}")
@@ -93,7 +115,9 @@ def _parse(params: dict[str, Any]) -> EvalConfig:
     for t in tasks:
         spec = registry.get_task(t, param="evaluate.tasks")
         if spec.kind == "perplexity":
-            raise P.ParamError(f"parameter evaluate.tasks: {t} is a perplexity task; put it under evaluate.perplexity.task")
+            raise P.ParamError(
+                f"parameter evaluate.tasks: {t} is a perplexity task; put it under evaluate.perplexity.task"
+            )
     mirror = d.get("mirror_dir")
     try:
         if tasks:
@@ -123,7 +147,9 @@ def _parse(params: dict[str, Any]) -> EvalConfig:
     max_windows = _int_or_none(ppl.get("max_windows"), "evaluate.perplexity.max_windows")
     ppl_batch = _int_or_none(ppl.get("batch_size", 1), "evaluate.perplexity.batch_size") or 1
     if not tasks and ppl_task is None:
-        raise P.ParamError("parameter evaluate.tasks is empty and evaluate.perplexity.task is not set: nothing to evaluate")
+        raise P.ParamError(
+            "parameter evaluate.tasks is empty and evaluate.perplexity.task is not set: nothing to evaluate"
+        )
 
     methods = []
     for i, m in enumerate(P.require(e, "methods", W, list)):
@@ -144,7 +170,7 @@ def _parse(params: dict[str, Any]) -> EvalConfig:
 
             try:
                 crit.get(str(criterion))
-            except Exception as err:  # noqa: BLE001 - criterion registry error type
+            except Exception as err:
                 raise P.ParamError(f"parameter evaluate.methods[{i}].criterion: {err}") from None
         else:
             criterion = None
@@ -185,20 +211,45 @@ def _parse(params: dict[str, Any]) -> EvalConfig:
         calib_text = {"max_tokens": int(c.get("max_tokens", 256)), "n_per_task": int(c.get("n_per_task", 16))}
     calibration = {}
     if c.get("tasks"):  # teal / cats thresholds: a seeded sample of the calibration sequences collect scores
-        calibration = {"tasks": list(c["tasks"]), "n_per_task": int(c.get("n_per_task", 16)),
-                       "max_tokens": int(c.get("max_tokens", 256)), "num_fewshot": int(c.get("num_fewshot", 0)),
-                       "n_examples": _int_or_none(e.get("calibration_examples", 64), "evaluate.calibration_examples")}
+        calibration = {
+            "tasks": list(c["tasks"]),
+            "n_per_task": int(c.get("n_per_task", 16)),
+            "max_tokens": int(c.get("max_tokens", 256)),
+            "num_fewshot": int(c.get("num_fewshot", 0)),
+            "n_examples": _int_or_none(e.get("calibration_examples", 64), "evaluate.calibration_examples"),
+        }
     for m in methods:
         if M.info(m.name)["needs"] == "calibration" and not calibration:
-            raise P.ParamError(f"method {m.name} calibrates on collect's calibration split: parameter collect.tasks is missing")
+            raise P.ParamError(
+                f"method {m.name} calibrates on collect's calibration split: parameter collect.tasks is missing"
+            )
     return EvalConfig(
-        tasks=list(tasks), limit=limit, ppl_task=ppl_task, seq_len=seq_len, max_windows=max_windows,
-        methods=methods, sparsities=sparsities, pools=pools, scope=scope, min_keep=float(min_keep),
-        normalize=normalize, granularity=gran, batch_size=batch_size, ppl_batch_size=ppl_batch,
-        max_length=max_length, num_fewshot=num_fewshot, add_bos=add_bos_setting(params.get("model") or {}),
-        scores_dir=e.get("scores_dir"), predictors_dir=e.get("predictors_dir"),
-        cache_dir=str(e.get("cache_dir", "results/cache")), mirror_dir=mirror,
-        calib_fraction=calib_fraction, seed=int(d["seed"]), calib_text=calib_text, calibration=calibration, raw=dict(e),
+        tasks=list(tasks),
+        limit=limit,
+        ppl_task=ppl_task,
+        seq_len=seq_len,
+        max_windows=max_windows,
+        methods=methods,
+        sparsities=sparsities,
+        pools=pools,
+        scope=scope,
+        min_keep=float(min_keep),
+        normalize=normalize,
+        granularity=gran,
+        batch_size=batch_size,
+        ppl_batch_size=ppl_batch,
+        max_length=max_length,
+        num_fewshot=num_fewshot,
+        add_bos=add_bos_setting(params.get("model") or {}),
+        scores_dir=e.get("scores_dir"),
+        predictors_dir=e.get("predictors_dir"),
+        cache_dir=str(e.get("cache_dir", "results/cache")),
+        mirror_dir=mirror,
+        calib_fraction=calib_fraction,
+        seed=int(d["seed"]),
+        calib_text=calib_text,
+        calibration=calibration,
+        raw=dict(e),
     )
 
 

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-
 MaskState = dict[str, Tensor | None]
 """Per-sequence keep masks of one batch: pool -> bool [B, L, U] (None = that pool dense)."""
 

@@ -41,8 +41,9 @@ class Scored:
     n_tokens: int
 
 
-def _prepare(ctx: Sequence[int], cont: Sequence[int], max_length: int,
-             bos_id: int | None = None) -> tuple[list[int], int]:
+def _prepare(
+    ctx: Sequence[int], cont: Sequence[int], max_length: int, bos_id: int | None = None
+) -> tuple[list[int], int]:
     """(whole token list truncated from the left to max_length + 1, number of continuation tokens).
 
     `bos_id` (the model's BOS policy is on): a request starting with the BOS keeps it at position 0 and
@@ -57,7 +58,7 @@ def _score_rows(logits: torch.Tensor, rows: list[tuple[int, list[int]]]) -> list
     """logits [B, T, V]; per row (start position of the scored logits, target tokens)."""
     out = []
     for b, (start, targets) in enumerate(rows):
-        lg = logits[b, start:start + len(targets)].float()
+        lg = logits[b, start : start + len(targets)].float()
         logp = F.log_softmax(lg, dim=-1)
         t = torch.tensor(targets, device=lg.device)
         ll = logp.gather(-1, t[:, None]).sum().item()
@@ -92,17 +93,25 @@ def pad_batch(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor
     ids = torch.zeros(len(seqs), T, dtype=torch.long)
     valid = torch.zeros(len(seqs), T, dtype=torch.bool)
     for b, s in enumerate(seqs):
-        ids[b, :len(s)] = torch.tensor(s)
-        valid[b, :len(s)] = True
+        ids[b, : len(s)] = torch.tensor(s)
+        valid[b, : len(s)] = True
     return ids.to(device), valid.to(device)
 
 
 @torch.no_grad()
-def loglikelihoods(model: nn.Module, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *,
-                   masking: Masking | None = None, batch_size: int = 16, max_length: int = 2048,
-                   reuse_context: bool = True, progress: Callable[[int, int], None] | None = None,
-                   stats: dict | None = None, bos_id: int | None = None,
-                   mask_sources: Sequence[int] | None = None) -> list[Scored]:
+def loglikelihoods(
+    model: nn.Module,
+    requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    masking: Masking | None = None,
+    batch_size: int = 16,
+    max_length: int = 2048,
+    reuse_context: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+    stats: dict | None = None,
+    bos_id: int | None = None,
+    mask_sources: Sequence[int] | None = None,
+) -> list[Scored]:
     """Score every request; results in request order. `stats` (if given) receives token counts;
     `bos_id` (the model's BOS policy is on) survives left truncation (`_prepare`).
 
@@ -132,13 +141,18 @@ def loglikelihoods(model: nn.Module, requests: Sequence[tuple[Sequence[int], Seq
     # ---- shared-context groups: prefixes batched (right padded) once, then all continuations on the cache ----
     glist = sorted(groups.items(), key=lambda kv: -len(kv[0][0]))
     for g0 in range(0, len(glist), batch_size):
-        chunk = glist[g0:g0 + batch_size]
+        chunk = glist[g0 : g0 + batch_size]
         prefixes = [list(p) for (p, _), _ in chunk]
         plen = torch.tensor([len(p) for p in prefixes], device=device)
         ids, pvalid = pad_batch(prefixes, device)
         # the prefix is the context: its last token is the feature token
-        info = ForwardInfo(ids=ids, valid=pvalid, last=plen - 1, feat_pos=plen - 1,
-                           mask_src=[source[members[0]] for _, members in chunk])
+        info = ForwardInfo(
+            ids=ids,
+            valid=pvalid,
+            last=plen - 1,
+            feat_pos=plen - 1,
+            mask_src=[source[members[0]] for _, members in chunk],
+        )
         with masking.forward(info) as state:
             out = model(input_ids=ids, attention_mask=pvalid.long(), use_cache=True)
         st["forward_tokens"] += int(pvalid.sum().item())
@@ -165,15 +179,20 @@ def loglikelihoods(model: nn.Module, requests: Sequence[tuple[Sequence[int], Seq
             gidx = torch.tensor([g for g, _ in rows_g], device=device)
             amask = torch.cat([pvalid[gidx], cvalid], dim=1).long()
             pos = plen[gidx][:, None] + torch.arange(cids.shape[1], device=device)[None, :]
-            cinfo = ForwardInfo(ids=cids, valid=cvalid, last=cvalid.sum(1) - 1,
-                                reuse=None if state is None else reindex(state, gidx),
-                                mask_src=[source[i] for _, i in rows_g])
+            cinfo = ForwardInfo(
+                ids=cids,
+                valid=cvalid,
+                last=cvalid.sum(1) - 1,
+                reuse=None if state is None else reindex(state, gidx),
+                mask_src=[source[i] for _, i in rows_g],
+            )
             with masking.forward(cinfo):
-                logits = model(input_ids=cids, attention_mask=amask, position_ids=pos, **{_CACHE_KW: cache},
-                               use_cache=True).logits
+                logits = model(
+                    input_ids=cids, attention_mask=amask, position_ids=pos, **{_CACHE_KW: cache}, use_cache=True
+                ).logits
             st["forward_tokens"] += int(cvalid.sum().item())
             st["forwards"] += 1
-            for (g, i), (ll, ok) in zip(rows_g, _score_rows(logits, [(0, t) for t in rows_tail])):
+            for (_, i), (ll, ok) in zip(rows_g, _score_rows(logits, [(0, t) for t in rows_tail])):
                 r = results[i]
                 results[i] = Scored(r.loglik + ll, r.is_greedy and ok, r.n_tokens)
         done += sum(len(m) for _, m in chunk)
@@ -183,17 +202,22 @@ def loglikelihoods(model: nn.Module, requests: Sequence[tuple[Sequence[int], Seq
     # ---- whole sequences, longest first, right padded ----
     singles.sort(key=lambda i: -len(prepared[i][0]))
     for b0 in range(0, len(singles), batch_size):
-        chunk = singles[b0:b0 + batch_size]
+        chunk = singles[b0 : b0 + batch_size]
         inputs = [prepared[i][0][:-1] for i in chunk]
         ids, valid = pad_batch(inputs, device)
         feat = [context_position(len(prepared[i][0]), prepared[i][1]) for i in chunk]
-        info = ForwardInfo(ids=ids, valid=valid, last=valid.sum(1) - 1,
-                           feat_pos=torch.tensor(feat, device=device), mask_src=[source[i] for i in chunk])
+        info = ForwardInfo(
+            ids=ids,
+            valid=valid,
+            last=valid.sum(1) - 1,
+            feat_pos=torch.tensor(feat, device=device),
+            mask_src=[source[i] for i in chunk],
+        )
         with masking.forward(info):
             logits = model(input_ids=ids, use_cache=False).logits
         st["forward_tokens"] += int(valid.sum().item())
         st["forwards"] += 1
-        rows = [(len(prepared[i][0]) - 1 - prepared[i][1], prepared[i][0][-prepared[i][1]:]) for i in chunk]
+        rows = [(len(prepared[i][0]) - 1 - prepared[i][1], prepared[i][0][-prepared[i][1] :]) for i in chunk]
         for i, (ll, g) in zip(chunk, _score_rows(logits, rows)):
             results[i] = Scored(ll, g, prepared[i][1])
         done += len(chunk)

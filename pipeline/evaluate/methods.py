@@ -28,7 +28,7 @@ and its table title; `factory(ctx, spec)` returns a `Masking`; callers ask the r
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -65,6 +65,7 @@ class MethodContext:
 
 
 # --------------------------------------------------------------------------------------- helpers
+
 
 def _rows_at(x: Tensor, last: Tensor) -> Tensor:
     """x [B, T, ...] at positions last [B] -> [B, ...]."""
@@ -107,7 +108,7 @@ class _Store:
             self.masks[pool][l] = keep.float()
 
     @classmethod
-    def of(cls, state: MaskState) -> "_Store":
+    def of(cls, state: MaskState) -> _Store:
         store = cls()
         for pool, keep in state.items():
             store.set_all(pool, keep, per_token=False)
@@ -115,6 +116,7 @@ class _Store:
 
 
 # --------------------------------------------------------------------------------------- methods
+
 
 class StaticMasking(Masking):
     reuse_context = True
@@ -130,9 +132,12 @@ class StaticMasking(Masking):
     @contextmanager
     def forward(self, info: ForwardInfo):
         hm, nm = self.mult["heads"], self.mult["neurons"]
-        with UnitMasker(self.ctx.model, self.ctx.layout,
-                        head_fn=None if hm is None else (lambda l, x: hm[l]),
-                        neuron_fn=None if nm is None else (lambda l, x: nm[l])):
+        with UnitMasker(
+            self.ctx.model,
+            self.ctx.layout,
+            head_fn=None if hm is None else (lambda l, x: hm[l]),
+            neuron_fn=None if nm is None else (lambda l, x: nm[l]),
+        ):
             yield None
 
 
@@ -163,8 +168,9 @@ class ShadowLLMMasking(Masking):
                 with torch.no_grad():
                     heads, neurons = self.pred.predict_all(feats.float())
                 store.set_all("heads", contextual_masks(heads, "heads", self.spec, normalize=False), self.per_token)
-                store.set_all("neurons", contextual_masks(neurons, "neurons", self.spec, normalize=False),
-                              self.per_token)
+                store.set_all(
+                    "neurons", contextual_masks(neurons, "neurons", self.spec, normalize=False), self.per_token
+                )
             return store.head_fn(l, x4)
 
         with UnitMasker(self.ctx.model, self.ctx.layout, head_fn=head_fn, neuron_fn=store.neuron_fn):
@@ -190,8 +196,10 @@ class DejaVuMasking(Masking):
         self.per_token = ctx.granularity == "per_token"
         self.offset = int(getattr(predictor, "offset", 0))
         if self.per_token and spec.scope != "local" and not spec.is_dense:
-            raise MethodError(f"DejaVu per_token predicts each layer from the sparse model's own input as it is "
-                              f"reached, so only scope local applies, not {spec.scope} (params: evaluate.scope)")
+            raise MethodError(
+                f"DejaVu per_token predicts each layer from the sparse model's own input as it is "
+                f"reached, so only scope local applies, not {spec.scope} (params: evaluate.scope)"
+            )
 
     def _predict(self, info: ForwardInfo) -> tuple[Tensor, Tensor]:
         """Per-sequence scores [B, L, U] from the dense model's layer inputs at the feature token."""
@@ -214,8 +222,12 @@ class DejaVuMasking(Masking):
                 neurons.append(None)
         # layers without a predictor (layer 0 of the lookahead variant) stay dense: give them top scores
         dev = info.ids.device
-        hs = torch.stack([torch.ones(*lead, self.ctx.layout.n_heads, device=dev) if t is None else t for t in heads], -2)
-        ns = torch.stack([torch.ones(*lead, self.ctx.layout.ffn_dim, device=dev) if t is None else t for t in neurons], -2)
+        hs = torch.stack(
+            [torch.ones(*lead, self.ctx.layout.n_heads, device=dev) if t is None else t for t in heads], -2
+        )
+        ns = torch.stack(
+            [torch.ones(*lead, self.ctx.layout.ffn_dim, device=dev) if t is None else t for t in neurons], -2
+        )
         return hs, ns
 
     def _layer_keep(self, scores: Tensor, pool: str, l: int) -> Tensor | None:
@@ -238,8 +250,13 @@ class DejaVuMasking(Masking):
                         store.set_layer("heads", l, self._layer_keep(ph, "heads", l))
                         store.set_layer("neurons", l, self._layer_keep(pn, "neurons", l))
 
-            with UnitMasker(self.ctx.model, self.ctx.layout, head_fn=store.head_fn, neuron_fn=store.neuron_fn,
-                            layer_input_fn=on_input):
+            with UnitMasker(
+                self.ctx.model,
+                self.ctx.layout,
+                head_fn=store.head_fn,
+                neuron_fn=store.neuron_fn,
+                layer_input_fn=on_input,
+            ):
                 yield None
             return
         if info.reuse is not None:
@@ -278,16 +295,23 @@ class OracleMasking(Masking):
         todo = list(dict.fromkeys(k for k in sources if k not in self._masks))
         lay, c = self.ctx.layout, self.ctx.criterion
         for i in range(0, len(todo), self.settings.batch_size):
-            chunk = todo[i:i + self.settings.batch_size]
+            chunk = todo[i : i + self.settings.batch_size]
             seqs = [Sequence(f"row{b}", "eval", tuple(t), n) for b, (t, n) in enumerate(chunk)]
             out = score_batch(self.ctx.model, lay, seqs, self.settings)
             B = len(seqs)
-            scores = {"heads": torch.as_tensor(np.asarray(out[head_col(c)], np.float32).reshape(B, lay.n_layers, lay.n_heads))}
+            scores = {
+                "heads": torch.as_tensor(np.asarray(out[head_col(c)], np.float32).reshape(B, lay.n_layers, lay.n_heads))
+            }
             if self.has_neurons:
                 scores["neurons"] = torch.as_tensor(
-                    np.asarray(out[neuron_col(c)], np.float32).reshape(B, lay.n_layers, lay.ffn_dim))
-            keeps = {pool: contextual_masks(torch.nan_to_num(scores[pool]), pool, self.spec, normalize=True)
-                     if pool in scores else None for pool in POOLS}
+                    np.asarray(out[neuron_col(c)], np.float32).reshape(B, lay.n_layers, lay.ffn_dim)
+                )
+            keeps = {
+                pool: contextual_masks(torch.nan_to_num(scores[pool]), pool, self.spec, normalize=True)
+                if pool in scores
+                else None
+                for pool in POOLS
+            }
             for b, key in enumerate(chunk):
                 self._masks[key] = {pool: None if k is None else k[b] for pool, k in keeps.items()}
 
@@ -313,16 +337,30 @@ Factory = Callable[[MethodContext, MaskSpec], Masking]
 _REGISTRY: dict[str, dict[str, Any]] = {}
 
 
-def register(name: str, factory: Factory, *, needs_criterion: bool, granularities: tuple[str, ...],
-             needs: str | None = None, fixed_granularity: str | None = None, normalizes: bool = False,
-             title: Callable[[str], str] | None = None) -> None:
+def register(
+    name: str,
+    factory: Factory,
+    *,
+    needs_criterion: bool,
+    granularities: tuple[str, ...],
+    needs: str | None = None,
+    fixed_granularity: str | None = None,
+    normalizes: bool = False,
+    title: Callable[[str], str] | None = None,
+) -> None:
     """`needs`: "scores" (the aggregate stage's directory), "predictor" (`<predictors_dir>/<name>-<criterion>`)
     or None. `fixed_granularity`: the granularity the method always has ("none": masks fixed per model),
     else `evaluate.granularity` applies. `normalizes`: its raw scores are made comparable across layers
     by `evaluate.normalize` (part of its cache key). `title(granularity)`: what tables call it."""
-    _REGISTRY[name] = {"factory": factory, "needs_criterion": needs_criterion, "granularities": granularities,
-                       "needs": needs, "fixed_granularity": fixed_granularity, "normalizes": normalizes,
-                       "title": title or (lambda g: name)}
+    _REGISTRY[name] = {
+        "factory": factory,
+        "needs_criterion": needs_criterion,
+        "granularities": granularities,
+        "needs": needs,
+        "fixed_granularity": fixed_granularity,
+        "normalizes": normalizes,
+        "title": title or (lambda g: name),
+    }
 
 
 def known() -> list[str]:
@@ -363,8 +401,9 @@ def _static(variant: str) -> Factory:
 
             if ctx.scores_dir is None:
                 raise MethodError("static methods need evaluate.scores_dir")
-            ctx.cache[key] = load_static(ctx.scores_dir, ctx.criterion, model_fingerprint=ctx.fingerprint,
-                                         variant=variant)
+            ctx.cache[key] = load_static(
+                ctx.scores_dir, ctx.criterion, model_fingerprint=ctx.fingerprint, variant=variant
+            )
         return StaticMasking(ctx, spec, ctx.cache[key], normalize=variant == "raw_mean")
 
     return factory
@@ -383,19 +422,56 @@ def _dejavu_title(g: str) -> str:
 register("dense", _dense, needs_criterion=False, granularities=GRANULARITIES, fixed_granularity="none")
 # static = the mean of the per-example, per-layer-normalised scores (the predictors' "train mean" reference);
 # static_raw = the mean of the raw scores (dominated by a few large examples: ranks worse held out, SPEC §4)
-register("static", _static("train_mean"), needs_criterion=True, granularities=GRANULARITIES, needs="scores",
-         fixed_granularity="none")
-register("static_raw", _static("raw_mean"), needs_criterion=True, granularities=GRANULARITIES, needs="scores",
-         fixed_granularity="none", normalizes=True, title=lambda g: "static_raw (raw mean)")
-register("oracle", lambda c, s: OracleMasking(c, s), needs_criterion=True, granularities=("per_sequence",),
-         fixed_granularity="per_sequence", normalizes=True, title=lambda g: "oracle (gold scores)")
-register("shadowllm", lambda c, s: ShadowLLMMasking(c, s, _load_predictor(c, "shadowllm")),
-         needs_criterion=True, granularities=GRANULARITIES, needs="predictor")
-register("dejavu", lambda c, s: DejaVuMasking(c, s, _load_predictor(c, "dejavu")),
-         needs_criterion=True, granularities=GRANULARITIES, needs="predictor", title=_dejavu_title)
-register("dejavu_lookahead", lambda c, s: DejaVuMasking(c, s, _load_predictor(c, "dejavu_lookahead")),
-         needs_criterion=True, granularities=GRANULARITIES, needs="predictor",
-         title=lambda g: _dejavu_title(g).replace("dejavu", "dejavu_lookahead"))
+register(
+    "static",
+    _static("train_mean"),
+    needs_criterion=True,
+    granularities=GRANULARITIES,
+    needs="scores",
+    fixed_granularity="none",
+)
+register(
+    "static_raw",
+    _static("raw_mean"),
+    needs_criterion=True,
+    granularities=GRANULARITIES,
+    needs="scores",
+    fixed_granularity="none",
+    normalizes=True,
+    title=lambda g: "static_raw (raw mean)",
+)
+register(
+    "oracle",
+    lambda c, s: OracleMasking(c, s),
+    needs_criterion=True,
+    granularities=("per_sequence",),
+    fixed_granularity="per_sequence",
+    normalizes=True,
+    title=lambda g: "oracle (gold scores)",
+)
+register(
+    "shadowllm",
+    lambda c, s: ShadowLLMMasking(c, s, _load_predictor(c, "shadowllm")),
+    needs_criterion=True,
+    granularities=GRANULARITIES,
+    needs="predictor",
+)
+register(
+    "dejavu",
+    lambda c, s: DejaVuMasking(c, s, _load_predictor(c, "dejavu")),
+    needs_criterion=True,
+    granularities=GRANULARITIES,
+    needs="predictor",
+    title=_dejavu_title,
+)
+register(
+    "dejavu_lookahead",
+    lambda c, s: DejaVuMasking(c, s, _load_predictor(c, "dejavu_lookahead")),
+    needs_criterion=True,
+    granularities=GRANULARITIES,
+    needs="predictor",
+    title=lambda g: _dejavu_title(g).replace("dejavu", "dejavu_lookahead"),
+)
 
 
 def granularity(name: str, configured: str) -> str:
@@ -418,8 +494,10 @@ def build(name: str, ctx: MethodContext, spec: MaskSpec) -> Masking:
     if meta["needs_criterion"] and not ctx.criterion:
         raise MethodError(f"method {name} needs a criterion (params: evaluate.methods)")
     if ctx.granularity not in meta["granularities"]:
-        raise MethodError(f"method {name} supports granularity {', '.join(meta['granularities'])}, "
-                          f"not {ctx.granularity} (params: evaluate.granularity)")
+        raise MethodError(
+            f"method {name} supports granularity {', '.join(meta['granularities'])}, "
+            f"not {ctx.granularity} (params: evaluate.granularity)"
+        )
     return meta["factory"](ctx, spec)
 
 

@@ -44,9 +44,14 @@ def count_words(doc: str) -> int:
 
 
 @torch.no_grad()
-def window_logliks(model: nn.Module, windows: list[list[int]], *, batch_size: int = 1,
-                   masking: Masking | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> list[float]:
+def window_logliks(
+    model: nn.Module,
+    windows: list[list[int]],
+    *,
+    batch_size: int = 1,
+    masking: Masking | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[float]:
     """Summed log-likelihood of tokens 1..n-1 of every window (same order as `windows`)."""
     masking = masking or dense_masking()
     device = next(model.parameters()).device
@@ -68,10 +73,13 @@ def window_logliks(model: nn.Module, windows: list[list[int]], *, batch_size: in
         ids = torch.tensor([windows[j] for j in group], dtype=torch.long, device=device)
         # per-sequence masks read the window's second to last token (pipeline.features): the last
         # token, a scored target, never shapes the mask; the oracle scores the window itself
-        info = ForwardInfo(ids=ids, valid=torch.ones_like(ids, dtype=torch.bool),
-                           last=torch.full((len(group),), n - 1, dtype=torch.long, device=device),
-                           feat_pos=torch.full((len(group),), text_position(n), dtype=torch.long, device=device),
-                           mask_src=[(tuple(windows[j]), n - 1) for j in group])
+        info = ForwardInfo(
+            ids=ids,
+            valid=torch.ones_like(ids, dtype=torch.bool),
+            last=torch.full((len(group),), n - 1, dtype=torch.long, device=device),
+            feat_pos=torch.full((len(group),), text_position(n), dtype=torch.long, device=device),
+            mask_src=[(tuple(windows[j]), n - 1) for j in group],
+        )
         with masking.forward(info):
             logits = model(input_ids=ids, use_cache=False).logits
         logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
@@ -84,9 +92,19 @@ def window_logliks(model: nn.Module, windows: list[list[int]], *, batch_size: in
     return [float(v) for v in out]  # type: ignore[arg-type]
 
 
-def perplexity(model: nn.Module, tokenizer: Any, text: str, *, seq_len: int, batch_size: int = 1,
-               max_windows: int | None = None, masking: Masking | None = None, exclude: set[int] | None = None,
-               progress: Callable[[int, int], None] | None = None, add_bos: bool = False) -> dict[str, Any]:
+def perplexity(
+    model: nn.Module,
+    tokenizer: Any,
+    text: str,
+    *,
+    seq_len: int,
+    batch_size: int = 1,
+    max_windows: int | None = None,
+    masking: Masking | None = None,
+    exclude: set[int] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    add_bos: bool = False,
+) -> dict[str, Any]:
     """Token, word and byte perplexity of `text` (first `max_windows` windows when set; windows whose
     index is in `exclude` — those overlapping calibration text — are skipped). `add_bos`: every window
     starts with the BOS, which is never scored (module docstring)."""
@@ -100,7 +118,7 @@ def perplexity(model: nn.Module, tokenizer: Any, text: str, *, seq_len: int, bat
     t0 = time.perf_counter()
     lls = window_logliks(model, windows, batch_size=batch_size, masking=masking, progress=progress)
     elapsed = time.perf_counter() - t0
-    doc = text if len(windows) == n_all else tokenizer.decode([t for w in windows for t in w[int(add_bos):]])
+    doc = text if len(windows) == n_all else tokenizer.decode([t for w in windows for t in w[int(add_bos) :]])
     n_scored = sum(max(len(w) - 1, 0) for w in windows)
     total = sum(lls)
     n_words, n_bytes = count_words(doc), len(doc.encode("utf-8"))

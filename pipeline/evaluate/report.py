@@ -11,9 +11,24 @@ from typing import Any
 
 from pipeline.io import atomic_path, write_json, write_text
 
-COLUMNS = ["model", "method", "criterion", "sparsity", "granularity", "task", "metric", "value", "n", "stderr",
-           "scope", "effective_sparsity_heads", "effective_sparsity_neurons", "seconds", "byte_sparsity",
-           "byte_sparsity_std"]
+COLUMNS = [
+    "model",
+    "method",
+    "criterion",
+    "sparsity",
+    "granularity",
+    "task",
+    "metric",
+    "value",
+    "n",
+    "stderr",
+    "scope",
+    "effective_sparsity_heads",
+    "effective_sparsity_neurons",
+    "seconds",
+    "byte_sparsity",
+    "byte_sparsity_std",
+]
 PPL_METRIC = "word_perplexity"
 SMOKE_STDERR = 0.015  # mean-accuracy stderr above which a report says it cannot rank methods
 
@@ -23,17 +38,28 @@ def tidy_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in records:
         sd = r.get("sparsity_detail", {})
         for metric, v in r["metrics"].items():
-            rows.append({
-                "model": r["model"], "method": r["method"], "criterion": r["criterion"], "sparsity": r["sparsity"],
-                "granularity": r["granularity"], "task": r["task"], "metric": metric, "value": v["value"],
-                "n": v["n"], "stderr": "" if v.get("stderr") is None or (isinstance(v["stderr"], float) and math.isnan(v["stderr"])) else v["stderr"],
-                "scope": r.get("scope", ""),
-                "effective_sparsity_heads": sd.get("heads", {}).get("effective", 0.0),
-                "effective_sparsity_neurons": sd.get("neurons", {}).get("effective", 0.0),
-                "seconds": round(float(r.get("seconds", 0.0)), 2),
-                "byte_sparsity": _get(sd, "bytes", "byte_sparsity", "mean"),
-                "byte_sparsity_std": _get(sd, "bytes", "byte_sparsity", "std"),
-            })
+            rows.append(
+                {
+                    "model": r["model"],
+                    "method": r["method"],
+                    "criterion": r["criterion"],
+                    "sparsity": r["sparsity"],
+                    "granularity": r["granularity"],
+                    "task": r["task"],
+                    "metric": metric,
+                    "value": v["value"],
+                    "n": v["n"],
+                    "stderr": ""
+                    if v.get("stderr") is None or (isinstance(v["stderr"], float) and math.isnan(v["stderr"]))
+                    else v["stderr"],
+                    "scope": r.get("scope", ""),
+                    "effective_sparsity_heads": sd.get("heads", {}).get("effective", 0.0),
+                    "effective_sparsity_neurons": sd.get("neurons", {}).get("effective", 0.0),
+                    "seconds": round(float(r.get("seconds", 0.0)), 2),
+                    "byte_sparsity": _get(sd, "bytes", "byte_sparsity", "mean"),
+                    "byte_sparsity_std": _get(sd, "bytes", "byte_sparsity", "std"),
+                }
+            )
     rows.sort(key=lambda x: (x["method"], x["criterion"], x["sparsity"], x["task"], x["metric"]))
     return rows
 
@@ -53,10 +79,18 @@ def pooled_bytes(records: list[dict[str, Any]]) -> dict[str, float] | None:
         return None
     n = sum(b["byte_sparsity"]["n_tokens"] for b in parts)
     mean = sum(b["byte_sparsity"]["n_tokens"] * b["byte_sparsity"]["mean"] for b in parts) / n
-    sq = sum(b["byte_sparsity"]["n_tokens"] * (b["byte_sparsity"]["std"] ** 2 + b["byte_sparsity"]["mean"] ** 2)
-             for b in parts) / n
-    return {"byte_sparsity": mean, "byte_sparsity_std": math.sqrt(max(sq - mean * mean, 0.0)),
-            "byte_net": mean - parts[0]["predictor_share"]}
+    sq = (
+        sum(
+            b["byte_sparsity"]["n_tokens"] * (b["byte_sparsity"]["std"] ** 2 + b["byte_sparsity"]["mean"] ** 2)
+            for b in parts
+        )
+        / n
+    )
+    return {
+        "byte_sparsity": mean,
+        "byte_sparsity_std": math.sqrt(max(sq - mean * mean, 0.0)),
+        "byte_net": mean - parts[0]["predictor_share"],
+    }
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
@@ -86,9 +120,13 @@ def summary(records: list[dict[str, Any]], tasks: list[str], ppl_task: str | Non
         meta[k] = r
     out = []
     for (label, s), per in sorted(by.items(), key=lambda kv: (kv[0][0] != "dense", kv[0][0], kv[0][1])):
-        row: dict[str, Any] = {"label": label, "method": meta[(label, s)]["method"],
-                               "criterion": meta[(label, s)]["criterion"], "sparsity": s,
-                               "granularity": meta[(label, s)]["granularity"]}
+        row: dict[str, Any] = {
+            "label": label,
+            "method": meta[(label, s)]["method"],
+            "criterion": meta[(label, s)]["criterion"],
+            "sparsity": s,
+            "granularity": meta[(label, s)]["granularity"],
+        }
         sd = meta[(label, s)].get("sparsity_detail", {})
         row["eff_heads"] = sd.get("heads", {}).get("effective", 0.0)
         row["eff_neurons"] = sd.get("neurons", {}).get("effective", 0.0)
@@ -109,8 +147,11 @@ def summary(records: list[dict[str, Any]], tasks: list[str], ppl_task: str | Non
         complete = len(accs) == len(tasks)
         row["mean_acc"] = sum(accs) / len(accs) if accs and complete else None
         ses = [per[t]["metrics"]["acc"]["stderr"] for t in tasks if t in per and "acc" in per[t]["metrics"]]
-        row["mean_acc_stderr"] = (math.sqrt(sum(x * x for x in ses)) / len(ses)
-                                  if ses and complete and all(math.isfinite(x) for x in ses) else None)
+        row["mean_acc_stderr"] = (
+            math.sqrt(sum(x * x for x in ses)) / len(ses)
+            if ses and complete and all(math.isfinite(x) for x in ses)
+            else None
+        )
         row["mean_acc_norm"] = sum(accn) / len(accn) if accn and complete else None
         row["n_examples"] = sum(ns)
         if ppl_task and ppl_task in per:
@@ -126,13 +167,23 @@ def metrics_json(summ: list[dict[str, Any]], records: list[dict[str, Any]]) -> d
     """Nested for DVC: {label: {s<pct>: {mean_acc, word_perplexity, <task>_<metric>...}}}."""
     out: dict[str, Any] = {}
     for row in summ:
-        d = out.setdefault(row["label"], {}).setdefault(f"s{int(round(row['sparsity'] * 100)):02d}", {})
-        for k in ("mean_acc", "mean_acc_stderr", "mean_acc_norm", "word_perplexity", "token_perplexity", "eff_heads",
-                  "eff_neurons", "byte_sparsity", "byte_sparsity_std", "byte_net"):
+        d = out.setdefault(row["label"], {}).setdefault(f"s{round(row['sparsity'] * 100):02d}", {})
+        for k in (
+            "mean_acc",
+            "mean_acc_stderr",
+            "mean_acc_norm",
+            "word_perplexity",
+            "token_perplexity",
+            "eff_heads",
+            "eff_neurons",
+            "byte_sparsity",
+            "byte_sparsity_std",
+            "byte_net",
+        ):
             if row.get(k) is not None:
                 d[k] = round(float(row[k]), 6)
     for r in records:
-        d = out[r["label"]][f"s{int(round(r['sparsity'] * 100)):02d}"]
+        d = out[r["label"]][f"s{round(r['sparsity'] * 100):02d}"]
         for m, v in r["metrics"].items():
             d[f"{r['task']}_{m}"] = round(float(v["value"]), 6)
     return out
@@ -181,40 +232,65 @@ def _fmt(v: Any, pct: bool = False, nd: int = 2) -> str:
     return f"{100 * v:.1f}" if pct else f"{v:.{nd}f}"
 
 
-def markdown(summ: list[dict[str, Any]], records: list[dict[str, Any]], tasks: list[str], ppl_task: str | None,
-             info: dict[str, Any]) -> str:
+def markdown(
+    summ: list[dict[str, Any]],
+    records: list[dict[str, Any]],
+    tasks: list[str],
+    ppl_task: str | None,
+    info: dict[str, Any],
+) -> str:
     L = ["# Evaluation report", ""]
-    L.append(f"Model `{info['model']}` (fingerprint `{info['fingerprint']}`), scope `{info['scope']}`, "
-             f"pools {', '.join(info['pools'])}, contextual granularity `{info['granularity']}`. "
-             f"Evaluation split: data.seed {info['seed']}, calib_fraction {info['calib_fraction']} "
-             f"(calibration examples never evaluated); per-task limit: {info['limit']}. "
-             f"Perplexity: {ppl_task or 'off'}, seq_len {info['seq_len']}, windows {info['max_windows'] or 'all'}. "
-             f"BOS (resolved model.add_bos): {'on' if info.get('add_bos') else 'off'}.")
+    L.append(
+        f"Model `{info['model']}` (fingerprint `{info['fingerprint']}`), scope `{info['scope']}`, "
+        f"pools {', '.join(info['pools'])}, contextual granularity `{info['granularity']}`. "
+        f"Evaluation split: data.seed {info['seed']}, calib_fraction {info['calib_fraction']} "
+        f"(calibration examples never evaluated); per-task limit: {info['limit']}. "
+        f"Perplexity: {ppl_task or 'off'}, seq_len {info['seq_len']}, windows {info['max_windows'] or 'all'}. "
+        f"BOS (resolved model.add_bos): {'on' if info.get('add_bos') else 'off'}."
+    )
     L.append("")
     L.append("## Mean accuracy and perplexity per method and sparsity")
     L.append("")
-    L.append("mean acc = mean over tasks of acc; mean acc_norm* = acc_norm where the task has it, else acc. "
-             "Effective sparsity counts the dense layer 0. n = examples behind each accuracy mean "
-             "(sum over tasks); ppl windows = WikiText-2 windows behind the perplexities. Bytes skipped = the share of "
-             "weight bytes a decode step does not read, mean ± sd over the evaluated tokens (docs/thresholds.md).")
+    L.append(
+        "mean acc = mean over tasks of acc; mean acc_norm* = acc_norm where the task has it, else acc. "
+        "Effective sparsity counts the dense layer 0. n = examples behind each accuracy mean "
+        "(sum over tasks); ppl windows = WikiText-2 windows behind the perplexities. Bytes skipped = the share of "
+        "weight bytes a decode step does not read, mean ± sd over the evaluated tokens (docs/thresholds.md)."
+    )
     L.append("")
     worst = max((r["mean_acc_stderr"] for r in summ if r.get("mean_acc_stderr") is not None), default=None)
     if worst is not None and worst > SMOKE_STDERR:
-        L.append(f"**Smoke run**: the mean-accuracy stderr reaches {100 * worst:.1f} points (> {100 * SMOKE_STDERR:.1f}): "
-                 "too few examples to rank methods; this run shows that the pipeline works, not which method wins.")
+        L.append(
+            f"**Smoke run**: the mean-accuracy stderr reaches {100 * worst:.1f} points (> {100 * SMOKE_STDERR:.1f}): "
+            "too few examples to rank methods; this run shows that the pipeline works, not which method wins."
+        )
         L.append("")
-    hdr = ["method", "sparsity", "eff. heads", "eff. neurons", "bytes skipped ± sd", "mean acc ± se", "mean acc_norm*", "n"]
+    hdr = [
+        "method",
+        "sparsity",
+        "eff. heads",
+        "eff. neurons",
+        "bytes skipped ± sd",
+        "mean acc ± se",
+        "mean acc_norm*",
+        "n",
+    ]
     if ppl_task:
         hdr += ["word ppl", "token ppl", "ppl windows"]
     L.append("| " + " | ".join(hdr) + " |")
     L.append("|" + "---|" * len(hdr))
     for r in summ:
-        cells = [r["label"] + ("" if r["granularity"] == "none" else f" ({r['granularity']})"),
-                 f"{r['sparsity']:.2f}", _fmt(r["eff_heads"], nd=3), _fmt(r["eff_neurons"], nd=3),
-                 "–" if r.get("byte_sparsity") is None else f"{r['byte_sparsity']:.3f} ± {r['byte_sparsity_std']:.3f}",
-                 _fmt(r.get("mean_acc"), pct=True) + ("" if r.get("mean_acc_stderr") is None
-                                                      else f" ± {100 * r['mean_acc_stderr']:.1f}"),
-                 _fmt(r.get("mean_acc_norm"), pct=True), str(r.get("n_examples", 0))]
+        cells = [
+            r["label"] + ("" if r["granularity"] == "none" else f" ({r['granularity']})"),
+            f"{r['sparsity']:.2f}",
+            _fmt(r["eff_heads"], nd=3),
+            _fmt(r["eff_neurons"], nd=3),
+            "–" if r.get("byte_sparsity") is None else f"{r['byte_sparsity']:.3f} ± {r['byte_sparsity_std']:.3f}",
+            _fmt(r.get("mean_acc"), pct=True)
+            + ("" if r.get("mean_acc_stderr") is None else f" ± {100 * r['mean_acc_stderr']:.1f}"),
+            _fmt(r.get("mean_acc_norm"), pct=True),
+            str(r.get("n_examples", 0)),
+        ]
         if ppl_task:
             cells += [_fmt(r.get("word_perplexity")), _fmt(r.get("token_perplexity")), str(r.get("ppl_windows", "–"))]
         L.append("| " + " | ".join(cells) + " |")
@@ -249,21 +325,44 @@ def markdown(summ: list[dict[str, Any]], records: list[dict[str, Any]], tasks: l
         L.append("")
         L.append("![perplexity vs sparsity](plots/perplexity.png)")
     L.append("")
-    L.append("Tidy results: `results.csv` (model, method, criterion, sparsity, granularity, task, metric, value, n, "
-             "stderr, ...). Per-point caches: `" + info["cache_dir"] + "/<key>.json`.")
+    L.append(
+        "Tidy results: `results.csv` (model, method, criterion, sparsity, granularity, task, metric, value, n, "
+        "stderr, ...). Per-point caches: `" + info["cache_dir"] + "/<key>.json`."
+    )
     L.append("")
     return "\n".join(L)
 
 
-def write_all(out_dir: str | Path, records: list[dict[str, Any]], cfg: Any, info: dict[str, Any],
-              metrics_path: str | Path | None = None) -> dict[str, Any]:
+def write_all(
+    out_dir: str | Path,
+    records: list[dict[str, Any]],
+    cfg: Any,
+    info: dict[str, Any],
+    metrics_path: str | Path | None = None,
+) -> dict[str, Any]:
     out = Path(out_dir)
     tasks = list(cfg.tasks)
     summ = summary(records, tasks, cfg.ppl_task)
     write_csv(out / "results.csv", tidy_rows(records), COLUMNS)
-    scols = ["label", "method", "criterion", "sparsity", "granularity", "eff_heads", "eff_neurons", "byte_sparsity",
-             "byte_sparsity_std", "byte_net", "mean_acc",
-             "mean_acc_stderr", "mean_acc_norm", "n_examples", "word_perplexity", "token_perplexity", "ppl_windows"]
+    scols = [
+        "label",
+        "method",
+        "criterion",
+        "sparsity",
+        "granularity",
+        "eff_heads",
+        "eff_neurons",
+        "byte_sparsity",
+        "byte_sparsity_std",
+        "byte_net",
+        "mean_acc",
+        "mean_acc_stderr",
+        "mean_acc_norm",
+        "n_examples",
+        "word_perplexity",
+        "token_perplexity",
+        "ppl_windows",
+    ]
     write_csv(out / "summary.csv", summ, scols)
     acc_rows = plot_rows(summ, "mean_acc")
     write_csv(out / "plots" / "accuracy.csv", acc_rows, ["method", "sparsity", "mean_acc"])
@@ -271,8 +370,14 @@ def write_all(out_dir: str | Path, records: list[dict[str, Any]], cfg: Any, info
     if cfg.ppl_task:
         ppl_rows = plot_rows(summ, PPL_METRIC)
         write_csv(out / "plots" / "perplexity.csv", ppl_rows, ["method", "sparsity", PPL_METRIC])
-        plot(ppl_rows, PPL_METRIC, out / "plots" / "perplexity.png", f"{cfg.ppl_task} word perplexity vs sparsity",
-             "word perplexity (log)", log=True)
+        plot(
+            ppl_rows,
+            PPL_METRIC,
+            out / "plots" / "perplexity.png",
+            f"{cfg.ppl_task} word perplexity vs sparsity",
+            "word perplexity (log)",
+            log=True,
+        )
     md = markdown(summ, records, tasks, cfg.ppl_task, info)
     write_text(out / "report.md", md)
     metrics = metrics_json(summ, records)

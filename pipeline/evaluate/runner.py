@@ -14,7 +14,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -69,25 +69,48 @@ def task_settings(cfg: EvalConfig, task: str) -> dict[str, Any]:
     """The evaluation settings of `task` that enter its point key; `add_bos` is the model's *resolved* BOS
     policy (a bool: the same setting resolves differently for different tokenizers), for every task."""
     if not isinstance(cfg.add_bos, bool):
-        raise ValueError(f"add_bos is unresolved ({cfg.add_bos!r}): resolve model.add_bos against the tokenizer "
-                         f"(pipeline.data.tokenize.resolve_add_bos) before keying points")
+        raise ValueError(
+            f"add_bos is unresolved ({cfg.add_bos!r}): resolve model.add_bos against the tokenizer "
+            f"(pipeline.data.tokenize.resolve_add_bos) before keying points"
+        )
     if task == cfg.ppl_task:
-        return {"seq_len": cfg.seq_len, "max_windows": cfg.max_windows, "calib_text": cfg.calib_text,
-                "calib_fraction": cfg.calib_fraction, "seed": cfg.seed, "add_bos": cfg.add_bos}
-    return {"limit": cfg.limit.get(task), "calib_fraction": cfg.calib_fraction, "seed": cfg.seed,
-            "num_fewshot": cfg.num_fewshot, "add_bos": cfg.add_bos, "max_length": cfg.max_length}
+        return {
+            "seq_len": cfg.seq_len,
+            "max_windows": cfg.max_windows,
+            "calib_text": cfg.calib_text,
+            "calib_fraction": cfg.calib_fraction,
+            "seed": cfg.seed,
+            "add_bos": cfg.add_bos,
+        }
+    return {
+        "limit": cfg.limit.get(task),
+        "calib_fraction": cfg.calib_fraction,
+        "seed": cfg.seed,
+        "num_fewshot": cfg.num_fewshot,
+        "add_bos": cfg.add_bos,
+        "max_length": cfg.max_length,
+    }
 
 
 def point_key(cfg: EvalConfig, fp: str, m: MethodSpec, sparsity: float, task: str, art: str | None) -> tuple[str, dict]:
     ident = {
-        "v": CACHE_VERSION, "model": fp, "method": m.name, "criterion": m.criterion, "task": task,
-        "task_settings": task_settings(cfg, task), "artifact": art,
+        "v": CACHE_VERSION,
+        "model": fp,
+        "method": m.name,
+        "criterion": m.criterion,
+        "task": task,
+        "task_settings": task_settings(cfg, task),
+        "artifact": art,
     }
     if m.name != "dense":
-        ident["mask"] = {"sparsity": sparsity, "pools": sorted(cfg.pools), "scope": cfg.scope,
-                         "min_keep": cfg.min_keep if cfg.scope == "hybrid" else None,
-                         "normalize": cfg.normalize if M.info(m.name)["normalizes"] else None,
-                         "granularity": granularity_of(cfg, m)}
+        ident["mask"] = {
+            "sparsity": sparsity,
+            "pools": sorted(cfg.pools),
+            "scope": cfg.scope,
+            "min_keep": cfg.min_keep if cfg.scope == "hybrid" else None,
+            "normalize": cfg.normalize if M.info(m.name)["normalizes"] else None,
+            "granularity": granularity_of(cfg, m),
+        }
     blob = json.dumps(ident, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20], ident
 
@@ -95,16 +118,31 @@ def point_key(cfg: EvalConfig, fp: str, m: MethodSpec, sparsity: float, task: st
 class Evaluator:
     """Holds the model, the tokenised tasks and the method context; evaluates points with caching."""
 
-    def __init__(self, cfg: EvalConfig, model: nn.Module, tokenizer: Any, layout: Any, fingerprint: str, *,
-                 model_id: str, log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        cfg: EvalConfig,
+        model: nn.Module,
+        tokenizer: Any,
+        layout: Any,
+        fingerprint: str,
+        *,
+        model_id: str,
+        log: Callable[[str], None] = print,
+    ):
         from pipeline.data.tokenize import resolve_add_bos
         from pipeline.evaluate.methods import MethodContext
 
         cfg = replace(cfg, add_bos=resolve_add_bos(cfg.add_bos, tokenizer))  # one BOS policy, resolved once
         self.cfg, self.model, self.tok, self.layout, self.fp = cfg, model, tokenizer, layout, fingerprint
         self.model_id, self.log = model_id, log
-        self.ctx = MethodContext(model=model, layout=layout, fingerprint=fingerprint, scores_dir=cfg.scores_dir,
-                                 predictors_dir=cfg.predictors_dir, calibration=self.calibration_sequences)
+        self.ctx = MethodContext(
+            model=model,
+            layout=layout,
+            fingerprint=fingerprint,
+            scores_dir=cfg.scores_dir,
+            predictors_dir=cfg.predictors_dir,
+            calibration=self.calibration_sequences,
+        )
         self._weight_bytes = None
         self._tasks: dict[str, Any] = {}
         self._requests: dict[str, list] = {}
@@ -117,16 +155,26 @@ class Evaluator:
         if task not in self._tasks:
             from pipeline.evaluate.tasks import eval_examples, requests_of
 
-            td = eval_examples(task, self.cfg.mirror_dir, calib_fraction=self.cfg.calib_fraction, seed=self.cfg.seed,
-                               limit=self.cfg.limit.get(task), num_fewshot=self.cfg.num_fewshot)
+            td = eval_examples(
+                task,
+                self.cfg.mirror_dir,
+                calib_fraction=self.cfg.calib_fraction,
+                seed=self.cfg.seed,
+                limit=self.cfg.limit.get(task),
+                num_fewshot=self.cfg.num_fewshot,
+            )
             self._tasks[task] = td
             # every candidate's oracle mask comes from its example's gold candidate
             starts = np.cumsum([0] + [len(e.continuations) for e in td.examples])
             self._gold[task] = [int(starts[k] + e.gold) for k, e in enumerate(td.examples) for _ in e.continuations]
             self._requests[task] = requests_of(td.examples, self.tok, add_bos=self.cfg.add_bos)
-            self.splits[task] = {"seed": td.split.seed, "calib_fraction": self.cfg.calib_fraction,
-                                 "n_eval_total": td.n_eval_total, "n_calib": len(td.split.calib_ids),
-                                 "evaluated_ids": [e.id for e in td.examples]}
+            self.splits[task] = {
+                "seed": td.split.seed,
+                "calib_fraction": self.cfg.calib_fraction,
+                "n_eval_total": td.n_eval_total,
+                "n_calib": len(td.split.calib_ids),
+                "evaluated_ids": [e.id for e in td.examples],
+            }
         return self._tasks[task], self._requests[task]
 
     def ppl_exclusions(self, n_windows_eval: int) -> set[int]:
@@ -153,9 +201,16 @@ class Evaluator:
         from pipeline.calibration import CalibrationPlan, build
 
         c = self.cfg.calibration
-        plan = CalibrationPlan(tasks=tuple(c["tasks"]), mirror_dir=self.cfg.mirror_dir, n_per_task=c["n_per_task"],
-                               calib_fraction=self.cfg.calib_fraction, seed=self.cfg.seed, num_fewshot=c["num_fewshot"],
-                               max_tokens=c["max_tokens"], add_bos=bool(self.cfg.add_bos))
+        plan = CalibrationPlan(
+            tasks=tuple(c["tasks"]),
+            mirror_dir=self.cfg.mirror_dir,
+            n_per_task=c["n_per_task"],
+            calib_fraction=self.cfg.calib_fraction,
+            seed=self.cfg.seed,
+            num_fewshot=c["num_fewshot"],
+            max_tokens=c["max_tokens"],
+            add_bos=bool(self.cfg.add_bos),
+        )
         seqs, _ = build(plan, self.tok)
         n = min(c["n_examples"] or len(seqs), len(seqs))
         pick = sorted(np.random.default_rng(self.cfg.seed).choice(len(seqs), n, replace=False).tolist())
@@ -193,25 +248,53 @@ class Evaluator:
 
             n_win = len(encode_text_windows(self.tok, self.text(), self.cfg.seq_len, add_bos=self.cfg.add_bos))
             excl = self.ppl_exclusions(n_win)
-            r = perplexity(self.model, self.tok, self.text(), seq_len=self.cfg.seq_len,
-                           batch_size=self.cfg.ppl_batch_size, max_windows=self.cfg.max_windows, masking=masking,
-                           exclude=excl, add_bos=self.cfg.add_bos)
+            r = perplexity(
+                self.model,
+                self.tok,
+                self.text(),
+                seq_len=self.cfg.seq_len,
+                batch_size=self.cfg.ppl_batch_size,
+                max_windows=self.cfg.max_windows,
+                masking=masking,
+                exclude=excl,
+                add_bos=self.cfg.add_bos,
+            )
             n = r["n_windows"]
-            metrics = {k: {"value": r[k], "stderr": None, "n": n}
-                       for k in ("token_perplexity", "word_perplexity", "bits_per_byte")}
+            metrics = {
+                k: {"value": r[k], "stderr": None, "n": n}
+                for k in ("token_perplexity", "word_perplexity", "bits_per_byte")
+            }
             details = dict(r)  # with the per-window logliks: paired perplexity comparisons (claims)
             return {"metrics": metrics, "details": details, "seconds": r["seconds"]}
         td, reqs = self.task_data(task)
         t0 = time.perf_counter()
         stats: dict[str, int] = {}
-        scored = loglikelihoods(self.model, reqs, masking=masking, batch_size=self.cfg.batch_size,
-                                max_length=self.cfg.max_length, stats=stats, mask_sources=self._gold[task],
-                                bos_id=int(self.tok.bos_token_id) if self.cfg.add_bos else None)
+        scored = loglikelihoods(
+            self.model,
+            reqs,
+            masking=masking,
+            batch_size=self.cfg.batch_size,
+            max_length=self.cfg.max_length,
+            stats=stats,
+            mask_sources=self._gold[task],
+            bos_id=int(self.tok.bos_token_id) if self.cfg.add_bos else None,
+        )
         rows = per_example(td.examples, [s.loglik for s in scored], [s.is_greedy for s in scored])
         metrics = aggregate(task, rows)
-        return {"metrics": metrics, "seconds": time.perf_counter() - t0, "details": stats,
-                "per_example": [{"id": r["id"], "acc": r["acc"], **({"acc_norm": r["acc_norm"]} if "acc_norm" in r else {}),
-                                 "loglik": [round(x, 5) for x in r["loglik"]]} for r in rows]}
+        return {
+            "metrics": metrics,
+            "seconds": time.perf_counter() - t0,
+            "details": stats,
+            "per_example": [
+                {
+                    "id": r["id"],
+                    "acc": r["acc"],
+                    **({"acc_norm": r["acc_norm"]} if "acc_norm" in r else {}),
+                    "loglik": [round(x, 5) for x in r["loglik"]],
+                }
+                for r in rows
+            ],
+        }
 
     def run(self, *, force: bool = False) -> list[dict[str, Any]]:
         """Evaluate (or read from cache) every planned point; returns the point records."""
@@ -249,11 +332,20 @@ class Evaluator:
                         if u.get("effective") is not None and pool not in getattr(masking, "missing", ()):
                             desc[pool]["effective"] = u["effective"]
                 rec = {
-                    "key": key, "ident": ident, "model": self.model_id, "model_fingerprint": self.fp,
-                    "method": m.name, "criterion": m.criterion or "",
-                    "label": M.title(m.name, m.criterion, granularity_of(cfg, m)), "sparsity": s,
-                    "granularity": granularity_of(cfg, m), "scope": cfg.scope if m.name != "dense" else "none",
-                    "task": task, "sparsity_detail": desc, **res, "wall_seconds": time.perf_counter() - t0,
+                    "key": key,
+                    "ident": ident,
+                    "model": self.model_id,
+                    "model_fingerprint": self.fp,
+                    "method": m.name,
+                    "criterion": m.criterion or "",
+                    "label": M.title(m.name, m.criterion, granularity_of(cfg, m)),
+                    "sparsity": s,
+                    "granularity": granularity_of(cfg, m),
+                    "scope": cfg.scope if m.name != "dense" else "none",
+                    "task": task,
+                    "sparsity_detail": desc,
+                    **res,
+                    "wall_seconds": time.perf_counter() - t0,
                 }
                 if task in self.splits:
                     rec["split"] = {k: v for k, v in self.splits[task].items() if k != "evaluated_ids"}
@@ -261,6 +353,8 @@ class Evaluator:
                 rec["cached"] = False
                 records.append(rec)
                 main = next(iter(res["metrics"].items()))
-                self.log(f"  ran     {m.label:<24} s={s:.2f} {task:<11} {main[0]}={main[1]['value']:.4f} "
-                         f"n={main[1]['n']} {rec['wall_seconds']:.1f}s")
+                self.log(
+                    f"  ran     {m.label:<24} s={s:.2f} {task:<11} {main[0]}={main[1]['value']:.4f} "
+                    f"n={main[1]['n']} {rec['wall_seconds']:.1f}s"
+                )
         return records

@@ -38,8 +38,15 @@ class TaskData:
     n_eval_total: int
 
 
-def eval_examples(name: str, mirror_dir: str | None, *, calib_fraction: float, seed: int,
-                  limit: int | None = None, num_fewshot: int = 0) -> TaskData:
+def eval_examples(
+    name: str,
+    mirror_dir: str | None,
+    *,
+    calib_fraction: float,
+    seed: int,
+    limit: int | None = None,
+    num_fewshot: int = 0,
+) -> TaskData:
     """The evaluation split of task `name` (source order), first `limit` of it; never a calibration id."""
     examples = registry.load_examples(name, mirror_dir)
     calib, evals, record = split_examples(examples, calib_fraction=calib_fraction, seed=seed)
@@ -67,8 +74,8 @@ def per_example(examples: list[Example], lls: list[float], greedy: list[bool]) -
     for ex in examples:
         spec = registry.get_task(ex.task)
         n = len(ex.continuations)
-        ll = np.array(lls[k:k + n], dtype=np.float64)
-        gr = greedy[k:k + n]
+        ll = np.array(lls[k : k + n], dtype=np.float64)
+        gr = greedy[k : k + n]
         k += n
         row: dict[str, Any] = {"id": ex.id, "gold": ex.gold, "loglik": ll.tolist()}
         if spec.kind == "loglikelihood":

@@ -61,16 +61,33 @@ from pipeline.models.adapters import Layout
 from pipeline.units import n_kept
 
 ATTN_ROLES = ("q", "k", "v")
-POOL_OF = {"q": "heads", "k": "heads", "v": "heads", "o": "heads",
-           "gate": "neurons", "up": "neurons", "fc1": "neurons", "down": "neurons"}
-TEAL_SITE = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "o",
-             "gate": "mlp_in", "up": "mlp_in", "fc1": "mlp_in", "down": "down"}
+POOL_OF = {
+    "q": "heads",
+    "k": "heads",
+    "v": "heads",
+    "o": "heads",
+    "gate": "neurons",
+    "up": "neurons",
+    "fc1": "neurons",
+    "down": "neurons",
+}
+TEAL_SITE = {
+    "q": "attn_in",
+    "k": "attn_in",
+    "v": "attn_in",
+    "o": "o",
+    "gate": "mlp_in",
+    "up": "mlp_in",
+    "fc1": "mlp_in",
+    "down": "down",
+}
 SITE_POOL = {"attn_in": "heads", "o": "heads", "mlp_in": "neurons", "down": "neurons", "act": "neurons"}
 TEAL_SITES = ("attn_in", "o", "mlp_in", "down")
 CATS_SITES = ("act",)
 
 
 # --------------------------------------------------------------------------------------- where things live
+
 
 @dataclass(frozen=True)
 class Linears:
@@ -92,8 +109,10 @@ def layer_linears(layout: Layout) -> list[Linears]:
     """Every layer's linears from the adapter's module paths (`ArchSpec.attn_in`, `attn_out`, `ffn_in`, `ffn_down`)."""
     spec = layout.spec
     if len(spec.attn_in) != 3:
-        raise MethodError(f"architecture '{spec.name}': the thresholders need separate q, k, v projections "
-                          f"(ArchSpec.attn_in = {spec.attn_in})")
+        raise MethodError(
+            f"architecture '{spec.name}': the thresholders need separate q, k, v projections "
+            f"(ArchSpec.attn_in = {spec.attn_in})"
+        )
     out = []
     for l, layer in enumerate(layout.layers):
         roles = {r: layer.get_submodule(p) for r, p in zip(ATTN_ROLES, spec.attn_in)}
@@ -114,6 +133,7 @@ def layer_linears(layout: Layout) -> list[Linears]:
 
 
 # --------------------------------------------------------------------------------------- bytes a decode step reads
+
 
 @dataclass(frozen=True)
 class WeightBytes:
@@ -138,7 +158,7 @@ class WeightBytes:
     group_size: int  # query heads per kv group
 
     @classmethod
-    def of(cls, model: nn.Module, layout: Layout) -> "WeightBytes":
+    def of(cls, model: nn.Module, layout: Layout) -> WeightBytes:
         d = layout.head_dim
         dense, head, kv, neuron = 0, [], [], []
         for lin in layer_linears(layout):
@@ -151,8 +171,14 @@ class WeightBytes:
         if lm_head is not None:
             dense += lm_head.weight.numel()
         w = layout.attn_out[0].weight
-        return cls(dense=int(dense), element_size=int(w.element_size()), head=tuple(head), kv_group=tuple(kv),
-                   neuron=tuple(neuron), group_size=layout.n_heads // layout.n_kv_heads)
+        return cls(
+            dense=int(dense),
+            element_size=int(w.element_size()),
+            head=tuple(head),
+            kv_group=tuple(kv),
+            neuron=tuple(neuron),
+            group_size=layout.n_heads // layout.n_kv_heads,
+        )
 
 
 def skipped_elements(wb: WeightBytes, pool: str, layer: int, keep: Tensor, cost: int | None = None) -> Tensor:
@@ -201,8 +227,13 @@ class _Stat:
         if not self.n:
             return {"mean": None, "std": None, "min": None, "max": None, "n_tokens": 0}
         mean = self.s / self.n
-        return {"mean": mean, "std": math.sqrt(max(self.ss / self.n - mean * mean, 0.0)), "min": self.lo,
-                "max": self.hi, "n_tokens": self.n}
+        return {
+            "mean": mean,
+            "std": math.sqrt(max(self.ss / self.n - mean * mean, 0.0)),
+            "min": self.lo,
+            "max": self.hi,
+            "n_tokens": self.n,
+        }
 
 
 class ByteMeter:
@@ -235,8 +266,9 @@ class ByteMeter:
             return
         valid = b["valid"]
         if tuple(keep.shape[:-1]) != tuple(valid.shape):
-            raise RuntimeError(f"byte meter: a {pool} mask of shape {tuple(keep.shape)} in a batch of "
-                               f"{tuple(valid.shape)} tokens")
+            raise RuntimeError(
+                f"byte meter: a {pool} mask of shape {tuple(keep.shape)} in a batch of {tuple(valid.shape)} tokens"
+            )
         sk = skipped_elements(self.wb, pool, layer, keep, cost)
         b["skipped"] = sk if b["skipped"] is None else b["skipped"] + sk
         dropped = ((~keep.bool()).sum(-1, dtype=torch.float64) * valid.to(sk.device)).sum()
@@ -272,10 +304,14 @@ class ByteMeter:
             if pool in self.pool_units and self._n_tokens:
                 u["effective"] = self._dropped[pool] / (self._n_tokens * self.pool_units[pool])
             units[pool] = u
-        return {"byte_sparsity": tok, "predictor_share": p,
-                "net": None if tok["mean"] is None else tok["mean"] - p,
-                "dense_weight_bytes": self.wb.dense * self.wb.element_size, "units": units,
-                "definition": "weight bytes not read per decode step (docs/thresholds.md)"}
+        return {
+            "byte_sparsity": tok,
+            "predictor_share": p,
+            "net": None if tok["mean"] is None else tok["mean"] - p,
+            "dense_weight_bytes": self.wb.dense * self.wb.element_size,
+            "units": units,
+            "definition": "weight bytes not read per decode step (docs/thresholds.md)",
+        }
 
 
 class _Metered(Masking):
@@ -296,8 +332,9 @@ class _Metered(Masking):
 
 def meter(masking: Masking, wb: WeightBytes) -> ByteMeter:
     """A meter for `masking`: its own weights as the predictor cost, its declared unit counts."""
-    return ByteMeter(wb, extra_elements=predictor_elements(masking),
-                     pool_units=getattr(masking, "measured_units", None))
+    return ByteMeter(
+        wb, extra_elements=predictor_elements(masking), pool_units=getattr(masking, "measured_units", None)
+    )
 
 
 # --------------------------------------------------------------------------------------- calibration
@@ -342,8 +379,10 @@ class AbsHistogram:
 
 def _calibration(ctx: MethodContext) -> list[list[int]]:
     if ctx.calibration is None:
-        raise MethodError("the thresholders need calibration sequences (params: collect.tasks, "
-                          "evaluate.calibration_examples); MethodContext.calibration is not set")
+        raise MethodError(
+            "the thresholders need calibration sequences (params: collect.tasks, "
+            "evaluate.calibration_examples); MethodContext.calibration is not set"
+        )
     key = "calib/sequences"
     if key not in ctx.cache:
         ctx.cache[key] = [list(q) for q in ctx.calibration()]
@@ -411,7 +450,7 @@ class Thresholds:
 
 
 @torch.no_grad()
-def calibrate(masking: "_ThresholdMasking", sequences: list[list[int]]) -> dict[tuple[str, int], float]:
+def calibrate(masking: _ThresholdMasking, sequences: list[list[int]]) -> dict[tuple[str, int], float]:
     """Find `masking`'s thresholds (`Thresholds`): one forward pass of the sparsified model over `sequences`
     (one right-padded batch: every threshold needs all calibration tokens before the tensors after it run)."""
     model = masking.ctx.model
@@ -482,8 +521,14 @@ class TealMasking(_ThresholdMasking):
     def __init__(self, ctx: MethodContext, spec: MaskSpec):
         super().__init__(ctx, spec)
         self.measured_units = self._channel_units()
-        self.th = Thresholds({(site, l): spec.s(SITE_POOL[site]) for l in self.layers for site in TEAL_SITES
-                              if spec.s(SITE_POOL[site]) > 0})
+        self.th = Thresholds(
+            {
+                (site, l): spec.s(SITE_POOL[site])
+                for l in self.layers
+                for site in TEAL_SITES
+                if spec.s(SITE_POOL[site]) > 0
+            }
+        )
         for l in self.layers:
             for role in self.lins[l].roles():
                 key = (TEAL_SITE[role], l)
@@ -503,15 +548,17 @@ class CatsMasking(_ThresholdMasking):
         self.missing = ["heads"] if spec.s("heads") > 0 else []
         self.missing_note = "cats prunes FFN neurons only: heads left dense"
         self.th = Thresholds({("act", l): s for l in self.layers} if s > 0 else {})
-        for (_, l) in self.th.targets:
+        for _, l in self.th.targets:
             lin = self.lins[l]
             r = lin.by_role
             fn = self.th.keep_fn(("act", l))
             if lin.gated:
                 if lin.act is None:
                     mlp = ctx.layout.spec.ffn_in[0].rpartition(".")[0]
-                    raise MethodError(f"cats: architecture '{ctx.layout.spec.name}' has no activation module at "
-                                      f"{mlp}.act_fn (CATS thresholds its output)")
+                    raise MethodError(
+                        f"cats: architecture '{ctx.layout.spec.name}' has no activation module at "
+                        f"{mlp}.act_fn (CATS thresholds its output)"
+                    )
                 cost = r["up"].in_features + r["down"].out_features
                 self.sites.append((lin.act, fn, "neurons", "cats", l, cost, True))
             else:  # act(fc1 x) is the fc2 input: fc1 is read whole (it decides), fc2 columns are skipped
@@ -533,7 +580,7 @@ class WinaMasking(_ThresholdMasking):
                     continue
                 mod = self.lins[l].by_role[role]
                 norm, k = _col_norms(ctx, l, role, mod), n_kept(mod.in_features, s)
-                fn = lambda x, norm=norm, k=k: topk_keep(wina_scores(x, norm), k)  # noqa: E731
+                fn = lambda x, norm=norm, k=k: topk_keep(wina_scores(x, norm), k)
                 self.sites.append((mod, fn, POOL_OF[role], role, l, mod.out_features, False))
                 self.overhead_elements += mod.in_features  # the column norms are read too
 
@@ -605,6 +652,7 @@ class GriffinMasking(Masking):
 
 # --------------------------------------------------------------------------------------- registry
 
+
 def _calibrated(cls: type[_ThresholdMasking]) -> Callable[[MethodContext, MaskSpec], Masking]:
     """Factory of a threshold method: thresholds calibrated once per (method, sparsity, dense layers) and
     method context (`calibrate` on `MethodContext.calibration`'s sequences), then reused."""
@@ -621,11 +669,34 @@ def _calibrated(cls: type[_ThresholdMasking]) -> Callable[[MethodContext, MaskSp
     return factory
 
 
-register("teal", _calibrated(TealMasking), needs_criterion=False, granularities=("per_token",), needs="calibration",
-         fixed_granularity="per_token")
-register("cats", _calibrated(CatsMasking), needs_criterion=False, granularities=("per_token",), needs="calibration",
-         fixed_granularity="per_token")
-register("griffin", lambda c, s: GriffinMasking(c, s), needs_criterion=False, granularities=("per_sequence",),
-         fixed_granularity="per_sequence")
-register("wina", lambda c, s: WinaMasking(c, s), needs_criterion=False, granularities=("per_token",),
-         fixed_granularity="per_token", title=lambda g: "wina (no transform)")
+register(
+    "teal",
+    _calibrated(TealMasking),
+    needs_criterion=False,
+    granularities=("per_token",),
+    needs="calibration",
+    fixed_granularity="per_token",
+)
+register(
+    "cats",
+    _calibrated(CatsMasking),
+    needs_criterion=False,
+    granularities=("per_token",),
+    needs="calibration",
+    fixed_granularity="per_token",
+)
+register(
+    "griffin",
+    lambda c, s: GriffinMasking(c, s),
+    needs_criterion=False,
+    granularities=("per_sequence",),
+    fixed_granularity="per_sequence",
+)
+register(
+    "wina",
+    lambda c, s: WinaMasking(c, s),
+    needs_criterion=False,
+    granularities=("per_token",),
+    fixed_granularity="per_token",
+    title=lambda g: "wina (no transform)",
+)

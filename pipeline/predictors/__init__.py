@@ -7,5 +7,15 @@ from pipeline.predictors.registry import PREDICTORS, build
 from pipeline.predictors.shadowllm import ShadowLLMPredictor
 from pipeline.predictors.store import load_config, load_predictor, save_predictor
 
-__all__ = ["PREDICTORS", "DejaVuLookahead", "DejaVuPredictor", "Predictor", "ShadowLLMPredictor", "build",
-           "load_config", "load_predictor", "minmax_features", "save_predictor"]
+__all__ = [
+    "PREDICTORS",
+    "DejaVuLookahead",
+    "DejaVuPredictor",
+    "Predictor",
+    "ShadowLLMPredictor",
+    "build",
+    "load_config",
+    "load_predictor",
+    "minmax_features",
+    "save_predictor",
+]

@@ -42,13 +42,25 @@ class Predictor(nn.Module):
     kind: ClassVar[str]
     input_kind: ClassVar[str]  # "l0_heads" (layer-0 head outputs [.., H*D]) or "layer_input" ([.., E])
 
-    def __init__(self, criterion: str, dims: dict[str, Any], *, hidden_heads: int, hidden_neurons: int,
-                 rank_heads: int = 0, rank_neurons: int = 0):
+    def __init__(
+        self,
+        criterion: str,
+        dims: dict[str, Any],
+        *,
+        hidden_heads: int,
+        hidden_neurons: int,
+        rank_heads: int = 0,
+        rank_neurons: int = 0,
+    ):
         super().__init__()
         self.criterion = criterion
         self.dims = dict(dims)
-        self.widths = {"hidden_heads": int(hidden_heads), "hidden_neurons": int(hidden_neurons),
-                       "rank_heads": int(rank_heads), "rank_neurons": int(rank_neurons)}
+        self.widths = {
+            "hidden_heads": int(hidden_heads),
+            "hidden_neurons": int(hidden_neurons),
+            "rank_heads": int(rank_heads),
+            "rank_neurons": int(rank_neurons),
+        }
         self.n_layers, self.n_heads, self.ffn_dim = dims["n_layers"], dims["n_heads"], dims["ffn_dim"]
         self.layers: list[int] = self.predicted_layers()
         g, in_dim, out_h, out_f = self.shape()
@@ -66,7 +78,8 @@ class Predictor(nn.Module):
         raise NotImplementedError
 
     def inputs(self, feats: dict[str, np.ndarray]) -> np.ndarray:
-        """The training/evaluation input rows from trace feature columns {"feat_l0": [N, H*D], "feat_layers": [N, L*E]}."""
+        """The training/evaluation input rows from trace feature columns
+        {"feat_l0": [N, H*D], "feat_layers": [N, L*E]}."""
         raise NotImplementedError
 
     # ---- common ----
@@ -101,10 +114,18 @@ class Predictor(nn.Module):
         return sum(p.numel() for p in self.parameters()) + self.in_mean.numel() + self.in_std.numel()
 
     def n_bytes(self) -> int:
-        return (sum(p.numel() * p.element_size() for p in self.parameters())
-                + sum(b.numel() * b.element_size() for b in (self.in_mean, self.in_std)))
+        return sum(p.numel() * p.element_size() for p in self.parameters()) + sum(
+            b.numel() * b.element_size() for b in (self.in_mean, self.in_std)
+        )
 
     def config(self) -> dict[str, Any]:
-        return {"kind": self.kind, "criterion": self.criterion, "input_kind": self.input_kind,
-                "widths": dict(self.widths), "dims": self.dims, "layers": list(self.layers),
-                "n_params": self.n_params(), "bytes": self.n_bytes()}
+        return {
+            "kind": self.kind,
+            "criterion": self.criterion,
+            "input_kind": self.input_kind,
+            "widths": dict(self.widths),
+            "dims": self.dims,
+            "layers": list(self.layers),
+            "n_params": self.n_params(),
+            "bytes": self.n_bytes(),
+        }

@@ -36,7 +36,9 @@ class DejaVuPredictor(Predictor):
 
     def _group(self, l: int) -> int:
         if l not in self.layers:
-            raise ValueError(f"{self.kind} has no predictor for layer {l} (predicts layers {self.layers[0]}..{self.layers[-1]})")
+            raise ValueError(
+                f"{self.kind} has no predictor for layer {l} (predicts layers {self.layers[0]}..{self.layers[-1]})"
+            )
         return l - self.offset
 
     def predict_layer(self, l: int, x: Tensor) -> tuple[Tensor, Tensor]:

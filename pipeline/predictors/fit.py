@@ -58,7 +58,10 @@ def rank_targets(y: np.ndarray) -> np.ndarray:
 
 
 TARGET_TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "none": _identity, "log": log_targets, "rank": rank_targets}
+    "none": _identity,
+    "log": log_targets,
+    "rank": rank_targets,
+}
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,9 @@ class FitSettings:
 
     def __post_init__(self):
         if self.target_transform not in TARGET_TRANSFORMS:
-            raise ValueError(f"unknown target transform '{self.target_transform}'; known: {', '.join(TARGET_TRANSFORMS)}")
+            raise ValueError(
+                f"unknown target transform '{self.target_transform}'; known: {', '.join(TARGET_TRANSFORMS)}"
+            )
 
 
 @dataclass
@@ -96,7 +101,7 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
     if n < 2:
         raise ValueError(f"need at least 2 examples to split into train and validation, have {n}")
     perm = np.random.default_rng(seed).permutation(n)
-    n_val = min(n - 1, max(1, int(round(val_fraction * n))))
+    n_val = min(n - 1, max(1, round(val_fraction * n)))
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
@@ -118,13 +123,15 @@ def selection_score(p: np.ndarray, target: Spearman) -> float:
     return 0.5 * (target.joint(p) + target.per_layer(p))
 
 
-def predict(pred: Predictor, x: np.ndarray, batch_size: int = 256, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+def predict(
+    pred: Predictor, x: np.ndarray, batch_size: int = 256, device: str = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
     """Training-view outputs for rows x -> heads [N, len(layers), H], neurons [N, len(layers), F]."""
     pred.eval()
     hs, ns = [], []
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
-            h, n = pred(torch.from_numpy(x[i:i + batch_size]).to(device))
+            h, n = pred(torch.from_numpy(x[i : i + batch_size]).to(device))
             hs.append(h.float().cpu().numpy())
             ns.append(n.float().cpu().numpy())
     return np.concatenate(hs), np.concatenate(ns)
@@ -147,8 +154,15 @@ def _snapshot(module: torch.nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def fit(pred: Predictor, x: np.ndarray, y_heads: np.ndarray, y_neurons: np.ndarray, train: np.ndarray,
-        settings: FitSettings, on_epoch: Callable[[dict[str, float]], None] | None = None) -> FitResult:
+def fit(
+    pred: Predictor,
+    x: np.ndarray,
+    y_heads: np.ndarray,
+    y_neurons: np.ndarray,
+    train: np.ndarray,
+    settings: FitSettings,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> FitResult:
     """Train `pred` in place on the training rows `train` (targets: per-layer min-max scores already
     restricted to `pred.layers`) and leave it at its best epoch, per pool, on the selection slice.
 
@@ -174,8 +188,10 @@ def fit(pred: Predictor, x: np.ndarray, y_heads: np.ndarray, y_neurons: np.ndarr
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, settings.epochs * steps_per_epoch))
     gen = torch.Generator().manual_seed(settings.seed)
     keep = evaluated(pred)
-    sel_true = {"heads": Spearman(y_heads[sel_rows][:, keep], settings.device),
-                "neurons": Spearman(y_neurons[sel_rows][:, keep], settings.device)}
+    sel_true = {
+        "heads": Spearman(y_heads[sel_rows][:, keep], settings.device),
+        "neurons": Spearman(y_neurons[sel_rows][:, keep], settings.device),
+    }
     best = {u: (-math.inf, 0, None) for u in POOLS}  # (score, epoch, state)
     curves = []
     for epoch in range(settings.epochs + 1):
@@ -188,7 +204,7 @@ def fit(pred: Predictor, x: np.ndarray, y_heads: np.ndarray, y_neurons: np.ndarr
             order = tr[torch.randperm(len(tr), generator=gen).to(dev)]
             total = 0.0
             for i in range(0, len(order), settings.batch_size):
-                b = order[i:i + settings.batch_size]
+                b = order[i : i + settings.batch_size]
                 loss = _loss(pred, X[b], YH[b], YN[b])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -196,8 +212,12 @@ def fit(pred: Predictor, x: np.ndarray, y_heads: np.ndarray, y_neurons: np.ndarr
                 sched.step()
                 total += loss.item() * len(b)
         ph, pn = predict(pred, x[sel_rows], device=settings.device)
-        rec = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_loss": total / len(fit_rows),
-               "val_loss": float(((ph - th[sel_rows]) ** 2).mean() + ((pn - tn[sel_rows]) ** 2).mean())}
+        rec = {
+            "epoch": epoch,
+            "lr": opt.param_groups[0]["lr"],
+            "train_loss": total / len(fit_rows),
+            "val_loss": float(((ph - th[sel_rows]) ** 2).mean() + ((pn - tn[sel_rows]) ** 2).mean()),
+        }
         for unit, p in (("heads", ph), ("neurons", pn)):
             p, target = p[:, keep], sel_true[unit]
             rec[f"val_spearman_{unit}"] = target.joint(p)
@@ -211,13 +231,24 @@ def fit(pred: Predictor, x: np.ndarray, y_heads: np.ndarray, y_neurons: np.ndarr
             on_epoch(rec)
     for unit in POOLS:
         getattr(pred, unit).load_state_dict(best[unit][2])
-    return FitResult(curves=curves, best_epoch={u: best[u][1] for u in POOLS},
-                     best_score={u: float(best[u][0]) for u in POOLS}, fit_rows=fit_rows, select_rows=sel_rows,
-                     seconds=time.perf_counter() - t_start)
+    return FitResult(
+        curves=curves,
+        best_epoch={u: best[u][1] for u in POOLS},
+        best_score={u: float(best[u][0]) for u in POOLS},
+        fit_rows=fit_rows,
+        select_rows=sel_rows,
+        seconds=time.perf_counter() - t_start,
+    )
 
 
-def evaluate(pred: Predictor, x: np.ndarray, y_heads: np.ndarray, y_neurons: np.ndarray,
-             sparsities: list[float], device: str = "cpu") -> dict[str, Any]:
+def evaluate(
+    pred: Predictor,
+    x: np.ndarray,
+    y_heads: np.ndarray,
+    y_neurons: np.ndarray,
+    sparsities: list[float],
+    device: str = "cpu",
+) -> dict[str, Any]:
     """Held-out ranking metrics over layers 1..L-1; y_* are full [N, L, U] targets.
 
     Returns {"heads": {...}, "neurons": {...}} with spearman_joint (all units of layers 1..L-1 ranked
@@ -226,18 +257,22 @@ def evaluate(pred: Predictor, x: np.ndarray, y_heads: np.ndarray, y_neurons: np.
     return score_predictions(pred, ph, pn, y_heads, y_neurons, sparsities)
 
 
-def score_predictions(pred: Predictor, ph: np.ndarray, pn: np.ndarray, y_heads: np.ndarray, y_neurons: np.ndarray,
-                      sparsities: list[float]) -> dict[str, Any]:
+def score_predictions(
+    pred: Predictor, ph: np.ndarray, pn: np.ndarray, y_heads: np.ndarray, y_neurons: np.ndarray, sparsities: list[float]
+) -> dict[str, Any]:
     """`evaluate`'s metrics for predictions ph/pn [N, len(pred.layers), U] (from any model) against
     full [N, L, U] targets."""
     keep = evaluated(pred)
     layers = [pred.layers[i] for i in keep]
-    return {"heads": ranking_metrics(ph[:, keep], y_heads[:, layers], sparsities),
-            "neurons": ranking_metrics(pn[:, keep], y_neurons[:, layers], sparsities)}
+    return {
+        "heads": ranking_metrics(ph[:, keep], y_heads[:, layers], sparsities),
+        "neurons": ranking_metrics(pn[:, keep], y_neurons[:, layers], sparsities),
+    }
 
 
-def evaluate_train_mean(y_heads: np.ndarray, y_neurons: np.ndarray, train: np.ndarray, val: np.ndarray,
-                        sparsities: list[float]) -> dict[str, Any]:
+def evaluate_train_mean(
+    y_heads: np.ndarray, y_neurons: np.ndarray, train: np.ndarray, val: np.ndarray, sparsities: list[float]
+) -> dict[str, Any]:
     """The no-predictor reference: the mean training target (a static ranking) used as the prediction
     for every held-out example, scored exactly like `evaluate` (layers 1..L-1). A predictor is only
     contextual to the extent that it beats this."""

@@ -16,28 +16,28 @@ import numpy as np
 import torch
 
 from pipeline.predictors.base import Predictor, minmax_features
-from pipeline.predictors.fit import (POOLS, TARGET_TRANSFORMS, FitResult, FitSettings, evaluated,
-                                     selection_score)
+from pipeline.predictors.fit import POOLS, TARGET_TRANSFORMS, FitResult, FitSettings, evaluated, selection_score
 from pipeline.ranking import Spearman
 
 
 @dataclass
 class _Group:
     """One group's ridge solution for every α, kept factorised: pred(z) = ((z - mu) V) diag(s/(s²+α)) Uᵀ Yc + ym."""
+
     mu: np.ndarray  # [d]
-    v: np.ndarray   # [d, r]
-    s: np.ndarray   # [r]
+    v: np.ndarray  # [d, r]
+    s: np.ndarray  # [r]
     uty: np.ndarray  # [r, U]
     ym: np.ndarray  # [U]
 
     @classmethod
-    def solve(cls, z: np.ndarray, y: np.ndarray) -> "_Group":
+    def solve(cls, z: np.ndarray, y: np.ndarray) -> _Group:
         mu, ym = z.mean(0), y.mean(0)
         u, s, vt = np.linalg.svd(z - mu, full_matrices=False)
         return cls(mu=mu, v=vt.T, s=s, uty=u.T @ (y - ym), ym=ym)
 
     def predict(self, z: np.ndarray, alpha: float) -> np.ndarray:
-        return ((z - self.mu) @ self.v * (self.s / (self.s ** 2 + alpha))) @ self.uty + self.ym
+        return ((z - self.mu) @ self.v * (self.s / (self.s**2 + alpha))) @ self.uty + self.ym
 
 
 def _features(pred: Predictor, x: np.ndarray) -> np.ndarray:
@@ -50,13 +50,25 @@ def _features(pred: Predictor, x: np.ndarray) -> np.ndarray:
 class Ridge:
     """Fit with `Ridge.fit(...)`, then `predict(x)` -> heads, neurons in `pred`'s training-view shapes."""
 
-    def __init__(self, pred: Predictor, groups: dict[str, list[_Group]], alpha: dict[str, float],
-                 scores: dict[str, dict[float, float]]):
+    def __init__(
+        self,
+        pred: Predictor,
+        groups: dict[str, list[_Group]],
+        alpha: dict[str, float],
+        scores: dict[str, dict[float, float]],
+    ):
         self.pred, self.groups, self.alpha, self.scores = pred, groups, alpha, scores
 
     @classmethod
-    def fit(cls, pred: Predictor, x: np.ndarray, y_heads: np.ndarray, y_neurons: np.ndarray, result: FitResult,
-            settings: FitSettings) -> "Ridge":
+    def fit(
+        cls,
+        pred: Predictor,
+        x: np.ndarray,
+        y_heads: np.ndarray,
+        y_neurons: np.ndarray,
+        result: FitResult,
+        settings: FitSettings,
+    ) -> Ridge:
         """`pred` after `fit.fit` (its standardisation set); `result` gives the fit rows and selection slice."""
         transform = TARGET_TRANSFORMS[settings.target_transform]
         z = _features(pred, x)
@@ -72,14 +84,19 @@ class Ridge:
             true = Spearman(y[result.select_rows][:, keep], settings.device)
             scores[unit] = {}
             for a in settings.ridge_alphas:
-                p = np.stack([grp.predict(zs[:, i], a) for i, grp in enumerate(groups[unit])], 1).reshape(len(zs), *shape)
+                p = np.stack([grp.predict(zs[:, i], a) for i, grp in enumerate(groups[unit])], 1).reshape(
+                    len(zs), *shape
+                )
                 scores[unit][a] = selection_score(p[:, keep], true)
             alpha[unit] = max(settings.ridge_alphas, key=lambda a, u=unit: scores[u][a])
         return cls(pred, groups, alpha, scores)
 
     def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         z = _features(self.pred, x)
-        shapes = {"heads": (len(self.pred.layers), self.pred.n_heads), "neurons": (len(self.pred.layers), self.pred.ffn_dim)}
+        shapes = {
+            "heads": (len(self.pred.layers), self.pred.n_heads),
+            "neurons": (len(self.pred.layers), self.pred.ffn_dim),
+        }
         out = []
         for unit in POOLS:
             p = np.stack([grp.predict(z[:, i], self.alpha[unit]) for i, grp in enumerate(self.groups[unit])], 1)

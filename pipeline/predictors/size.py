@@ -36,6 +36,13 @@ def cost(n_params: int, n_bytes: int, model_meta: dict[str, Any]) -> dict[str, A
     """Predictor size figures; the share is by parameter count (same dtype for model and predictor)."""
     total, basis = model_params(model_meta)
     layers = layer_params(model_meta["dims"])
-    return {"params": n_params, "bytes": n_bytes, "bytes_bf16": 2 * n_params, "model_params": total,
-            "share_of_model": n_params / total, "share_basis": basis,
-            "model_layer_params": layers, "share_of_layers": n_params / layers}
+    return {
+        "params": n_params,
+        "bytes": n_bytes,
+        "bytes_bf16": 2 * n_params,
+        "model_params": total,
+        "share_of_model": n_params / total,
+        "share_basis": basis,
+        "model_layer_params": layers,
+        "share_of_layers": n_params / layers,
+    }
