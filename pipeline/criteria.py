@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from pipeline.errors import UserError
+
 EPS = 1e-5  # the `k` of NASWOT/jacov/EPE-NAS
 
 
@@ -60,7 +62,7 @@ def register(c: Criterion) -> Criterion:
     return c
 
 
-class CriterionError(ValueError):
+class CriterionError(UserError):
     pass
 
 

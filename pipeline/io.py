@@ -49,6 +49,11 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
 def _default(o: Any) -> Any:
     if hasattr(o, "tolist"):
         return o.tolist()

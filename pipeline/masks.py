@@ -27,13 +27,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.errors import UserError
 from pipeline.units import SCOPES, layer_floor, n_removed, pool_removed, removed_total
 
 POOLS = ("heads", "neurons")
 NORMALIZE = ("minmax", "none")
 
 
-class MaskError(ValueError):
+class MaskError(UserError):
     """A bad mask parameter; the message names it."""
 
 

