@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.collect import Sequence, mc_sequence, text_sequence
+from pipeline.scoring import Sequence, mc_sequence, text_sequence
+
+if TYPE_CHECKING:
+    from pipeline.collect import CollectParams
+    from pipeline.params import DataParams
 from pipeline.data import tasks as task_registry
 from pipeline.data.split import Split, split_examples, stable_key, with_fewshot
 from pipeline.data.tokenize import encode_pair, encode_text_windows, require_bos_id
@@ -20,9 +24,23 @@ class CalibrationPlan:
     n_per_task: int
     calib_fraction: float
     seed: int
-    num_fewshot: int = 0
-    max_tokens: int = 256
-    add_bos: bool = False  # the model's resolved BOS policy (`pipeline.data.tokenize.resolve_add_bos`)
+    num_fewshot: int
+    max_tokens: int
+    add_bos: bool  # the model's resolved BOS policy (`pipeline.data.tokenize.resolve_add_bos`)
+
+    @classmethod
+    def of(cls, data: DataParams, collect: CollectParams, *, add_bos: bool) -> CalibrationPlan:
+        """The calibration examples `collect` scores under these params (evaluation never sees them)."""
+        return cls(
+            tasks=tuple(collect.tasks),
+            mirror_dir=data.mirror_dir,
+            n_per_task=collect.n_per_task,
+            calib_fraction=data.calib_fraction,
+            seed=data.seed,
+            num_fewshot=collect.num_fewshot,
+            max_tokens=collect.max_tokens,
+            add_bos=add_bos,
+        )
 
 
 def text_split(task: str, n_windows: int, *, calib_fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -1,7 +1,7 @@
 """Collect per-example importance traces: forward + backward with hooks, criteria, Parquet shards.
 
-Data flow: tokenised `Sequence`s -> `score_batch` (one forward, one activation-only backward, an
-optional Hessian-vector product) -> per-example columns -> atomically written shards. A rerun
+Data flow: tokenised `Sequence`s -> `pipeline.scoring.score_batch` (one forward, one activation-only
+backward, an optional Hessian-vector product) -> per-example columns -> atomically written shards. A rerun
 skips every complete shard whose parameters match, so a killed run resumes where it stopped.
 """
 
@@ -14,183 +14,58 @@ import math
 import operator
 import time
 from collections.abc import Sequence as Seq
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch import nn
 
 from pipeline import criteria as crit
-from pipeline.data.tokenize import keep_last
-from pipeline.features import context_position, text_position
-from pipeline.hooks import UnitCapture, embeddings_require_grad
 from pipeline.models.adapters import Layout
-from pipeline.traces import SCHEMA_VERSION, head_col, neuron_col, read_meta, shard_name, write_shard
+from pipeline.params import ParamError, Section, at_least, nonempty
+from pipeline.scoring import NonFiniteError, ScoreSettings, Sequence, mc_sequence, score_batch, text_sequence
+from pipeline.traces import SCHEMA_VERSION, read_meta, shard_name, write_shard
 
-
-class NonFiniteError(RuntimeError):
-    pass
+__all__ = ["CollectParams", "NonFiniteError", "Sequence", "collect", "mc_sequence", "text_sequence"]
 
 
 @dataclass(frozen=True)
-class Sequence:
-    """One tokenised calibration example. The loss covers the last `n_target` tokens."""
+class CollectParams(Section):
+    """`collect:` — which calibration examples are scored, by which criteria, stored how."""
 
-    id: str
-    task: str
-    input_ids: tuple[int, ...]
-    n_target: int
-    text: bool = False  # plain text: every token after the first is a target (pipeline.features)
+    SECTION: ClassVar[str] = "collect"
+    tasks: list[str] = nonempty()
+    n_per_task: int = at_least(1)
+    num_fewshot: int = at_least(0)
+    max_tokens: int = at_least(2)
+    criteria: list[str] = nonempty()
+    storage: Literal["float16", "float32"]
+    layer_inputs: bool
+    batch_size: int = at_least(1)
+    shard_size: int = at_least(1)
+    seed: int = at_least(0)
 
-    def __post_init__(self):
-        if not 0 < self.n_target < len(self.input_ids):
-            raise ValueError(f"{self.id}: n_target {self.n_target} must be in [1, {len(self.input_ids) - 1}]")
+    def check(self, where: str) -> None:
+        for c in self.criteria:
+            if c not in crit.CRITERIA:
+                raise ParamError(
+                    f"parameter {where}.criteria: unknown criterion {c!r}; known: {', '.join(sorted(crit.CRITERIA))}"
+                )
 
     @property
-    def feature_pos(self) -> int:
-        """Where the predictor features are read (`pipeline.features`: the last context token)."""
-        n = len(self.input_ids)
-        return text_position(n) if self.text else context_position(n, self.n_target)
+    def score(self) -> ScoreSettings:
+        return ScoreSettings(tuple(self.criteria), self.layer_inputs)
 
-
-def mc_sequence(
-    ex_id: str, task: str, ctx: list[int], cont: list[int], max_tokens: int, *, bos_id: int | None = None
-) -> Sequence:
-    """Context + gold continuation, truncated from the left to `max_tokens` (the target is kept).
-
-    `bos_id` (set when the model's BOS policy is on): a sequence starting with it keeps the BOS at
-    position 0 and is cut after it, as evaluation's `_prepare` does (`keep_last`)."""
-    ids = keep_last(list(ctx) + list(cont), max_tokens, bos_id=bos_id)
-    return Sequence(ex_id, task, tuple(ids), min(len(cont), len(ids) - 1))
-
-
-def text_sequence(ex_id: str, task: str, ids: list[int]) -> Sequence:
-    """Plain text: every token after the first is a target (under the BOS policy the first token of a
-    window is the BOS, so then every text token is one)."""
-    return Sequence(ex_id, task, tuple(ids), len(ids) - 1, text=True)
-
-
-@dataclass
-class CollectSettings:
-    criteria: list[str]
-    batch_size: int = 8
-    shard_size: int = 64
-    storage: str = "float16"
-    layer_inputs: bool = True
-
-    def __post_init__(self):
-        for c in self.criteria:
-            crit.get(c)
-        if self.storage not in ("float16", "float32"):
-            raise ValueError(f"storage dtype must be float16 or float32 (params: collect.storage), got {self.storage}")
-        if self.batch_size < 1 or self.shard_size < 1:
-            raise ValueError("collect.batch_size and collect.shard_size must be >= 1")
-
-
-def _pad(seqs: Seq[Sequence], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Right-padded ids, real-token mask and next-token labels (-100 outside the targets)."""
-    T = max(len(s.input_ids) for s in seqs)
-    ids = torch.zeros(len(seqs), T, dtype=torch.long)
-    valid = torch.zeros(len(seqs), T, dtype=torch.bool)
-    labels = torch.full((len(seqs), T), -100, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        n = len(s.input_ids)
-        ids[b, :n] = torch.tensor(s.input_ids)
-        valid[b, :n] = True
-        start = n - s.n_target  # first target token
-        labels[b, start - 1 : n - 1] = ids[b, start:n]
-    return ids.to(device), valid.to(device), labels.to(device)
-
-
-def _at(x: Tensor, pos: Tensor) -> Tensor:
-    """x [B, T, ...] at one position per row, pos [B] -> [B, ...]."""
-    return x[torch.arange(x.shape[0], device=x.device), pos.to(x.device)]
-
-
-def score_batch(model: nn.Module, layout: Layout, seqs: Seq[Sequence], settings: CollectSettings) -> dict[str, Any]:
-    """Scores and predictor features for one batch; arrays are numpy [B, K]."""
-    device = next(model.parameters()).device
-    ids, valid, labels = _pad(seqs, device)
-    chosen = [crit.get(c) for c in settings.criteria]
-    need_grad = any(c.needs_grad for c in chosen)
-    need_hvp = any(c.needs_hvp for c in chosen)
-    # Double backward (grasp) needs the composite "math" attention kernel; fused kernels lack it.
-    kernels = sdpa_kernel([SDPBackend.MATH]) if need_hvp else nullcontext()
-    with UnitCapture(model, layout, layer_inputs=settings.layer_inputs) as cap, torch.enable_grad(), kernels:
-        grad_hooks = embeddings_require_grad(model) if need_grad else None
-        try:
-            logits = model(input_ids=ids, attention_mask=valid.long(), use_cache=False).logits
-        finally:
-            if grad_hooks is not None:
-                grad_hooks.remove()
-        ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
-        n_target = (labels >= 0).sum(1)
-        loss = ce.sum(1) / n_target
-        raw = cap.raw()
-        grads: list[Tensor | None] = [None] * len(raw)
-        hvps: list[Tensor | None] = [None] * len(raw)
-        if need_grad:
-            grads = list(torch.autograd.grad(loss.sum(), raw, create_graph=need_hvp))
-            if need_hvp:
-                z = sum((g * g.detach()).sum() for g in grads)
-                hvps = list(torch.autograd.grad(z, raw))
-                grads = [g.detach() for g in grads]
-    _check_finite(seqs, loss, grads)
-    L = layout.n_layers
-    pos = torch.tensor([s.feature_pos for s in seqs], dtype=torch.long)
-
-    def units(view, tensors: list[Tensor | None], offset: int) -> Tensor | None:
-        """All layers' units side by side: heads [B, T, L·H, D], neurons [B, T, L·F] (float32)."""
-        if tensors[offset] is None:
-            return None
-        return torch.cat([view(t.detach()).float() for t in tensors[offset : offset + L]], dim=2)
-
-    scores: dict[str, Tensor] = {}
-    with torch.no_grad():
-        for view, offset, column, pick in (
-            (cap.heads, 0, head_col, lambda c: c.heads),
-            (cap.neurons, L, neuron_col, lambda c: c.neurons),
-        ):
-            unit = crit.UnitBatch(
-                a=units(view, list(raw), offset),
-                g=units(view, grads, offset),
-                valid=valid,
-                hg=units(view, hvps, offset),
-                labels=labels,
-            )
-            for c in chosen:
-                if pick(c) is not None:
-                    scores[column(c.name)] = pick(c)(unit)
-    out: dict[str, Any] = {
-        "example_id": [s.id for s in seqs],
-        "task": [s.task for s in seqs],
-        "n_tokens": np.array([len(s.input_ids) for s in seqs], dtype=np.int32),
-        "n_target": np.array([s.n_target for s in seqs], dtype=np.int32),
-        "loss": loss.detach().float().cpu().numpy(),
-        "feat_pos": np.array([s.feature_pos for s in seqs], dtype=np.int32),
-        "feat_l0": _at(cap.heads(raw[0].detach()), pos).flatten(1).float().cpu().numpy(),
-    }
-    if settings.layer_inputs:
-        feats = torch.stack([_at(h, pos) for h in cap.layer_inputs], 1)  # [B, L, E]
-        out["feat_layers"] = feats.flatten(1).float().cpu().numpy()
-    for name, value in scores.items():
-        out[name] = value.cpu().numpy()
-    return out
-
-
-def _check_finite(seqs: Seq[Sequence], loss: Tensor, grads: list[Tensor | None]) -> None:
-    bad = ~torch.isfinite(loss)
-    for g in grads:
-        if g is not None:
-            bad |= ~torch.isfinite(g.reshape(loss.shape[0], -1)).all(1)
-    if bad.any():
-        ids = [seqs[i].id for i in torch.nonzero(bad).flatten().tolist()]
-        raise NonFiniteError(f"non-finite loss or gradient for example(s) {', '.join(ids)}")
+    def storage_record(self) -> dict[str, Any]:
+        """The settings that shape a shard (part of its params hash)."""
+        return {
+            "criteria": list(self.criteria),
+            "batch_size": self.batch_size,
+            "shard_size": self.shard_size,
+            "storage": self.storage,
+            "layer_inputs": self.layer_inputs,
+        }
 
 
 def params_hash(params: dict[str, Any]) -> str:
@@ -204,6 +79,7 @@ def params_hash(params: dict[str, Any]) -> str:
 _PKG = Path(__file__).resolve().parent
 CODE_FILES: tuple[str, ...] = (
     "collect.py",
+    "scoring.py",
     "criteria.py",
     "hooks.py",
     "traces.py",
@@ -262,7 +138,7 @@ def collect(
     layout: Layout,
     seqs: list[Sequence],
     out_dir: str | Path,
-    settings: CollectSettings,
+    settings: CollectParams,
     meta: dict[str, Any],
     *,
     progress: bool = True,
@@ -280,7 +156,7 @@ def collect(
         schema_version=SCHEMA_VERSION,
         criteria=list(settings.criteria),
         storage=settings.storage,
-        settings=asdict(settings),
+        settings=settings.storage_record(),
         n_examples=len(seqs),
     )
     meta.setdefault("code_hash", code_hash())
@@ -318,7 +194,7 @@ def collect(
         parts = []
         for i in range(0, len(shard), settings.batch_size):
             batch = shard[i : i + settings.batch_size]
-            parts.append(score_batch(model, layout, batch, settings))
+            parts.append(score_batch(model, layout, batch, settings.score))
             stats.examples += len(batch)
             stats.tokens += sum(len(s.input_ids) for s in batch)
             bar.update(len(batch))

@@ -10,14 +10,16 @@ import json
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from pipeline.collect import CollectSettings, Sequence, _pad, collect, score_batch
+from pipeline.collect import CollectParams, collect
 from pipeline.models.adapters import Layout
+from pipeline.scoring import Sequence, pad_batch, score_batch
 
 
 def _sync(device: torch.device) -> None:
@@ -33,7 +35,7 @@ def _batches(seqs: list[Sequence], batch_size: int) -> list[list[Sequence]]:
 def bare_step(model: nn.Module, batch: list[Sequence]) -> None:
     """One plain training step's work on the same padded batch: forward, CE, backward into params."""
     device = next(model.parameters()).device
-    ids, valid, labels = _pad(batch, device)
+    ids, valid, labels = pad_batch(batch, device)
     logits = model(input_ids=ids, attention_mask=valid.long(), use_cache=False).logits
     loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
     loss.backward()
@@ -56,14 +58,15 @@ def measure(
     layout: Layout,
     seqs: list[Sequence],
     criteria_sets: dict[str, list[str]],
+    base: CollectParams,
     *,
-    batch_size: int = 8,
     repeats: int = 2,
     meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Seconds (best of `repeats`) over all `seqs` for the bare step and for each criteria set,
     both score-only and the full `collect` into a temporary directory (Parquet included)."""
     device = next(model.parameters()).device
+    batch_size = base.batch_size
     batches = _batches(seqs, batch_size)
     n_tok = sum(len(s.input_ids) for s in seqs)
     # warm-up (allocator, kernels) on the first batch
@@ -82,11 +85,11 @@ def measure(
         "sets": {},
     }
     for name, crits in criteria_sets.items():
-        settings = CollectSettings(criteria=crits, batch_size=batch_size, shard_size=len(seqs))
-        score_batch(model, layout, batches[0], settings)
-        scored = _time(lambda s=settings: [score_batch(model, layout, b, s) for b in batches], device, repeats)
+        settings = replace(base, criteria=list(crits), shard_size=len(seqs))
+        score_batch(model, layout, batches[0], settings.score)
+        scored = _time(lambda s=settings: [score_batch(model, layout, b, s.score) for b in batches], device, repeats)
 
-        def full(s: CollectSettings = settings) -> None:
+        def full(s: CollectParams = settings) -> None:
             with tempfile.TemporaryDirectory() as d:
                 collect(model, layout, seqs, d, s, meta or {"model": {"dims": layout.dims()}}, progress=False)
 
@@ -139,13 +142,15 @@ def main() -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from pipeline.models.adapters import resolve
+    from pipeline.params import load
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", required=True, help="directory holding config.json")
     ap.add_argument("--sequences", required=True, help="JSON from save_sequences (tokenised calibration examples)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--params", default="params.yaml", help="collect settings (collect: section)")
+    ap.add_argument("--batch-size", type=int, default=None, help="override collect.batch_size")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sets", default="plainact,predictable,all")
     ap.add_argument("--out", default=None, help="write the JSON result here")
@@ -154,12 +159,13 @@ def main() -> None:
     config = AutoConfig.from_pretrained(args.config)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype)).to(args.device).eval()
     seqs = load_sequences(args.sequences)
+    base = CollectParams.from_params(load(args.params))
     res = measure(
         model,
         resolve(model),
         seqs,
         {k: CRITERIA_SETS[k] for k in args.sets.split(",")},
-        batch_size=args.batch_size,
+        base if args.batch_size is None else replace(base, batch_size=args.batch_size),
         repeats=args.repeats,
     )
     print(format_table(res))

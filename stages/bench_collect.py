@@ -32,6 +32,7 @@ def cli(
     """Print examples/s and tokens/s of collect, and its time relative to a bare forward+backward."""
     from pipeline import params as P
     from pipeline.calibration import CalibrationPlan, build
+    from pipeline.collect import CollectParams
     from pipeline.collect_bench import CRITERIA_SETS, format_table, measure
     from pipeline.collect_bench import save_sequences as save
     from pipeline.data.tokenize import resolve_add_bos
@@ -63,7 +64,7 @@ def cli(
         resolve(model),
         seqs,
         {k: CRITERIA_SETS[k] for k in sets.split(",")},
-        batch_size=int(c.get("batch_size", 8)),
+        CollectParams.from_params(params),
         repeats=repeats,
     )
     click.echo(format_table(res))

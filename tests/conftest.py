@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -83,3 +84,15 @@ def arch(request) -> str:
 @pytest.fixture
 def model(arch):
     return tiny_model(arch)
+
+
+def section_params(schema, **overrides):
+    """`schema` (a `pipeline.params.Section`) built from the repository's params.yaml section with
+    `overrides` — how tests get a full, valid section without restating its defaults."""
+    import copy
+
+    from pipeline.params import load
+
+    sec = copy.deepcopy(load(Path(__file__).resolve().parents[1] / "params.yaml")[schema.SECTION])
+    sec.update(overrides)
+    return schema.from_mapping(sec, schema.SECTION)

@@ -12,7 +12,7 @@ import yaml
 from click.testing import CliRunner
 
 from pipeline import aggregate as agg
-from tests.conftest import tiny_model
+from tests.conftest import section_params, tiny_model
 
 CRITERIA = ["plainact", "l2_norm", "jacov"]  # jacov: static-only (heads only)
 FINGERPRINT = "tiny-llama-fp"
@@ -20,7 +20,7 @@ FINGERPRINT = "tiny-llama-fp"
 
 def build_traces(out_dir: Path, n: int = 64, seed: int = 0) -> Path:
     """A real trace directory: tiny random Llama (GQA), random token sequences, the collect loop."""
-    from pipeline.collect import CollectSettings, Sequence, collect
+    from pipeline.collect import CollectParams, Sequence, collect
     from pipeline.models.adapters import resolve
 
     model = tiny_model("llama")
@@ -36,7 +36,15 @@ def build_traces(out_dir: Path, n: int = 64, seed: int = 0) -> Path:
     try:
         with np.errstate(over="ignore"):  # float16 storage overflows on jacov for this random model
             collect(
-                model, layout, seqs, out_dir, CollectSettings(criteria=CRITERIA, shard_size=32), meta, progress=False
+                model,
+                layout,
+                seqs,
+                out_dir,
+                section_params(
+                    CollectParams, criteria=CRITERIA, shard_size=32, batch_size=8, storage="float16", layer_inputs=True
+                ),
+                meta,
+                progress=False,
             )
     finally:
         torch.set_num_threads(threads)

@@ -56,10 +56,20 @@ def _run(tmp_path, params, monkeypatch):
             "unknown task 'trivia' (params: collect.tasks)",
         ),
         (lambda p: p["model"].__setitem__("id", "/nonexistent/model"), "model path not found"),
-        (lambda p: p["data"].__setitem__("calib_fraction", 1.5), "data.calib_fraction must be in [0, 1)"),
+        (lambda p: p["data"].__setitem__("calib_fraction", 1.5), "data.calib_fraction must be < 1.0, got 1.5"),
         (lambda p: p["collect"].__setitem__("n_per_task", 0), "collect.n_per_task must be >= 1"),
-        (lambda p: p["model"].__setitem__("dtype", "float8"), "unknown dtype 'float8' (params: dtype)"),
-        (lambda p: p["collect"].__setitem__("storage", "int8"), "float16 or float32 (params: collect.storage)"),
+        (
+            lambda p: p["model"].__setitem__("dtype", "float8"),
+            "model.dtype must be one of 'float32', 'float16', 'bfloat16'",
+        ),
+        (lambda p: p["collect"].__setitem__("storage", "int8"), "collect.storage must be one of 'float16', 'float32'"),
+        (
+            lambda p: p["collect"].__setitem__("n_per_tsk", 3),
+            "unknown parameter collect.n_per_tsk (did you mean 'n_per_task'?)",
+        ),
+        (lambda p: p["collect"].pop("seed"), "missing parameter collect.seed"),
+        (lambda p: p["model"].__setitem__("trust_remote_code", "yes"), "model.trust_remote_code must be true or false"),
+        (lambda p: p["collect"].__setitem__("batch_size", 2.5), "collect.batch_size must be an integer, got 2.5"),
     ],
 )
 def test_bad_params(tmp_path, params, monkeypatch, edit, expected):

@@ -145,6 +145,7 @@ def test_every_calibration_sequence_starts_with_bos_also_when_cut_from_the_left(
         n_per_task=4,
         calib_fraction=0.5,
         seed=1,
+        num_fewshot=0,
         max_tokens=12,
         add_bos=True,
     )

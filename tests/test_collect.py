@@ -8,8 +8,9 @@ import torch
 
 from pipeline import collect as C
 from pipeline.models.adapters import resolve
+from pipeline.scoring import ScoreSettings, pad_batch
 from pipeline.traces import Traces
-from tests.conftest import tiny_model
+from tests.conftest import section_params, tiny_model
 
 CRITS = ["plainact", "fisher", "l2_norm", "jacov"]
 
@@ -28,7 +29,7 @@ def _meta(model, layout):
 
 def _run(tmp_path, model, **kw):
     layout = resolve(model)
-    settings = C.CollectSettings(criteria=CRITS, batch_size=2, shard_size=3, **kw)
+    settings = section_params(C.CollectParams, criteria=CRITS, batch_size=2, shard_size=3, **kw)
     return C.collect(model, layout, _seqs(), tmp_path, settings, _meta(model, layout), progress=False)
 
 
@@ -124,8 +125,8 @@ def test_all_layer_scoring_equals_layer_by_layer():
     model = tiny_model("gemma")
     layout = resolve(model)
     seqs = _seqs(3)
-    out = C.score_batch(model, layout, seqs, C.CollectSettings(criteria=["plainact", "nwot"], layer_inputs=False))
-    ids, valid, labels = C._pad(seqs, torch.device("cpu"))
+    out = C.score_batch(model, layout, seqs, ScoreSettings(("plainact", "nwot"), False))
+    ids, valid, labels = pad_batch(seqs, torch.device("cpu"))
     with UnitCapture(model, layout) as cap, torch.no_grad():
         model(input_ids=ids, attention_mask=valid.long())
     for l in range(layout.n_layers):
@@ -172,7 +173,7 @@ def test_features_are_read_at_the_last_context_token(tmp_path):
     mc = C.mc_sequence("m", "t", [5, 6, 7, 8], [9, 10], max_tokens=64)
     txt = C.text_sequence("w", "t", [3, 4, 5, 6, 7])
     assert (mc.feature_pos, txt.feature_pos) == (3, 3)
-    out = C.score_batch(model, layout, [mc, txt], C.CollectSettings(criteria=["plainact"]))
+    out = C.score_batch(model, layout, [mc, txt], ScoreSettings(("plainact",), True))
     assert out["feat_pos"].tolist() == [3, 3]
     for b, s in enumerate([mc, txt]):
         ids = torch.tensor([s.input_ids[: s.feature_pos + 1]])  # the context alone: causal, same features

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.collect import CollectSettings, Sequence, score_batch
 from pipeline.hooks import UnitCapture, UnitMasker
 from pipeline.models.adapters import ArchitectureError, ArchSpec, register, resolve
+from pipeline.scoring import ScoreSettings, Sequence, score_batch
 
 
 def _ids(n=12, seed=0):
@@ -52,7 +52,7 @@ def test_scaling_a_unit_changes_loss_as_activation_times_gradient_predicts(model
     model.requires_grad_(False)
     ids = _ids(16, seed=1)
     seq = Sequence("x/0", "x", tuple(ids[0].tolist()), 15)
-    out = score_batch(model, layout, [seq], CollectSettings(criteria=["snip"]))
+    out = score_batch(model, layout, [seq], ScoreSettings(("snip",), True))
     layer, idx, eps = 1, 2, 1e-3
     with UnitCapture(model, layout) as cap, torch.enable_grad():
         emb = model.get_input_embeddings()

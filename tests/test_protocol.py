@@ -14,6 +14,7 @@ from pipeline.evaluate.loglik import loglikelihoods
 from pipeline.evaluate.perplexity import window_logliks
 from pipeline.masks import MaskSpec, keep_mask
 from pipeline.models.adapters import resolve
+from pipeline.scoring import ScoreSettings
 from tests.conftest import VOCAB, tiny_model
 from tests.test_evaluate import FakeDejaVu, FakeShadow, _ctx
 
@@ -52,7 +53,7 @@ def test_predictor_row_in_evaluation_equals_the_calibration_trace_features(arch,
     ctx, conts = _example()
     gold = 2
     seq = C.mc_sequence("ex", "t", ctx, conts[gold], max_tokens=64)
-    trace = C.score_batch(model, layout, [seq], C.CollectSettings(criteria=["plainact"]))
+    trace = C.score_batch(model, layout, [seq], ScoreSettings(("plainact",), True))
     reqs = [(ctx, c) for c in conts]
 
     spy = Spy(FakeShadow(layout))
@@ -153,7 +154,7 @@ def test_oracle_is_one_gold_mask_per_example_shared_by_its_candidates():
     assert (masks == masks[0]).all()
     # = what collect computes for the gold continuation, ranked as the oracle ranks it
     seq = C.mc_sequence("ex", "t", ctx, conts[gold], max_tokens=64)
-    out = C.score_batch(model, layout, [seq], C.CollectSettings(criteria=["plainact"]))
+    out = C.score_batch(model, layout, [seq], ScoreSettings(("plainact",), True))
     true = torch.as_tensor(out["plainact_heads"]).reshape(1, layout.n_layers, layout.n_heads)
     from pipeline.masks import contextual_masks
 

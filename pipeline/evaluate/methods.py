@@ -5,7 +5,7 @@
 | `dense` | nothing | - |
 | `static` | the train mean of a criterion: mean of the per-layer-normalised targets (`aggregate.load_static`) | fixed |
 | `static_raw` | the mean of the raw scores, normalised per layer after the mean (a named variant) | fixed |
-| `oracle` | the example's gold context + continuation's true scores (`collect.score_batch`), one mask per example | per_sequence |
+| `oracle` | the example's gold context + continuation's true scores (`scoring.score_batch`), one mask per example | per_sequence |
 | `shadowllm` | one predictor on layer 0's head outputs, all layers at once | per_token / per_sequence |
 | `dejavu` | per-layer predictors on each layer's input (per_sequence: dense-model inputs; per_token: its own) | per_token / per_sequence |
 | `dejavu_lookahead` | layer l's predictor on layer l-1's input | per_token / per_sequence |
@@ -282,21 +282,22 @@ class OracleMasking(Masking):
 
     def __init__(self, ctx: MethodContext, spec: MaskSpec):
         from pipeline import criteria as crit
-        from pipeline.collect import CollectSettings
+        from pipeline.scoring import ScoreSettings
 
         self.ctx, self.spec = ctx, spec
-        self.settings = CollectSettings(criteria=[ctx.criterion], batch_size=ctx.oracle_batch, layer_inputs=False)
+        self.settings = ScoreSettings(criteria=(ctx.criterion,), layer_inputs=False)
+        self.batch_size = ctx.oracle_batch
         self.has_neurons = crit.get(ctx.criterion).neurons is not None
         self._masks: dict[tuple[tuple[int, ...], int], dict[str, Tensor | None]] = {}
 
     def _compute(self, sources: list[tuple[tuple[int, ...], int]]) -> None:
-        from pipeline.collect import Sequence, score_batch
+        from pipeline.scoring import Sequence, score_batch
         from pipeline.traces import head_col, neuron_col
 
         todo = list(dict.fromkeys(k for k in sources if k not in self._masks))
         lay, c = self.ctx.layout, self.ctx.criterion
-        for i in range(0, len(todo), self.settings.batch_size):
-            chunk = todo[i : i + self.settings.batch_size]
+        for i in range(0, len(todo), self.batch_size):
+            chunk = todo[i : i + self.batch_size]
             seqs = [Sequence(f"row{b}", "eval", tuple(t), n) for b, (t, n) in enumerate(chunk)]
             out = score_batch(self.ctx.model, lay, seqs, self.settings)
             B = len(seqs)

@@ -5,7 +5,7 @@ from pipeline.predictors.base import Predictor, minmax_features
 from pipeline.predictors.dejavu import DejaVuLookahead, DejaVuPredictor
 from pipeline.predictors.registry import PREDICTORS, build
 from pipeline.predictors.shadowllm import ShadowLLMPredictor
-from pipeline.predictors.store import load_config, load_predictor, save_predictor
+from pipeline.predictors.store import load_config, load_predictor, predictor_dir, save_predictor
 
 __all__ = [
     "PREDICTORS",
@@ -17,5 +17,6 @@ __all__ = [
     "load_config",
     "load_predictor",
     "minmax_features",
+    "predictor_dir",
     "save_predictor",
 ]

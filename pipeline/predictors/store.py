@@ -16,6 +16,12 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
 
+def predictor_dir(root: str | Path, kind: str, criterion: str) -> Path:
+    """Where the predictor of `kind` trained on `criterion` targets lives under `root` (the train stage's
+    out): the one place its name is built."""
+    return Path(root) / f"{kind}-{criterion}"
+
+
 def save_predictor(pred: Predictor, out_dir: str | Path, meta: dict[str, Any]) -> None:
     """Write weights then config (atomically each; config last). `meta` must hold `model_fingerprint`
     and should hold `trace_params_hash` and `metrics`; it is merged over the predictor's own config."""
