@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 
 from pipeline.models import named
@@ -258,7 +259,8 @@ def test_stage_prepares_by_name_then_reuses_the_conversion(tmp_path, monkeypatch
     monkeypatch.setitem(named.NAMED_MODELS, TINY, _entry(data, 2))
     monkeypatch.setenv("SHADOWLLM_TRACKING", "0")
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text(f"model:\n  id: {TINY}\n")  # the name comes from model.id
+    model = {**yaml.safe_load((REPO / "params.yaml").read_text())["model"], "id": TINY}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"model": model}))  # the name comes from model.id
     res = CliRunner().invoke(cli, [])
     assert res.exit_code == 0, res.output
     assert re.search(rf"{TINY} \(tiny-qwen2.gguf\) -> models/{TINY} .*fingerprint [0-9a-f]{{16}}", res.output)
@@ -267,13 +269,19 @@ def test_stage_prepares_by_name_then_reuses_the_conversion(tmp_path, monkeypatch
 
 
 def test_stage_name_follows_out_and_refuses_another_models_directory(tmp_path):
-    from stages.prepare_model import _resolve
+    from pipeline.models.prepare import resolve_name
+    from pipeline.params import ModelParams, load
 
-    missing = tmp_path / "no-params.yaml"  # with --out a named checkpoint, params.yaml is not read
-    assert _resolve(None, Path("models/smollm2-135m"), missing) == "smollm2-135m"
-    with pytest.raises(Exception, match="checkpoint directory of 'smollm2-135m', not of 'qwen2.5-coder-0.5b'"):
-        _resolve("qwen2.5-coder-0.5b", Path("models/smollm2-135m"), missing)
-    assert _resolve(None, None, REPO / "params.yaml") == "smollm2-135m"  # SmolLM2 stays the default
+    def unread() -> str:  # with --out a named checkpoint, params.yaml is not read
+        raise AssertionError("params.yaml was read")
+
+    assert resolve_name(None, Path("models/smollm2-135m"), unread) == "smollm2-135m"
+    with pytest.raises(
+        named.NamedModelError, match="checkpoint directory of 'smollm2-135m', not of 'qwen2.5-coder-0.5b'"
+    ):
+        resolve_name("qwen2.5-coder-0.5b", Path("models/smollm2-135m"), unread)
+    default = resolve_name(None, None, lambda: ModelParams.from_params(load(REPO / "params.yaml")).id)
+    assert default == "smollm2-135m"  # SmolLM2 stays the default
 
 
 # ---- the table ---------------------------------------------------------------------------------------
