@@ -13,7 +13,6 @@ from dataclasses import replace
 
 import torch
 
-from . import kernels_triton
 from . import plan as plan_mod
 from .plan import kept
 from .sel import DENSE, index, unit_index, units
@@ -87,6 +86,8 @@ class KernelBench:
     def run(self, kernel: str, sparsity: float, tiles: Tiles) -> dict:
         """kernel: gateup | down | qkv | o (row form, the engine's) | o_col (column form with atomics, for
         comparison) | attn | torch_gateup | torch_down (cuBLAS dense reference); launched with `tiles`."""
+        from . import kernels_triton  # the GPU path (the sweep logic, `_pick`, imports without triton)
+
         s, D = self.s, self.s.hidden
         fsel, hsel, olist, kf, kh, kkv = self._sels(sparsity)
         dense = sparsity == 0.0

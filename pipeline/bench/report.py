@@ -128,8 +128,8 @@ def to_markdown(results: dict) -> str:
         "",
         "## Per configuration",
         "",
-        "| model | method | batch | sparsity | ms/token | tok/s | GB/s | bound ms | frac of bound | × dense | bound × | "
-        "pred MB |",
+        "| model | method | batch | sparsity | ms/token | tok/s | GB/s | bound ms | frac of bound | × dense | "
+        "bound × | pred MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
