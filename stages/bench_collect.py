@@ -50,7 +50,7 @@ def cli(
     sequences: Path | None,
 ) -> None:
     """Print examples/s and tokens/s of collect, and its time relative to a bare forward+backward."""
-    from pipeline import collect_bench as cb
+    from pipeline import collect_bench
     from pipeline.calibration import CalibrationPlan, build
     from pipeline.collect import CollectParams
     from pipeline.data.tokenize import resolve_add_bos
@@ -63,10 +63,10 @@ def cli(
     with reported():  # everything cheap is checked before any weights are read
         params = load_params(params_path, (f"collect.n_per_task={n_per_task}", *overrides))
         mp, dp, cp = ModelParams.from_params(params), DataParams.from_params(params), CollectParams.from_params(params)
-        chosen = cb.criteria_sets(sets.split(","))
+        chosen = collect_bench.criteria_sets(sets.split(","))
         if config is not None:
-            model, layout = cb.random_model(config, mp)
-            seqs = cb.load_sequences(sequences)
+            model, layout = collect_bench.random_model(config, mp)
+            seqs = collect_bench.load_sequences(sequences)
         else:
             check_model(mp)
     if config is None:
@@ -74,9 +74,9 @@ def cli(
         model, layout = m.model, m.layout
         seqs, _ = build(CalibrationPlan.of(dp, cp, add_bos=resolve_add_bos(mp.add_bos, m.tokenizer)), m.tokenizer)
     if save_sequences:
-        cb.save_sequences(seqs, save_sequences)
-    res = cb.measure(model, layout, seqs, chosen, cp, repeats=repeats)
-    click.echo(cb.format_table(res))
+        collect_bench.save_sequences(seqs, save_sequences)
+    res = collect_bench.measure(model, layout, seqs, chosen, cp, repeats=repeats)
+    click.echo(collect_bench.format_table(res))
     if out_path:
         write_json(out_path, res)
 
