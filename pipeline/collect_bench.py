@@ -1,7 +1,9 @@
 """Collection throughput: `collect` (forward + activation backward + criteria + Parquet) against a
 bare training step (forward + `loss.backward()` with parameter gradients) on the same batches.
 
-Runs anywhere torch runs (no mlflow/dvc): `python -m pipeline.collect_bench --help`.
+Runs anywhere torch runs (no mlflow/dvc); the command line is `shadowllm bench-collect` (stages/bench_collect.py),
+on the configured model or, with `--config` and `--sequences`, on random weights of a config over saved
+sequences (timing does not depend on weight values: how the GPU numbers were taken without the checkpoint).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 
 from pipeline.collect import CollectParams, collect
 from pipeline.models.adapters import Layout
+from pipeline.params import ModelParams, ParamError
 from pipeline.scoring import Sequence, pad_batch, score_batch
 
 
@@ -135,43 +138,23 @@ def load_sequences(path: str | Path) -> list[Sequence]:
     return [Sequence(i, t, tuple(ids), n) for i, t, ids, n in json.loads(Path(path).read_text())]
 
 
-def main() -> None:
-    """GPU entry point: random weights from a config (timing does not depend on weight values)."""
-    import argparse
-
-    from transformers import AutoConfig, AutoModelForCausalLM
+def random_model(config: str, mp: ModelParams) -> tuple[nn.Module, Layout]:
+    """Random weights (seed 0) of a config (a directory holding config.json, or a model id), in `model.dtype` on
+    `model.device`: collection timing does not depend on the weight values."""
+    from transformers import AutoModelForCausalLM
 
     from pipeline.models.adapters import resolve
-    from pipeline.params import load
+    from pipeline.models.loading import load_config, parse_dtype
 
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--config", required=True, help="directory holding config.json")
-    ap.add_argument("--sequences", required=True, help="JSON from save_sequences (tokenised calibration examples)")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--params", default="params.yaml", help="collect settings (collect: section)")
-    ap.add_argument("--batch-size", type=int, default=None, help="override collect.batch_size")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--sets", default="plainact,predictable,all")
-    ap.add_argument("--out", default=None, help="write the JSON result here")
-    args = ap.parse_args()
+    cfg = load_config(config, trust_remote_code=mp.trust_remote_code)
     torch.manual_seed(0)
-    config = AutoConfig.from_pretrained(args.config)
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype)).to(args.device).eval()
-    seqs = load_sequences(args.sequences)
-    base = CollectParams.from_params(load(args.params))
-    res = measure(
-        model,
-        resolve(model),
-        seqs,
-        {k: CRITERIA_SETS[k] for k in args.sets.split(",")},
-        base if args.batch_size is None else replace(base, batch_size=args.batch_size),
-        repeats=args.repeats,
-    )
-    print(format_table(res))
-    if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=2))
+    model = AutoModelForCausalLM.from_config(cfg, dtype=parse_dtype(mp.dtype)).to(mp.device).eval()
+    return model, resolve(model)
 
 
-if __name__ == "__main__":
-    main()
+def criteria_sets(names: list[str]) -> dict[str, list[str]]:
+    """The named criteria sets (CRITERIA_SETS); an unknown name is a one-line error."""
+    unknown = [s for s in names if s not in CRITERIA_SETS]
+    if unknown:
+        raise ParamError(f"unknown criteria sets {unknown}; known: {', '.join(CRITERIA_SETS)}")
+    return {k: CRITERIA_SETS[k] for k in names}

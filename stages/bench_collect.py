@@ -1,4 +1,11 @@
-"""`shadowllm bench-collect`: collection throughput on the configured model (not a DVC stage)."""
+"""`shadowllm bench-collect`: collection throughput (not a DVC stage).
+
+    shadowllm bench-collect [--params params.yaml] [--set collect.batch_size=8] [--save-sequences seqs.json]
+    shadowllm bench-collect --config DIR --sequences seqs.json --set model.device=cuda --set model.dtype=bfloat16
+
+The first form loads `model.id` and builds the calibration sequences of `data:` / `collect:` (`--n-per-task`
+each); the second times random weights of a config over sequences saved by the first (no checkpoint needed).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +13,12 @@ from pathlib import Path
 
 import click
 
+from stages.common import load_params, params_option, reported
+
 
 @click.command("bench-collect")
-@click.option(
-    "--params", "params_path", type=click.Path(path_type=Path), default=Path("params.yaml"), show_default=True
-)
+@params_option
+@click.option("--set", "overrides", multiple=True, help="key=value (YAML) override, e.g. collect.batch_size=8")
 @click.option("--n-per-task", type=int, default=4, show_default=True, help="calibration examples per task")
 @click.option(
     "--sets",
@@ -18,7 +26,7 @@ import click
     show_default=True,
     help="criteria sets: plainact, predictable (5 cheap per-example criteria), all (nine)",
 )
-@click.option("--repeats", type=int, default=1, show_default=True)
+@click.option("--repeats", type=int, default=1, show_default=True, help="best of this many timings")
 @click.option("--out", "out_path", type=click.Path(path_type=Path), default=None, help="write the JSON result here")
 @click.option(
     "--save-sequences",
@@ -26,48 +34,49 @@ import click
     default=None,
     help="also save the tokenised sequences (to time the same batches elsewhere, e.g. on a GPU)",
 )
+@click.option("--config", default=None, help="random weights of this config (directory with config.json, or id)")
+@click.option(
+    "--sequences", type=click.Path(path_type=Path), default=None, help="with --config: sequences from --save-sequences"
+)
 def cli(
-    params_path: Path, n_per_task: int, sets: str, repeats: int, out_path: Path | None, save_sequences: Path | None
+    params_path: Path,
+    overrides: tuple[str, ...],
+    n_per_task: int,
+    sets: str,
+    repeats: int,
+    out_path: Path | None,
+    save_sequences: Path | None,
+    config: str | None,
+    sequences: Path | None,
 ) -> None:
     """Print examples/s and tokens/s of collect, and its time relative to a bare forward+backward."""
-    from pipeline import params as P
+    from pipeline import collect_bench
     from pipeline.calibration import CalibrationPlan, build
     from pipeline.collect import CollectParams
-    from pipeline.collect_bench import CRITERIA_SETS, format_table, measure
-    from pipeline.collect_bench import save_sequences as save
     from pipeline.data.tokenize import resolve_add_bos
     from pipeline.io import write_json
-    from pipeline.models.adapters import resolve
-    from pipeline.models.loading import load_from_params
+    from pipeline.models.loading import check_model, open_model
+    from pipeline.params import DataParams, ModelParams
 
-    params = P.load(params_path)
-    m, d, c = params["model"], params["data"], params["collect"]
-    unknown = [s for s in sets.split(",") if s not in CRITERIA_SETS]
-    if unknown:
-        raise click.ClickException(f"unknown --sets {unknown}; known: {', '.join(CRITERIA_SETS)}")
-    model, tok = load_from_params(m)
-    plan = CalibrationPlan(
-        tasks=tuple(c["tasks"]),
-        mirror_dir=d.get("mirror_dir"),
-        n_per_task=n_per_task,
-        calib_fraction=float(d["calib_fraction"]),
-        seed=int(d["seed"]),
-        num_fewshot=int(c.get("num_fewshot", 0)),
-        max_tokens=int(c["max_tokens"]),
-        add_bos=resolve_add_bos(m.get("add_bos", "auto"), tok),
-    )
-    seqs, _ = build(plan, tok)
+    if (config is None) != (sequences is None):
+        raise click.UsageError("--config and --sequences go together")
+    with reported():  # everything cheap is checked before any weights are read
+        params = load_params(params_path, (f"collect.n_per_task={n_per_task}", *overrides))
+        mp, dp, cp = ModelParams.from_params(params), DataParams.from_params(params), CollectParams.from_params(params)
+        chosen = collect_bench.criteria_sets(sets.split(","))
+        if config is not None:
+            model, layout = collect_bench.random_model(config, mp)
+            seqs = collect_bench.load_sequences(sequences)
+        else:
+            check_model(mp)
+    if config is None:
+        m = open_model(mp)
+        model, layout = m.model, m.layout
+        seqs, _ = build(CalibrationPlan.of(dp, cp, add_bos=resolve_add_bos(mp.add_bos, m.tokenizer)), m.tokenizer)
     if save_sequences:
-        save(seqs, save_sequences)
-    res = measure(
-        model,
-        resolve(model),
-        seqs,
-        {k: CRITERIA_SETS[k] for k in sets.split(",")},
-        CollectParams.from_params(params),
-        repeats=repeats,
-    )
-    click.echo(format_table(res))
+        collect_bench.save_sequences(seqs, save_sequences)
+    res = collect_bench.measure(model, layout, seqs, chosen, cp, repeats=repeats)
+    click.echo(collect_bench.format_table(res))
     if out_path:
         write_json(out_path, res)
 

@@ -13,11 +13,11 @@ from pipeline.bench.predictors import PredictorSpec, dejavu_bytes, shadowllm_byt
 FAMILIES = ("llama", "opt")
 
 
-def _engine(fam, mode, sp, batch, w=None, steps_len=4):
+def _engine(fam, method, sp, batch, w=None, steps_len=4, tiles=None):
     s = shapes.tiny(fam)
     w = w or weights.build(s, dtype=torch.float32, keep_raw=True, seed=3)
     cfg = EngineConfig(
-        mode=mode,
+        method=method,
         head_sparsity=sp,
         neuron_sparsity=sp,
         batch=batch,
@@ -25,7 +25,9 @@ def _engine(fam, mode, sp, batch, w=None, steps_len=4):
         gen_len=steps_len,
         shadowllm=PredictorSpec(16, 16, 4, 8),
         dejavu=PredictorSpec(8, 8, 0, 0),
+        overlap=True,
         seed=1,
+        **({} if tiles is None else {"tiles": tiles}),
     )
     return DecodeEngine(s, cfg, weights=w, backend="torch", device="cpu", dtype=torch.float32), w
 
@@ -51,9 +53,9 @@ def test_static_sparse_equals_masked_dense(fam, sp):
 
 
 @pytest.mark.parametrize("fam", FAMILIES)
-@pytest.mark.parametrize("mode", ["dense", "static", "shadowllm", "dejavu"])
-def test_zero_sparsity_equals_dense(fam, mode):
-    eng, w = _engine(fam, mode, 0.0, batch=1)
+@pytest.mark.parametrize("method", ["dense", "static", "shadowllm", "dejavu"])
+def test_zero_sparsity_equals_dense(fam, method):
+    eng, w = _engine(fam, method, 0.0, batch=1)
     ref = reference.ReferenceDecoder(w, eng.k_cache, eng.v_cache)
     eng.reset()
     tok = eng.tok.clone()
@@ -65,12 +67,12 @@ def test_zero_sparsity_equals_dense(fam, mode):
 
 
 @pytest.mark.parametrize("fam", FAMILIES)
-@pytest.mark.parametrize("mode", ["shadowllm", "dejavu"])
-def test_predicted_masks_union_over_batch(fam, mode):
+@pytest.mark.parametrize("method", ["shadowllm", "dejavu"])
+def test_predicted_masks_union_over_batch(fam, method):
     """Each layer keeps the union over the batch of every example's top-k, and the output equals the dense model
     with exactly the non-kept units zeroed."""
     B = 3
-    eng, w = _engine(fam, mode, 0.5, batch=B)
+    eng, w = _engine(fam, method, 0.5, batch=B)
     s = eng.shape
     ref = reference.ReferenceDecoder(w, eng.k_cache, eng.v_cache)
     eng.reset()
@@ -78,7 +80,7 @@ def test_predicted_masks_union_over_batch(fam, mode):
     eng.step()
     hk, nk = eng.plan.host_masks(s)
     assert hk[0].all() and nk[0].all()
-    if mode == "shadowllm":  # all layers' scores are still in the buffers after the step
+    if method == "shadowllm":  # all layers' scores are still in the buffers after the step
         sh = eng.s_heads.view(B, s.layers, s.heads)
         sn = eng.s_neurons.view(B, s.layers, s.ffn)
         for l in range(1, s.layers):

@@ -17,7 +17,7 @@ DEV = "cuda"
 BF = torch.bfloat16
 
 
-def _kt():
+def _triton():
     from pipeline.bench import kernels_triton
 
     return kernels_triton
@@ -55,11 +55,25 @@ def _sel(kind, n_rows, group, g):
     return index(idx, torch.tensor([k], dtype=torch.int32, device=DEV))
 
 
+def _tiles(trial, *roles):
+    """The default tiles (even trials) or, on odd trials, the default with each role set to one of the sweep's
+    candidates (the tiles are a value passed to the launcher: no global to patch)."""
+    from pipeline.bench import microbench
+    from pipeline.bench.tiles import DEFAULT_TILES
+
+    tiles = DEFAULT_TILES
+    if trial % 2:
+        for role, name in roles:
+            cands = getattr(microbench, name)
+            tiles = tiles.replace(role, cands[(trial // 2) % len(cands)])
+    return tiles
+
+
 @pytest.mark.parametrize("trial", range(12))
 def test_row_gemv(trial):
-    from pipeline.bench import kernels_ref as KR
+    from pipeline.bench import kernels_ref
 
-    KT = _kt()
+    kernels_triton = _triton()
     random.seed(trial)
     g = torch.Generator(device=DEV).manual_seed(trial)
     B = random.choice([1, 1, 3, 16])
@@ -76,8 +90,9 @@ def test_row_gemv(trial):
     sel = _sel(kind, N, group, g)
     out_t = torch.full((B, N), float("nan"), device=DEV, dtype=BF)
     out_r = out_t.clone()
-    KT.row_gemv(x, lin, out_t, lin2=lin2, norm=norm, act=act, sel=sel)
-    KR.row_gemv(x, lin, out_r, lin2=lin2, norm=norm, act=act, sel=sel)
+    tiles = _tiles(trial, ("row", "ROW_CANDIDATES"), ("row_dot", "ROW_DOT_CANDIDATES"))
+    kernels_triton.row_gemv(x, lin, out_t, lin2=lin2, norm=norm, act=act, sel=sel, tiles=tiles)
+    kernels_ref.row_gemv(x, lin, out_r, lin2=lin2, norm=norm, act=act, sel=sel)
     written = ~torch.isnan(out_r)
     assert torch.equal(~torch.isnan(out_t), written), "kernel wrote a different set of outputs"
     assert _rel(out_t[written], out_r[written]) <= 1e-2
@@ -86,10 +101,10 @@ def test_row_gemv(trial):
 @pytest.mark.parametrize("trial", range(8))
 def test_row_gemv_input_units_accumulate(trial):
     """The o-projection's form: input columns gathered by head, result added into the fp32 residual stream."""
-    from pipeline.bench import kernels_ref as KR
+    from pipeline.bench import kernels_ref
     from pipeline.bench.sel import DENSE, unit_index
 
-    KT = _kt()
+    kernels_triton = _triton()
     random.seed(400 + trial)
     g = torch.Generator(device=DEV).manual_seed(400 + trial)
     B = random.choice([1, 1, 2, 16])
@@ -109,16 +124,16 @@ def test_row_gemv_input_units_accumulate(trial):
         x = torch.nan_to_num(x)
     base = torch.randn(B, N, generator=g, device=DEV)
     out_t, out_r = base.clone(), base.clone()
-    KT.row_gemv(x, lin, out_t, sel=DENSE, ksel=ks, accumulate=True, tile="o")
-    KR.row_gemv(torch.nan_to_num(x), lin, out_r, sel=DENSE, ksel=ks, accumulate=True, tile="o")
+    kernels_triton.row_gemv(x, lin, out_t, sel=DENSE, ksel=ks, accumulate=True, tile="o")
+    kernels_ref.row_gemv(torch.nan_to_num(x), lin, out_r, sel=DENSE, ksel=ks, accumulate=True, tile="o")
     assert _rel(out_t - base, out_r - base) <= 1e-2
 
 
 @pytest.mark.parametrize("trial", range(10))
 def test_col_gemv_add(trial):
-    from pipeline.bench import kernels_ref as KR
+    from pipeline.bench import kernels_ref
 
-    KT = _kt()
+    kernels_triton = _triton()
     random.seed(100 + trial)
     g = torch.Generator(device=DEV).manual_seed(100 + trial)
     B = random.choice([1, 1, 2, 16])
@@ -135,8 +150,9 @@ def test_col_gemv_add(trial):
     sel = _sel(kind, R, group, g)
     base = torch.randn(B, N, generator=g, device=DEV)
     out_t, out_r = base.clone(), base.clone()
-    KT.col_gemv_add(h, lin, out_t, sel=sel)
-    KR.col_gemv_add(h, lin, out_r, sel=sel)
+    tiles = _tiles(trial, ("col", "COL_CANDIDATES"), ("col_dot", "COL_DOT_CANDIDATES"))
+    kernels_triton.col_gemv_add(h, lin, out_t, sel=sel, tiles=tiles)
+    kernels_ref.col_gemv_add(h, lin, out_r, sel=sel)
     assert _rel(out_t - base, out_r - base) <= 1e-2
 
 
@@ -144,16 +160,16 @@ def test_col_gemv_add(trial):
 def test_attention_decode(trial):
     """Split-T attention (several tilings, each launched twice: the merge counters must reset) and the one-program
     path, against the reference."""
-    from pipeline.bench import kernels_ref as KR
+    from pipeline.bench import kernels_ref
 
-    KT = _kt()
+    kernels_triton = _triton()
     random.seed(200 + trial)
     g = torch.Generator(device=DEV).manual_seed(200 + trial)
     H, KVH = random.choice([(32, 8), (28, 4), (8, 8), (4, 1)])
     d = random.choice([64, 128])
     B, T = random.choice([1, 2, 5]), 256
     pos = random.choice([0, 1, 63, 64, random.randint(0, T - 1), T - 1])
-    rope = KR.rope_tables(T, d, 500000.0, DEV) if random.random() < 0.6 else None
+    rope = kernels_ref.rope_tables(T, d, 500000.0, DEV) if random.random() < 0.6 else None
     qkv = torch.randn(B, (H + 2 * KVH) * d, generator=g, device=DEV).to(BF)
     kc = torch.randn(B, KVH, T, d, generator=g, device=DEV).to(BF)
     vc = torch.randn(B, KVH, T, d, generator=g, device=DEV).to(BF)
@@ -164,38 +180,37 @@ def test_attention_decode(trial):
     p = torch.tensor([pos], dtype=torch.int32, device=DEV)
     out_r = torch.full((B, H * d), float("nan"), device=DEV, dtype=BF)
     kc_r, vc_r = kc.clone(), vc.clone()
-    KR.attention_decode(qkv, kc_r, vc_r, p, mask, out_r, heads=H, kv_heads=KVH, head_dim=d, rope=rope)
+    kernels_ref.attention_decode(qkv, kc_r, vc_r, p, mask, out_r, heads=H, kv_heads=KVH, head_dim=d, rope=rope)
     kept = hm.bool().repeat_interleave(d)
-    saved = dict(KT.CONFIG["attn"])
-    try:
-        # the last tiling covers the whole cache in one program per (b, h): no merge
-        for cfg in (
-            dict(BT=64, NT=1, warps=4),
-            dict(BT=32, NT=2, warps=2),
-            dict(BT=16, NT=1, warps=1),
-            dict(BT=128, NT=2, warps=4),
-        ):
-            KT.CONFIG["attn"] = cfg
-            work = KT.attention_workspace(B, H, T, d, DEV)
-            for _ in range(2):
-                out_t = torch.full((B, H * d), float("nan"), device=DEV, dtype=BF)
-                kc_t, vc_t = kc.clone(), vc.clone()
-                KT.attention_decode(
-                    qkv, kc_t, vc_t, p, mask, out_t, heads=H, kv_heads=KVH, head_dim=d, rope=rope, work=work
-                )
-                assert torch.isnan(out_t[:, ~kept]).all()
-                assert _rel(out_t[:, kept], out_r[:, kept]) <= 1e-2, cfg
-                assert _rel(kc_t, kc_r) <= 1e-2 and _rel(vc_t, vc_r) <= 1e-2
-            assert (work["count"] == 0).all()
-    finally:
-        KT.CONFIG["attn"] = saved
+    from pipeline.bench.tiles import DEFAULT_TILES
+
+    # the last tiling covers the whole cache in one program per (b, h): no merge
+    for cfg in (
+        dict(BT=64, NT=1, warps=4),
+        dict(BT=32, NT=2, warps=2),
+        dict(BT=16, NT=1, warps=1),
+        dict(BT=128, NT=2, warps=4),
+    ):
+        tiles = DEFAULT_TILES.replace("attn", cfg)
+        work = kernels_triton.attention_workspace(B, H, T, d, DEV, tiles=tiles)
+        assert (work["BT"], work["NT"]) == (cfg["BT"], cfg["NT"])
+        for _ in range(2):
+            out_t = torch.full((B, H * d), float("nan"), device=DEV, dtype=BF)
+            kc_t, vc_t = kc.clone(), vc.clone()
+            kernels_triton.attention_decode(
+                qkv, kc_t, vc_t, p, mask, out_t, heads=H, kv_heads=KVH, head_dim=d, rope=rope, work=work, tiles=tiles
+            )
+            assert torch.isnan(out_t[:, ~kept]).all()
+            assert _rel(out_t[:, kept], out_r[:, kept]) <= 1e-2, cfg
+            assert _rel(kc_t, kc_r) <= 1e-2 and _rel(vc_t, vc_r) <= 1e-2
+        assert (work["count"] == 0).all()
 
 
 @pytest.mark.parametrize("trial", range(8))
 def test_select_exact(trial):
-    from pipeline.bench import kernels_ref as KR
+    from pipeline.bench import kernels_ref
 
-    KT = _kt()
+    kernels_triton = _triton()
     random.seed(300 + trial)
     g = torch.Generator(device=DEV).manual_seed(300 + trial)
     B = random.choice([1, 4, 16])
@@ -211,8 +226,8 @@ def test_select_exact(trial):
         hc_t = torch.zeros(R + 1, dtype=torch.int32, device=DEV)
         hc_r = hc_t.clone()
         union = torch.zeros(R * H, dtype=torch.int32, device=DEV)
-        KT.select_heads(s, k, m_t, hi_t, hc_t, out_row0=1, kv_heads=KVH, union=union)
-        KR.select_heads(s, k, m_r, hi_r, hc_r, out_row0=1, kv_heads=KVH)
+        kernels_triton.select_heads(s, k, m_t, hi_t, hc_t, out_row0=1, kv_heads=KVH, union=union)
+        kernels_ref.select_heads(s, k, m_r, hi_r, hc_r, out_row0=1, kv_heads=KVH)
         assert torch.equal(m_t, m_r) and torch.equal(hc_t, hc_r)
         for r in range(1, R + 1):
             assert torch.equal(hi_t[r, : int(hc_r[r])], hi_r[r, : int(hc_r[r])])
@@ -226,8 +241,8 @@ def test_select_exact(trial):
         c_t = torch.zeros(R + 1, dtype=torch.int32, device=DEV)
         c_r = c_t.clone()
         union = torch.zeros(R * F, dtype=torch.int32, device=DEV)
-        KT.select_neurons(s, k, i_t, c_t, out_row0=1, union=union)
-        KR.select_neurons(s, k, i_r, c_r, out_row0=1)
+        kernels_triton.select_neurons(s, k, i_t, c_t, out_row0=1, union=union)
+        kernels_ref.select_neurons(s, k, i_r, c_r, out_row0=1)
         assert torch.equal(c_t, c_r)
         for r in range(1, R + 1):
             n = int(c_r[r])
@@ -235,11 +250,11 @@ def test_select_exact(trial):
 
 
 @pytest.mark.parametrize(
-    "mode,batch",
+    "method,batch",
     [("dense", 1), ("static", 1), ("shadowllm", 1), ("dejavu", 1), ("shadowllm", 4), ("dejavu", 3), ("static", 16)],
 )
 @pytest.mark.parametrize("fam", ["llama", "opt"])
-def test_engine_graph_matches_reference(mode, batch, fam):
+def test_engine_graph_matches_reference(method, batch, fam):
     """The Triton engine, captured in a CUDA graph, equals the fp32 reference with the plan's masks zeroed."""
     from dataclasses import replace
 
@@ -260,7 +275,7 @@ def test_engine_graph_matches_reference(mode, batch, fam):
     )
     w = weights.build(s, dtype=BF, device=DEV, keep_raw=True, seed=5)
     cfg = EngineConfig(
-        mode=mode,
+        method=method,
         head_sparsity=0.5,
         neuron_sparsity=0.5,
         batch=batch,
@@ -268,6 +283,8 @@ def test_engine_graph_matches_reference(mode, batch, fam):
         gen_len=8,
         shadowllm=PredictorSpec(64, 64, 16),
         dejavu=PredictorSpec(32, 32, 0),
+        overlap=True,
+        seed=0,
     )
     eng = DecodeEngine(s, cfg, weights=w, backend="triton", device=DEV)
     ref = reference.ReferenceDecoder(w, eng.k_cache, eng.v_cache)
@@ -277,5 +294,5 @@ def test_engine_graph_matches_reference(mode, batch, fam):
     g.replay()
     torch.cuda.synchronize()
     hk, nk = (m.to(DEV) for m in eng.plan.host_masks(s))
-    lr = ref.step(tok, 16, hk if mode != "dense" else None, nk if mode != "dense" else None)
+    lr = ref.step(tok, 16, hk if method != "dense" else None, nk if method != "dense" else None)
     assert _rel(eng.logits, lr) <= 1e-2

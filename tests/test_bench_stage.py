@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from click.testing import CliRunner
 
 from pipeline.bench import report
 
+REPO = Path(__file__).resolve().parents[1]
 
-def _row(model, mode, sp, ms, batch=1):
+
+def _row(model, method, sp, ms, batch=1):
     return {
         "model": model,
-        "mode": mode,
+        "method": method,
         "batch": batch,
         "head_sparsity": sp,
         "neuron_sparsity": sp,
@@ -29,7 +31,7 @@ def _row(model, mode, sp, ms, batch=1):
         "speedup_vs_dense": None,
         "speedup_bound": 1.0,
         "total_bytes": 1e9,
-        "predictor_bytes": 1e8 if mode in ("shadowllm", "dejavu") else 0.0,
+        "predictor_bytes": 1e8 if method in ("shadowllm", "dejavu") else 0.0,
         "predictor_params": 5e7,
         "predictor_share": 0.01,
         "kept_heads_mean": 16.0,
@@ -43,32 +45,38 @@ def test_stage_records_skip_without_gpu(tmp_path, monkeypatch):
     monkeypatch.setenv("SHADOWLLM_TRACKING", "0")
     from stages.benchmark import cli
 
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"benchmark": {"models": ["opt-1.3b"], "sparsities": [0.0, 0.5]}}))
     metrics = tmp_path / "m" / "benchmark.json"
     res = CliRunner().invoke(
-        cli, ["--params", str(params), "--out-dir", str(tmp_path / "out"), "--metrics-file", str(metrics)]
+        cli,
+        [
+            "--params",
+            str(REPO / "params.yaml"),
+            "--set",
+            "benchmark.models=[opt-1.3b]",
+            "--set",
+            "benchmark.sparsities=[0.0, 0.5]",
+            "--out-dir",
+            str(tmp_path / "out"),
+            "--metrics-file",
+            str(metrics),
+        ],
     )
     assert res.exit_code == 0, res.output
     assert len(res.output.strip().splitlines()) == 1 and "skipped" in res.output
     m = json.loads(metrics.read_text())
     assert m["skipped"] is True and "CUDA" in m["reason"]
-    assert json.loads((tmp_path / "out" / "benchmark.json").read_text())["params"]["sparsities"] == [0.0, 0.5]
+    recorded = json.loads((tmp_path / "out" / "benchmark.json").read_text())["params"]
+    assert recorded["sparsities"] == [0.0, 0.5] and recorded["models"] == ["opt-1.3b"]
+    assert recorded["methods"] == ["dense", "static", "shadowllm", "dejavu"]  # the parsed section, not the raw one
 
 
-def test_stage_rejects_unknown_param(tmp_path):
-    from pipeline.params import ParamError
-    from stages.benchmark import bench_params
+def test_stage_rejects_misspelt_param_in_one_line(tmp_path):
+    from stages.benchmark import cli
 
-    with pytest.raises(ParamError):
-        bench_params({"benchmark": {"modles": ["x"]}})
-    cfg = bench_params(
-        {
-            "benchmark": {"widths_from_train": True},
-            "train": {"widths": {"shadowllm": {"hidden_heads": 64, "hidden_neurons": 32}}},
-        }
-    )
-    assert cfg["shadowllm"]["hidden_heads"] == 64 and cfg["dejavu"]["hidden_heads"] == 1024
+    res = CliRunner().invoke(cli, ["--params", str(REPO / "params.yaml"), "--set", "benchmark.modes=[dense]"])
+    assert res.exit_code != 0
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: unknown parameter benchmark.modes "), res.output
 
 
 def test_report_outputs(tmp_path):
@@ -106,6 +114,6 @@ def test_report_outputs(tmp_path):
     names = {p.name for p in paths}
     assert {"t.json", "t.md", "t.csv"} <= names
     csv_lines = (tmp_path / "t.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("model,mode,batch") and len(csv_lines) == len(rows) + 1
+    assert csv_lines[0].startswith("model,method,batch") and len(csv_lines) == len(rows) + 1
     assert "shadowllm50_speedup_vs_dense" in (tmp_path / "t.md").read_text()
     assert "llama-3-8b" in report.short_table(res)

@@ -1,21 +1,22 @@
 """Batch-B decode engine over random weights: one `step()` decodes one token per sequence.
 
-Modes (SPEC §8):
+Methods (SPEC §8):
 - dense:     every unit, the same kernels without gathers.
 - static:    fixed kept units per layer (no predictor).
 - shadowllm: one predictor right after layer 0's attention (its input: layer 0's head outputs), top-k per
              layer for all later layers at once, on the device and inside the graph.
 - dejavu:    per-layer look-ahead predictors: at the start of layer t-1, predict layer t from its input.
-Layer 0 is dense in every sparse mode. With a batch, each example's top-k is computed and the union kept.
+Layer 0 is dense in every sparse method. With a batch, each example's top-k is computed and the union kept.
 With `overlap`, predictors run on a second stream inside the graph (ShadowLLM's alongside the rest of
 layer 0, DejaVu's alongside layer t-1, as in DejaVu's asynchronous design) and join before the layer they
 feed. The step issues only kernel launches and device-side copies, so it can be captured in a CUDA graph.
+Every launch gets the configuration's `tiles` (pipeline/bench/tiles.py).
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -24,30 +25,34 @@ from . import plan as plan_mod
 from .predictors import MLPPredictor, PredictorSpec, build_dejavu, build_shadowllm
 from .sel import DENSE, index, unit_index, units
 from .shapes import ModelShape
+from .tiles import DEFAULT_TILES, Tiles
 from .weights import ModelWeights, build
 
-MODES = ("dense", "static", "shadowllm", "dejavu")
+METHODS = ("dense", "static", "shadowllm", "dejavu")
 _CHUNKS = 256
 
 
-@dataclass
+@dataclass(frozen=True)
 class EngineConfig:
-    mode: str = "dense"
-    head_sparsity: float = 0.0
-    neuron_sparsity: float = 0.0
-    batch: int = 1
-    prompt_len: int = 128
-    gen_len: int = 128
-    shadowllm: PredictorSpec = field(default_factory=lambda: PredictorSpec(2048, 1024))
-    dejavu: PredictorSpec = field(default_factory=lambda: PredictorSpec(1024, 1024))
-    overlap: bool = True
-    pdl: bool = True  # programmatic dependent launch of the layer kernels (Triton backend, sm_90+)
+    """One measured configuration (the run's values come from `benchmark:` in params.yaml)."""
+
+    method: str
+    head_sparsity: float
+    neuron_sparsity: float
+    batch: int
+    prompt_len: int
+    gen_len: int
+    shadowllm: PredictorSpec
+    dejavu: PredictorSpec
+    overlap: bool
+    seed: int
+    pdl: bool = True  # programmatic dependent launch of the layer kernels (Triton backend, sm_90+); ablations: off
+    tiles: Tiles = DEFAULT_TILES  # the Triton tiles of every launch
     eps: float = 1e-5
-    seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"unknown mode {self.mode!r}; one of {MODES}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; one of {METHODS}")
         if not 1 <= self.batch <= 16:
             raise ValueError("batch must be in 1..16")
 
@@ -89,36 +94,37 @@ class DecodeEngine:
         self.vocab_pad = -(-s.vocab // _CHUNKS) * _CHUNKS
         self.logits_pad = torch.full((B, self.vocab_pad), float("-inf"), dtype=torch.float32, device=dev)
         self.logits = self.logits_pad[:, : s.vocab]
-        self.attn_work = self.k.attention_workspace(B, H, self.max_len, d, dev)
-        mode = cfg.mode
-        if mode == "dense":
+        self.tiles = cfg.tiles
+        self.attn_work = self.k.attention_workspace(B, H, self.max_len, d, dev, tiles=self.tiles)
+        method = cfg.method
+        if method == "dense":
             self.plan = plan_mod.dense_plan(s, dev)
-        elif mode == "static":
+        elif method == "static":
             self.plan = plan_mod.static_plan(s, cfg.head_sparsity, cfg.neuron_sparsity, dev, seed=cfg.seed)
         else:
             self.plan = plan_mod.predicted_plan(s, cfg.head_sparsity, cfg.neuron_sparsity, dev)
         predictors = predictors or {}
         self.shadow: MLPPredictor | None = None
         self.dejavu: list[MLPPredictor | None] | None = None
-        if mode == "shadowllm":
+        if method == "shadowllm":
             self.shadow = predictors.get("shadowllm") or build_shadowllm(s, cfg.shadowllm, device=dev, dtype=dtype)
             self._alloc_pred(cfg.shadowllm, L * H, L * F, rows=L - 1)
-        elif mode == "dejavu":
+        elif method == "dejavu":
             self.dejavu = predictors.get("dejavu") or build_dejavu(s, cfg.dejavu, device=dev, dtype=dtype)
             self._alloc_pred(cfg.dejavu, H, F, rows=1)
             self.snap = torch.zeros_like(self.resid)
         # typical kept neurons per layer (tiling hint): k for one sequence, the expected union for a batch
         kf = self.plan.k_neurons
-        exact = B == 1 or mode == "static"
+        exact = B == 1 or method == "static"
         self.expect_neurons = kf if exact else int(F * (1 - (1 - kf / F) ** B))
         self.bound_neurons = kf if exact else min(F, B * kf)  # the most a layer can keep (grid sizes)
         self.profiling = False
         # With DejaVu's predictors on a side stream, PDL is off: early-launched layer kernels would hold the SMs the
         # side stream needs (H200, Llama-3-8B at 50%: 4.19 ms/token with PDL, 3.59 ms without).
-        self.pdl = cfg.pdl and not (mode == "dejavu" and cfg.overlap)
+        self.pdl = cfg.pdl and not (method == "dejavu" and cfg.overlap)
         self.side = (
             torch.cuda.Stream(device=dev)
-            if (dev.type == "cuda" and cfg.overlap and mode in ("shadowllm", "dejavu"))
+            if (dev.type == "cuda" and cfg.overlap and method in ("shadowllm", "dejavu"))
             else None
         )
 
@@ -134,19 +140,19 @@ class DecodeEngine:
         self.union_f = torch.zeros(rows * self.shape.ffn, dtype=torch.int32, device=dev)
 
     def _run_predictor(self, p: MLPPredictor, x: torch.Tensor, out_row0: int, n_rows: int, skip_first_row: bool):
-        k, s, B = self.k, self.shape, self.cfg.batch
+        k, s, B, tiles = self.k, self.shape, self.cfg.batch, self.tiles
         hh = p.spec.hidden_heads
-        k.row_gemv(x, p.first, self.p_hid, norm="minmax", eps=1e-6, act="relu", sel=DENSE, tile="pred")
+        k.row_gemv(x, p.first, self.p_hid, norm="minmax", eps=1e-6, act="relu", sel=DENSE, tile="pred", tiles=tiles)
         xh = self.p_hid[:, :hh]
         if p.head_mid is not None:
-            k.row_gemv(xh, p.head_mid, self.p_hmid, sel=DENSE, tile="pred")
+            k.row_gemv(xh, p.head_mid, self.p_hmid, sel=DENSE, tile="pred", tiles=tiles)
             xh = self.p_hmid
-        k.row_gemv(xh, p.head_out, self.s_heads, sel=DENSE, tile="pred")
+        k.row_gemv(xh, p.head_out, self.s_heads, sel=DENSE, tile="pred", tiles=tiles)
         xin = self.p_hid[:, hh:]
         if p.neuron_mid is not None:
-            k.row_gemv(xin, p.neuron_mid, self.p_mid, sel=DENSE, tile="pred")
+            k.row_gemv(xin, p.neuron_mid, self.p_mid, sel=DENSE, tile="pred", tiles=tiles)
             xin = self.p_mid
-        k.row_gemv(xin, p.neuron_out, self.s_neurons, sel=DENSE, tile="pred")
+        k.row_gemv(xin, p.neuron_out, self.s_neurons, sel=DENSE, tile="pred", tiles=tiles)
         r0 = 1 if skip_first_row else 0
         sh = self.s_heads.view(B, -1, s.heads)[:, r0 : r0 + n_rows]
         sn = self.s_neurons.view(B, -1, s.ffn)[:, r0 : r0 + n_rows]
@@ -186,7 +192,7 @@ class DecodeEngine:
     def step(self) -> None:
         k, s, cfg, w = self.k, self.shape, self.cfg, self.w
         L, H, KVH, d = s.layers, s.heads, s.kv_heads, s.head_dim
-        mode, mark, pdl = cfg.mode, self._mark, self.pdl
+        method, mark, pdl, tiles = cfg.method, self._mark, self.pdl, self.tiles
         with mark("embed"):
             x = self.w.embed.index_select(0, self.tok).float()
             if w.pos_embed is not None:  # OPT's learned positions are offset by 2
@@ -195,11 +201,11 @@ class DecodeEngine:
         pending = False
         for l in range(L):
             lw = w.layers[l]
-            sparse = mode != "dense" and l > 0
-            if pending and mode == "dejavu":
+            sparse = method != "dense" and l > 0
+            if pending and method == "dejavu":
                 self._join()  # layer l's plan must be ready
                 pending = False
-            if mode == "dejavu" and l + 1 < L:
+            if method == "dejavu" and l + 1 < L:
                 with mark("predictor"):
                     self.snap.copy_(self.resid)
                     with self._fork():
@@ -207,7 +213,7 @@ class DecodeEngine:
                 pending = True
                 if self.side is None:
                     pending = False
-            if mode == "shadowllm" and l == 1 and pending:
+            if method == "shadowllm" and l == 1 and pending:
                 self._join()
                 pending = False
             qm = self.plan.qkv_mask[l]
@@ -221,6 +227,7 @@ class DecodeEngine:
                     sel=units(qm, d) if sparse else DENSE,
                     tile="qkv",
                     pdl=pdl,
+                    tiles=tiles,
                 )
             with mark("attention"):
                 k.attention_decode(
@@ -236,14 +243,17 @@ class DecodeEngine:
                     rope=self.rope,
                     work=self.attn_work,
                     pdl=pdl,
+                    tiles=tiles,
                 )
-            if mode == "shadowllm" and l == 0:
+            if method == "shadowllm" and l == 0:
                 with mark("predictor"), self._fork():
                     self._run_predictor(self.shadow, self.attn, 1, L - 1, skip_first_row=True)
                 pending = self.side is not None
             with mark("o"):
                 hsel = unit_index(self.plan.head_idx[l], self.plan.head_count[l : l + 1], d) if sparse else None
-                k.row_gemv(self.attn, lw.o, self.resid, sel=DENSE, ksel=hsel, accumulate=True, tile="o", pdl=pdl)
+                k.row_gemv(
+                    self.attn, lw.o, self.resid, sel=DENSE, ksel=hsel, accumulate=True, tile="o", pdl=pdl, tiles=tiles
+                )
             fsel = (
                 index(self.plan.ffn_idx[l], self.plan.ffn_count[l : l + 1], self.expect_neurons, self.bound_neurons)
                 if sparse
@@ -261,15 +271,28 @@ class DecodeEngine:
                         act="silu_gate",
                         sel=fsel,
                         pdl=pdl,
+                        tiles=tiles,
                     )
                 else:
-                    k.row_gemv(self.resid, lw.w1, self.h, norm=s.norm, eps=cfg.eps, act="relu", sel=fsel, pdl=pdl)
+                    k.row_gemv(
+                        self.resid, lw.w1, self.h, norm=s.norm, eps=cfg.eps, act="relu", sel=fsel, pdl=pdl, tiles=tiles
+                    )
             with mark("mlp_out"):
-                k.col_gemv_add(self.h, lw.w2T, self.resid, sel=fsel, pdl=pdl)
+                k.col_gemv_add(self.h, lw.w2T, self.resid, sel=fsel, pdl=pdl, tiles=tiles)
         if pending:
             self._join()
         with mark("lm_head"):
-            k.row_gemv(self.resid, w.lm_head, self.logits, norm=s.norm, eps=cfg.eps, sel=DENSE, tile="head", pdl=pdl)
+            k.row_gemv(
+                self.resid,
+                w.lm_head,
+                self.logits,
+                norm=s.norm,
+                eps=cfg.eps,
+                sel=DENSE,
+                tile="head",
+                pdl=pdl,
+                tiles=tiles,
+            )
         with mark("sample"):
             B = cfg.batch
             best, where = self.logits_pad.view(B, _CHUNKS, -1).max(dim=-1)

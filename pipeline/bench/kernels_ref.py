@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .sel import Sel, rows_of
+from .tiles import DEFAULT_TILES, Tiles
 from .weights import Linear
 
 
@@ -52,11 +53,12 @@ def row_gemv(
     accumulate: bool = False,
     tile: str = "row",
     pdl: bool = False,
+    tiles: Tiles = DEFAULT_TILES,
 ) -> None:
     """out[:, j] = act(norm(x) · W[row_j]) for the selected rows (see sel.py for the output layout).
 
     ksel: only the input columns of kept units count (the rest of x is treated as 0); accumulate: out += result.
-    `tile` (the Triton tile config) and `pdl` (programmatic dependent launch) are ignored here."""
+    `tile`, `tiles` (the Triton tiling) and `pdl` (programmatic dependent launch) are ignored here."""
     xf = x.float()
     if ksel is not None:
         keep = torch.zeros(xf.shape[1], dtype=torch.bool, device=x.device)
@@ -79,8 +81,11 @@ def row_gemv(
         out[:, cols] = v.to(out.dtype)
 
 
-def col_gemv_add(h: torch.Tensor, lin: Linear, out: torch.Tensor, *, sel: Sel, pdl: bool = False) -> None:
-    """out += h_sel · W^T[rows] (+ bias), W^T stored [rows, N]; out is the fp32 residual stream."""
+def col_gemv_add(
+    h: torch.Tensor, lin: Linear, out: torch.Tensor, *, sel: Sel, pdl: bool = False, tiles: Tiles = DEFAULT_TILES
+) -> None:
+    """out += h_sel · W^T[rows] (+ bias), W^T stored [rows, N]; out is the fp32 residual stream (`pdl`, `tiles`
+    ignored)."""
     rows = rows_of(sel, lin.w.shape[0], h.device)
     hcols = torch.arange(rows.numel(), device=h.device) if sel.kind == "index" else rows
     acc = h[:, hcols].float() @ lin.w[rows].float()
@@ -102,8 +107,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-def attention_workspace(batch: int, heads: int, max_len: int, head_dim: int, device) -> None:
-    """The reference attention needs no workspace."""
+def attention_workspace(
+    batch: int, heads: int, max_len: int, head_dim: int, device, *, tiles: Tiles = DEFAULT_TILES
+) -> None:
+    """The reference attention needs no workspace (nor tiles)."""
     return None
 
 
@@ -121,6 +128,7 @@ def attention_decode(
     rope: tuple[torch.Tensor, torch.Tensor] | None,
     work: None = None,
     pdl: bool = False,
+    tiles: Tiles = DEFAULT_TILES,
 ) -> None:
     """One decode step of attention for the kept heads; writes the new k/v at `pos` for kept kv groups.
 

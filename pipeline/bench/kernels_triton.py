@@ -24,26 +24,15 @@ import triton
 import triton.language as tl
 
 from .sel import Sel
+from .tiles import DEFAULT_TILES, Tiles, attn_tiling, col_tiling, row_tiling
 from .weights import Linear
 
 _NORM = {"none": 0, "rms": 1, "ln": 2, "minmax": 3}
 _ACT = {"none": 0, "relu": 1, "silu_gate": 2}
 _SEL = {"dense": 0, "units": 1, "index": 2}
 
-# Tile choices; run_all may overwrite them from its sweeps.
-CONFIG = {  # defaults = sweep picks on the H200 (results/benchmark/h200.json, micro.config)
-    "row": {"BN": 2, "BK": 512, "warps": 4},  # batch 1, gate/up or fc1
-    "qkv": {"BN": 2, "BK": 1024, "warps": 4},  # batch 1, per-role row tiles
-    "head": {"BN": 4, "BK": 512, "warps": 4},  # LM head
-    "pred": {"BN": 4, "BK": 512, "warps": 4},  # predictor layers
-    "o": {"BN": 4, "BK": 512, "warps": 4},
-    "row_dot": {"BN": 32, "BK": 256, "warps": 4},  # batch 2..16 (tensor cores, M padded to 16)
-    "col": {"BN": 512, "BK": 8, "KPP": 256, "warps": 4, "TP": 1536},  # batch 1, index lists (down/fc2); TP below
-    "col_units": {"BN": 512, "BK": 8, "KPP": 32, "warps": 4},  # batch 1, head units (o in column form: comparison)
-    "col_dot": {"BN": 128, "BK": 64, "KPP": 256, "warps": 4},
-    "attn": {"BT": 32, "NT": 1, "warps": 2},  # split-T: ceil(T / (BT·NT)) programs per head
-    "pdl": True,  # programmatic dependent launch (sm_90+)
-}
+# Tile choices: an immutable `Tiles` value (pipeline/bench/tiles.py) passed to every launcher; the default is the
+# H200 sweep picks.
 
 
 @triton.jit
@@ -579,9 +568,9 @@ def _compact_kernel(
 # ----------------------------------------------------------------------------------------------- wrappers
 
 
-def _pdl(requested: bool, t: torch.Tensor) -> bool:
-    """Programmatic dependent launch where asked for, enabled in CONFIG and supported (CUDA, sm_90+)."""
-    return bool(requested and CONFIG["pdl"] and t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9)
+def _pdl(requested: bool, t: torch.Tensor, tiles: Tiles) -> bool:
+    """Programmatic dependent launch where asked for, enabled in the tiles and supported (CUDA, sm_90+)."""
+    return bool(requested and tiles.pdl and t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9)
 
 
 def _sel_args(sel: Sel, anchor: torch.Tensor):
@@ -606,19 +595,11 @@ def row_gemv(
     accumulate: bool = False,
     tile: str = "row",
     pdl: bool = False,
+    tiles: Tiles = DEFAULT_TILES,
 ) -> None:
     B, K = x.shape
     N = lin.w.shape[0]
     assert x.stride(1) == 1 and out.stride(1) == 1 and lin.w.is_contiguous() and B <= 16
-    cfg = CONFIG.get(tile, CONFIG["row"]) if B == 1 else CONFIG["row_dot"]
-    BN = cfg["BN"] if B == 1 else max(cfg["BN"], 16)
-    BK = cfg["BK"]
-    if B == 1 and K < BK and sel.kind != "units":  # short rows (predictor output layers): more rows per program
-        BK = max(16, triton.next_power_of_2(K))
-        BN *= 2 * (cfg["BK"] // BK)
-    if sel.kind == "units":
-        BN = min(BN, sel.group)
-        assert sel.group % BN == 0 and (B == 1 or BN >= 16), "unit size must be a multiple of the row tile"
     if ksel is not None:
         assert ksel.kind == "unit_index" and norm == "none" and act != "silu_gate", (
             "input-column selection: a unit list, no fused norm or gate"
@@ -632,11 +613,17 @@ def row_gemv(
     mask, idx, count = _sel_args(sel, x)
     c = lin.rowsum if lin.rowsum is not None else x
     b = lin.bias if has_bias else x
-    if ksel is not None:
-        BK = max(BK, ksel.group)
-        assert BK % ksel.group == 0, "the K tile must hold whole units"
+    t = row_tiling(
+        tiles,
+        tile,
+        batch=B,
+        k=K,
+        sel_kind=sel.kind,
+        sel_group=sel.group,
+        ksel_group=ksel.group if ksel is not None else None,
+    )
     n_rows = min(N, sel.bound) if sel.kind == "index" and sel.bound else N  # no programs for rows never kept
-    grid = (triton.cdiv(n_rows, BN),)
+    grid = (triton.cdiv(n_rows, t.BN),)
     _row_kernel[grid](
         x,
         x.stride(0),
@@ -665,32 +652,25 @@ def row_gemv(
         KSEL=ksel is not None,
         GK=ksel.group if ksel is not None else 1,
         ACCUM=accumulate,
-        PDL=_pdl(pdl, x),
+        PDL=_pdl(pdl, x, tiles),
         BM=1 if B == 1 else 16,
-        BN=BN,
-        BK=BK,
-        num_warps=cfg["warps"],
-        launch_pdl=_pdl(pdl, x),
+        BN=t.BN,
+        BK=t.BK,
+        num_warps=t.warps,
+        launch_pdl=_pdl(pdl, x, tiles),
     )
 
 
-def col_gemv_add(h: torch.Tensor, lin: Linear, out: torch.Tensor, *, sel: Sel, pdl: bool = False) -> None:
+def col_gemv_add(
+    h: torch.Tensor, lin: Linear, out: torch.Tensor, *, sel: Sel, pdl: bool = False, tiles: Tiles = DEFAULT_TILES
+) -> None:
     B = h.shape[0]
     R, N = lin.w.shape
     assert h.stride(1) == 1 and out.stride(1) == 1 and out.dtype == torch.float32 and lin.w.is_contiguous()
-    cfg = CONFIG["col_dot"] if B > 1 else CONFIG["col_units"] if sel.kind == "units" else CONFIG["col"]
-    kpp = cfg["KPP"]
-    if sel.kind == "units":
-        kpp = min(kpp, sel.group)
-        assert sel.group % kpp == 0
-    elif sel.kind == "index" and sel.expect and B == 1:
-        # fewer kept rows -> shorter row chunks, so that about TP programs stream at once
-        want = sel.expect * triton.cdiv(N, cfg["BN"]) / cfg.get("TP", 768)
-        kpp = max(min(kpp, 32), min(kpp, triton.next_power_of_2(max(1, int(want)))))
-    bk = min(cfg["BK"], kpp)
+    t = col_tiling(tiles, batch=B, n=N, sel_kind=sel.kind, sel_group=sel.group, sel_expect=sel.expect)
     mask, idx, count = _sel_args(sel, h)
     n_rows = min(R, sel.bound) if sel.kind == "index" and sel.bound else R
-    grid = (triton.cdiv(N, cfg["BN"]), triton.cdiv(n_rows, kpp))
+    grid = (triton.cdiv(N, t.BN), triton.cdiv(n_rows, t.KPP))
     _col_kernel[grid](
         h,
         h.stride(0),
@@ -707,13 +687,13 @@ def col_gemv_add(h: torch.Tensor, lin: Linear, out: torch.Tensor, *, sel: Sel, p
         G=sel.group,
         SEL=_SEL[sel.kind],
         HAS_BIAS=lin.bias is not None,
-        PDL=_pdl(pdl, h),
+        PDL=_pdl(pdl, h, tiles),
         BM=1 if B == 1 else 16,
-        BN=cfg["BN"],
-        BK=bk,
-        KPP=kpp,
-        num_warps=cfg["warps"],
-        launch_pdl=_pdl(pdl, h),
+        BN=t.BN,
+        BK=t.BK,
+        KPP=t.KPP,
+        num_warps=t.warps,
+        launch_pdl=_pdl(pdl, h, tiles),
     )
 
 
@@ -723,16 +703,18 @@ def rope_tables(max_pos, head_dim, theta, device):
     return _rt(max_pos, head_dim, theta, device)
 
 
-def attention_workspace(batch: int, heads: int, max_len: int, head_dim: int, device) -> dict:
-    """Buffers of the split-T attention: per-split partials and a zeroed completion counter per (b, h)."""
-    cfg = CONFIG["attn"]
-    span = cfg["BT"] * cfg.get("NT", 1)
-    splits = triton.cdiv(max_len, span)
+def attention_workspace(
+    batch: int, heads: int, max_len: int, head_dim: int, device, *, tiles: Tiles = DEFAULT_TILES
+) -> dict:
+    """Buffers of the split-T attention (tiled by `tiles.attn`): per-split partials and a zeroed completion counter
+    per (b, h)."""
+    t = attn_tiling(tiles, max_len)
+    splits = t.splits
     return {
-        "BT": cfg["BT"],
-        "NT": cfg.get("NT", 1),
+        "BT": t.BT,
+        "NT": t.NT,
         "splits": splits,
-        "warps": cfg["warps"],
+        "warps": t.warps,
         "max_len": max_len,
         "acc": torch.zeros(batch * heads * splits * head_dim, dtype=torch.float32, device=device),
         "ml": torch.zeros(batch * heads * splits * 2, dtype=torch.float32, device=device),
@@ -741,9 +723,23 @@ def attention_workspace(batch: int, heads: int, max_len: int, head_dim: int, dev
 
 
 def attention_decode(
-    qkv, k_cache, v_cache, pos, head_mask, out, *, heads, kv_heads, head_dim, rope, work: dict, pdl: bool = False
+    qkv,
+    k_cache,
+    v_cache,
+    pos,
+    head_mask,
+    out,
+    *,
+    heads,
+    kv_heads,
+    head_dim,
+    rope,
+    work: dict,
+    pdl: bool = False,
+    tiles: Tiles = DEFAULT_TILES,
 ) -> None:
-    """`work` from `attention_workspace` (its tiling; one split when BT·NT covers the cache)."""
+    """`work` from `attention_workspace` (its tiling; one split when BT·NT covers the cache); `tiles.pdl` gates
+    programmatic dependent launch."""
     B = qkv.shape[0]
     T = k_cache.shape[2]
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
@@ -776,9 +772,9 @@ def attention_decode(
         NT=nt,
         S=splits,
         SB=triton.next_power_of_2(splits),
-        PDL=_pdl(pdl, qkv),
+        PDL=_pdl(pdl, qkv, tiles),
         num_warps=warps,
-        launch_pdl=_pdl(pdl, qkv),
+        launch_pdl=_pdl(pdl, qkv, tiles),
     )
 
 

@@ -2,8 +2,8 @@
 
 Each measurement captures `n_sets` launches over distinct weight sets (so L2 never holds the weights) in one
 CUDA graph and times its replays with CUDA events; the kernels are launched as in the engine (programmatic
-dependent launch when `CONFIG["pdl"]`), so back-to-back launches overlap as they do in a decode step. Also sweeps
-a few tile shapes and keeps the fastest.
+dependent launch when `tiles.pdl`), so back-to-back launches overlap as they do in a decode step. Also sweeps
+a few tile shapes: each sweep takes a `Tiles` value and returns the one with the fastest candidate in place.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from dataclasses import replace
 
 import torch
 
-from . import kernels_triton as KT
 from . import plan as plan_mod
 from .plan import kept
 from .sel import DENSE, index, unit_index, units
 from .shapes import ModelShape
+from .tiles import Tiles
 from .weights import Linear
 
 
@@ -83,9 +83,11 @@ class KernelBench:
         kkv = int(p.qkv_mask[0, s.heads : s.heads + s.kv_heads].sum())
         return fsel, units(p.qkv_mask[0], s.head_dim), olist, kf, kh, kkv
 
-    def run(self, kernel: str, sparsity: float) -> dict:
+    def run(self, kernel: str, sparsity: float, tiles: Tiles) -> dict:
         """kernel: gateup | down | qkv | o (row form, the engine's) | o_col (column form with atomics, for
-        comparison) | attn | torch_gateup | torch_down (cuBLAS dense reference)."""
+        comparison) | attn | torch_gateup | torch_down (cuBLAS dense reference); launched with `tiles`."""
+        from . import kernels_triton  # the GPU path (the sweep logic, `_pick`, imports without triton)
+
         s, D = self.s, self.s.hidden
         fsel, hsel, olist, kf, kh, kkv = self._sels(sparsity)
         dense = sparsity == 0.0
@@ -93,28 +95,39 @@ class KernelBench:
         hs = DENSE if dense else hsel
         if kernel == "gateup":
             fn = lambda: [
-                KT.row_gemv(self.x, st["w1"], self.h, lin2=st["w3"], norm="rms", act="silu_gate", sel=fs, pdl=True)
+                kernels_triton.row_gemv(
+                    self.x, st["w1"], self.h, lin2=st["w3"], norm="rms", act="silu_gate", sel=fs, pdl=True, tiles=tiles
+                )
                 for st in self.sets
             ]
             nbytes = 2 * kf * D * 2
         elif kernel == "down":
-            fn = lambda: [KT.col_gemv_add(self.h, st["w2T"], self.out, sel=fs, pdl=True) for st in self.sets]
+            fn = lambda: [
+                kernels_triton.col_gemv_add(self.h, st["w2T"], self.out, sel=fs, pdl=True, tiles=tiles)
+                for st in self.sets
+            ]
             nbytes = kf * D * 2
         elif kernel == "qkv":
             fn = lambda: [
-                KT.row_gemv(self.x, st["qkv"], self.qkv_out, norm="rms", sel=hs, tile="qkv", pdl=True)
+                kernels_triton.row_gemv(
+                    self.x, st["qkv"], self.qkv_out, norm="rms", sel=hs, tile="qkv", pdl=True, tiles=tiles
+                )
                 for st in self.sets
             ]
             nbytes = (kh + 2 * kkv) * s.head_dim * D * 2
         elif kernel == "o":
             ks = None if dense else olist
             fn = lambda: [
-                KT.row_gemv(self.attn, st["o"], self.out, sel=DENSE, ksel=ks, accumulate=True, tile="o", pdl=True)
+                kernels_triton.row_gemv(
+                    self.attn, st["o"], self.out, sel=DENSE, ksel=ks, accumulate=True, tile="o", pdl=True, tiles=tiles
+                )
                 for st in self.sets
             ]
             nbytes = kh * s.head_dim * D * 2
         elif kernel == "o_col":
-            fn = lambda: [KT.col_gemv_add(self.attn, st["oT"], self.out, sel=hs) for st in self.sets]
+            fn = lambda: [
+                kernels_triton.col_gemv_add(self.attn, st["oT"], self.out, sel=hs, tiles=tiles) for st in self.sets
+            ]
             nbytes = kh * s.head_dim * D * 2
         elif kernel == "attn":
             T = 256
@@ -133,9 +146,9 @@ class KernelBench:
                 self.rope = rope_tables(T, d, 500000.0, "cuda")
                 self.qkv_in = torch.randn(self.B, s.qkv_rows, device="cuda").to(torch.bfloat16)
             qm = hsel.mask if not dense else torch.ones(H + 2 * KVH, dtype=torch.int32, device="cuda")
-            work = KT.attention_workspace(self.B, H, T, d, "cuda")
+            work = kernels_triton.attention_workspace(self.B, H, T, d, "cuda", tiles=tiles)
             fn = lambda: [
-                KT.attention_decode(
+                kernels_triton.attention_decode(
                     self.qkv_in,
                     kc,
                     vc,
@@ -148,6 +161,7 @@ class KernelBench:
                     rope=self.rope,
                     work=work,
                     pdl=True,
+                    tiles=tiles,
                 )
                 for kc, vc in self.kv
             ]
@@ -214,50 +228,63 @@ ATTN_CANDIDATES = [
 ]
 
 
-def _pick(key: str, candidates: list[dict], measure, unit: str, lower_is_better: bool) -> dict:
-    """Set KT.CONFIG[key] to each candidate, measure it, keep the best there; a tile that does not compile is
-    recorded and skipped, not fatal."""
+def _pick(
+    tiles: Tiles, key: str, candidates: list[dict], measure, unit: str, lower_is_better: bool
+) -> tuple[Tiles, dict]:
+    """Measure `tiles` with each candidate as `key`'s tile and return (`tiles` with the best one in place, the
+    record); a tile that does not compile is recorded and skipped, not fatal."""
     results = []
     for cand in candidates:
-        KT.CONFIG[key] = dict(cand)
         try:
-            value = measure()
+            value = measure(tiles.replace(key, cand))
         except Exception as e:
             results.append({"config": cand, unit: None, "error": repr(e)[:200]})
             continue
         results.append({"config": cand, unit: value})
     best = (min if lower_is_better else max)((r for r in results if r[unit]), key=lambda r: r[unit])
-    KT.CONFIG[key] = dict(best["config"])
-    return {"key": key, "best": best, "all": results}
+    return tiles.replace(key, best["config"]), {"key": key, "best": best, "all": results}
 
 
 def engine_sweep(
-    shape: ModelShape, weights, key: str, candidates: list[dict], *, points=(("dense", 0.0), ("static", 0.5))
-) -> dict:
-    """Time whole decode steps (CUDA graph, batch 1) for each tile candidate of `key`; keep the fastest (sum of
-    the median ms/token over `points`) in KT.CONFIG."""
-    from . import timing
-    from .engine import DecodeEngine, EngineConfig
+    shape: ModelShape,
+    weights,
+    key: str,
+    candidates: list[dict],
+    config,
+    *,
+    points=(("dense", 0.0), ("static", 0.5)),
+) -> tuple[Tiles, dict]:
+    """Time whole decode steps (CUDA graph, batch 1) of `config` (an `EngineConfig`, its tiles the starting point)
+    at each of `points` (method, sparsity) for each tile candidate of `key`; return the tiles with the fastest
+    (sum of the median ms/token over `points`) in place, and the record."""
+    from dataclasses import replace as with_
 
-    def measure() -> float:
+    from . import timing
+    from .engine import DecodeEngine
+
+    def measure(tiles: Tiles) -> float:
         total = 0.0
-        for mode, sp in points:
-            eng = DecodeEngine(shape, EngineConfig(mode=mode, head_sparsity=sp, neuron_sparsity=sp), weights=weights)
+        for method, sp in points:
+            cfg = with_(config, method=method, head_sparsity=sp, neuron_sparsity=sp, batch=1, tiles=tiles)
+            eng = DecodeEngine(shape, cfg, weights=weights)
             g = timing.capture(eng)
             total += timing.summarize(timing.time_decode(eng, g, warmup=4))["ms_per_token"]
             del g, eng
         return total
 
-    out = _pick(key, candidates, measure, "ms", lower_is_better=True)
-    return {**out, "kernel": f"decode step ({', '.join(f'{m}@{sp:.0%}' for m, sp in points)})"}
+    tiles, out = _pick(config.tiles, key, candidates, measure, "ms", lower_is_better=True)
+    return tiles, {**out, "kernel": f"decode step ({', '.join(f'{m}@{sp:.0%}' for m, sp in points)})"}
 
 
-def sweep(bench: KernelBench, key: str, kernel: str, candidates: list[dict], sparsities=(0.0, 0.5, 0.9)) -> dict:
-    """Time each tile candidate on `kernel` (GB/s = total bytes / total time over the sparsities, i.e. what a
-    decode at those sparsities would see); keep the best in KT.CONFIG."""
+def sweep(
+    bench: KernelBench, tiles: Tiles, key: str, kernel: str, candidates: list[dict], sparsities=(0.0, 0.5, 0.9)
+) -> tuple[Tiles, dict]:
+    """Time each tile candidate of `key` on `kernel` (GB/s = total bytes / total time over the sparsities, i.e.
+    what a decode at those sparsities would see); return `tiles` with the best in place, and the record."""
 
-    def measure() -> float:
-        runs = [bench.run(kernel, sp) for sp in sparsities]
+    def measure(t: Tiles) -> float:
+        runs = [bench.run(kernel, sp, t) for sp in sparsities]
         return sum(r["bytes"] for r in runs) / (sum(r["us"] for r in runs) * 1e-6) / 1e9
 
-    return {**_pick(key, candidates, measure, "gbps", lower_is_better=False), "kernel": kernel}
+    tiles, out = _pick(tiles, key, candidates, measure, "gbps", lower_is_better=False)
+    return tiles, {**out, "kernel": kernel}

@@ -33,9 +33,6 @@ class Plan:
     k_heads: int
     k_neurons: int
 
-    def head_mask(self, layer: int) -> torch.Tensor:
-        return self.qkv_mask[layer]
-
     def host_masks(self, shape: ModelShape) -> tuple[torch.Tensor, torch.Tensor]:
         """(head keep [L, H] bool, neuron keep [L, F] bool) on the CPU."""
         qm = self.qkv_mask.cpu()

@@ -7,11 +7,12 @@ import io
 import json
 from pathlib import Path
 
-from pipeline.io import atomic_path
+from pipeline.io import write_text
+from pipeline.plots import figure, save_png
 
 COLUMNS = [
     "model",
-    "mode",
+    "method",
     "batch",
     "head_sparsity",
     "neuron_sparsity",
@@ -34,11 +35,6 @@ COLUMNS = [
 ]
 
 
-def atomic_write(path: str | Path, data: bytes | str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-
-
 def _find(rows, **kw):
     for r in rows:
         if r.get("status") == "ok" and all(r.get(k) == v for k, v in kw.items()):
@@ -49,11 +45,11 @@ def _find(rows, **kw):
 def summarize(rows: list[dict], micro: dict | None, target_model: str = "llama-3-8b") -> dict:
     """The issue's targets, each with its measured value and pass/fail (None when not measured)."""
     out: dict = {}
-    dense = _find(rows, model=target_model, mode="dense", batch=1)
+    dense = _find(rows, model=target_model, method="dense", batch=1)
     out["dense_frac_of_bound"] = {"value": dense and dense["frac_of_bound"], "target": 0.80}
-    sh50 = _find(rows, model=target_model, mode="shadowllm", batch=1, head_sparsity=0.5)
-    dj50 = _find(rows, model=target_model, mode="dejavu", batch=1, head_sparsity=0.5)
-    st50 = _find(rows, model=target_model, mode="static", batch=1, head_sparsity=0.5)
+    sh50 = _find(rows, model=target_model, method="shadowllm", batch=1, head_sparsity=0.5)
+    dj50 = _find(rows, model=target_model, method="dejavu", batch=1, head_sparsity=0.5)
+    st50 = _find(rows, model=target_model, method="static", batch=1, head_sparsity=0.5)
     out["shadowllm50_speedup_vs_dense"] = {
         "value": sh50 and dense and dense["ms_per_token"] / sh50["ms_per_token"],
         "target": 1.6,
@@ -66,8 +62,8 @@ def summarize(rows: list[dict], micro: dict | None, target_model: str = "llama-3
         "value": st50 and dense and dense["ms_per_token"] / st50["ms_per_token"],
         "target": None,
     }
-    sh0 = _find(rows, model=target_model, mode="shadowllm", batch=1, head_sparsity=0.0)
-    st0 = _find(rows, model=target_model, mode="static", batch=1, head_sparsity=0.0)
+    sh0 = _find(rows, model=target_model, method="shadowllm", batch=1, head_sparsity=0.0)
+    st0 = _find(rows, model=target_model, method="static", batch=1, head_sparsity=0.0)
     share = None
     if sh0 and st0:
         share = (sh0["ms_per_token"] - st0["ms_per_token"]) / sh0["ms_per_token"]
@@ -132,13 +128,13 @@ def to_markdown(results: dict) -> str:
         "",
         "## Per configuration",
         "",
-        "| model | mode | batch | sparsity | ms/token | tok/s | GB/s | bound ms | frac of bound | × dense | bound × | "
-        "pred MB |",
+        "| model | method | batch | sparsity | ms/token | tok/s | GB/s | bound ms | frac of bound | × dense | "
+        "bound × | pred MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['mode']} | {r['batch']} | {r['head_sparsity']:.0%} | {r['ms_per_token']:.3f} | "
+            f"| {r['model']} | {r['method']} | {r['batch']} | {r['head_sparsity']:.0%} | {r['ms_per_token']:.3f} | "
             f"{r['tokens_per_s']:.0f} | {r['achieved_gbps']:.0f} | {r['bound_ms']:.3f} | "
             f"{r['frac_of_bound']:.2f} | {_fmt(r.get('speedup_vs_dense'))} | {r['speedup_bound']:.2f} | "
             f"{r['predictor_bytes'] / 1e6:.0f} |"
@@ -149,12 +145,12 @@ def to_markdown(results: dict) -> str:
             "",
             "## Ablations (batch 1)",
             "",
-            "| variant | model | mode | sparsity | overlap | PDL | ms/token | × dense | pred MB |",
+            "| variant | model | method | sparsity | overlap | PDL | ms/token | × dense | pred MB |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in extra:
             lines.append(
-                f"| {r['variant']} | {r['model']} | {r['mode']} | {r['head_sparsity']:.0%} | {r.get('overlap')} | "
+                f"| {r['variant']} | {r['model']} | {r['method']} | {r['head_sparsity']:.0%} | {r.get('overlap')} | "
                 f"{r.get('pdl', True)} | "
                 f"{r['ms_per_token']:.3f} | {_fmt(r.get('speedup_vs_dense'))} | {r['predictor_bytes'] / 1e6:.0f} |"
             )
@@ -174,7 +170,7 @@ def to_markdown(results: dict) -> str:
     for pr in results.get("profile", []):
         lines += [
             "",
-            f"## Profile: {results.get('summary_model')} {pr['mode']} at {pr['sparsity']:.0%}, batch 1 "
+            f"## Profile: {results.get('summary_model')} {pr['method']} at {pr['sparsity']:.0%}, batch 1 "
             "(predictors not overlapped, no PDL)",
             "",
             f"Graph step {pr['step_us']:.0f} µs = device time of the kernels {pr['kernel_sum_us']:.0f} µs "
@@ -200,38 +196,29 @@ def to_markdown(results: dict) -> str:
 
 
 def plot(rows: list[dict], path: str | Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ok = [r for r in rows if r.get("status") == "ok"]
     models = list(dict.fromkeys(r["model"] for r in ok))
     if not models:
         return
     n = len(models)
     cols = min(4, n)
-    fig, axes = plt.subplots(
-        (n + cols - 1) // cols, cols, figsize=(4.2 * cols, 3.4 * ((n + cols - 1) // cols)), squeeze=False
+    fig, axes = figure(
+        nrows=(n + cols - 1) // cols, ncols=cols, figsize=(4.2 * cols, 3.4 * ((n + cols - 1) // cols)), squeeze=False
     )
     for ax, m in zip(axes.flat, models):
         _panel(ax, [r for r in ok if r["model"] == m and r["batch"] == 1], f"{m}, batch 1", "ms / token")
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    save_png(fig, path)
 
 
 def _panel(ax, rows: list[dict], title: str, ylabel: str) -> None:
-    """ms/token against sparsity for each sparse mode of one (model, batch), dense as a line."""
-    for mode in ("static", "shadowllm", "dejavu"):
-        pts = sorted((r["head_sparsity"], r["ms_per_token"]) for r in rows if r["mode"] == mode)
+    """ms/token against sparsity for each sparse method of one (model, batch), dense as a line."""
+    for method in ("static", "shadowllm", "dejavu"):
+        pts = sorted((r["head_sparsity"], r["ms_per_token"]) for r in rows if r["method"] == method)
         if pts:
-            ax.plot([p[0] * 100 for p in pts], [p[1] for p in pts], marker="o", label=mode)
-    d = [r["ms_per_token"] for r in rows if r["mode"] == "dense"]
+            ax.plot([p[0] * 100 for p in pts], [p[1] for p in pts], marker="o", label=method)
+    d = [r["ms_per_token"] for r in rows if r["method"] == "dense"]
     if d:
         ax.axhline(d[0], color="k", ls="--", lw=1, label="dense")
     ax.set_title(title)
@@ -242,32 +229,23 @@ def _panel(ax, rows: list[dict], title: str, ylabel: str) -> None:
 
 
 def plot_batches(rows: list[dict], model: str, path: str | Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ok = [r for r in rows if r.get("status") == "ok" and r["model"] == model]
     batches = sorted({r["batch"] for r in ok})
     if len(batches) < 2:
         return False
-    fig, axes = plt.subplots(1, len(batches), figsize=(3.6 * len(batches), 3.2), squeeze=False)
+    fig, axes = figure(nrows=1, ncols=len(batches), figsize=(3.6 * len(batches), 3.2), squeeze=False)
     for ax, b in zip(axes.flat, batches):
         _panel(ax, [r for r in ok if r["batch"] == b], f"{model}, batch {b}", "ms / step")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    save_png(fig, path)
     return True
 
 
 def write_all(results: dict, out_dir: str | Path, stem: str) -> list[Path]:
     out = Path(out_dir)
     paths = [out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}.csv"]
-    atomic_write(paths[0], json.dumps(results, indent=1, default=str))
-    atomic_write(paths[1], to_markdown(results))
-    atomic_write(paths[2], to_csv(results["rows"]))
+    write_text(paths[0], json.dumps(results, indent=1, default=str))
+    write_text(paths[1], to_markdown(results))
+    write_text(paths[2], to_csv(results["rows"]))
     try:
         plot(results["rows"], out / f"{stem}_ms_vs_sparsity.png")
         paths.append(out / f"{stem}_ms_vs_sparsity.png")
@@ -288,12 +266,12 @@ def short_table(results: dict) -> str:
     ]
     keys = list(dict.fromkeys((r["model"], r["batch"]) for r in rows if r.get("status") == "ok"))
     for m, b in keys:
-        d = _find(rows, model=m, mode="dense", batch=b)
+        d = _find(rows, model=m, method="dense", batch=b)
         st, sh, dj = (
-            _find(rows, model=m, mode=x, batch=b, head_sparsity=0.5) for x in ("static", "shadowllm", "dejavu")
+            _find(rows, model=m, method=x, batch=b, head_sparsity=0.5) for x in ("static", "shadowllm", "dejavu")
         )
-        sh0 = _find(rows, model=m, mode="shadowllm", batch=b, head_sparsity=0.0)
-        st0 = _find(rows, model=m, mode="static", batch=b, head_sparsity=0.0)
+        sh0 = _find(rows, model=m, method="shadowllm", batch=b, head_sparsity=0.0)
+        st0 = _find(rows, model=m, method="static", batch=b, head_sparsity=0.0)
         g = lambda r: r["ms_per_token"] if r else float("nan")
         lines.append(
             f"{m:12s} {b:2d} {g(d):7.3f} {(d or {}).get('frac_of_bound', float('nan')):5.2f} | {g(st):7.3f} "

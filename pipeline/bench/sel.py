@@ -1,6 +1,6 @@
 """Which rows a kernel reads: every row, whole units flagged in a mask, or an index list of kept rows.
 
-- `dense()`: every row.
+- `DENSE`: every row.
 - `units(mask, group)`: unit u = rows u·group … u·group+group-1 is read iff mask[u] != 0 (heads: group =
   head_dim). Outputs keep the full layout; rows of dropped units are not written.
 - `index(idx, count)`: rows idx[0:count] (neurons); outputs are compact (position i holds row idx[i]).
@@ -29,10 +29,6 @@ class Sel:
 
 
 DENSE = Sel("dense")
-
-
-def dense() -> Sel:
-    return DENSE
 
 
 def units(mask: torch.Tensor, group: int) -> Sel:
