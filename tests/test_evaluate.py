@@ -71,7 +71,9 @@ class FakeDejaVu(nn.Module):
 
 def _ctx(model, granularity="per_token", criterion="plainact", pred=None, kind="shadowllm"):
     layout = resolve(model)
-    ctx = methods.MethodContext(model=model, layout=layout, fingerprint="test", criterion=criterion, granularity=granularity)
+    ctx = methods.MethodContext(
+        model=model, layout=layout, fingerprint="test", criterion=criterion, granularity=granularity
+    )
     if pred is not None:
         ctx.cache[f"pred/{kind}/{criterion}"] = pred
     return ctx
@@ -277,7 +279,9 @@ def _params(tmp_path: Path, **ev):
         "cache_dir": str(tmp_path / "cache"),
     }
     e.update(ev)
-    return full_params(model={"id": "unused"}, data={"mirror_dir": str(mirror), "calib_fraction": 0.5, "seed": 1}, evaluate=e)
+    return full_params(
+        model={"id": "unused"}, data={"mirror_dir": str(mirror), "calib_fraction": 0.5, "seed": 1}, evaluate=e
+    )
 
 
 def full_params(**sections) -> dict:

@@ -57,14 +57,18 @@ def test_predictor_row_in_evaluation_equals_the_calibration_trace_features(arch,
     reqs = [(ctx, c) for c in conts]
 
     spy = Spy(FakeShadow(layout))
-    loglikelihoods(model, reqs, masking=methods.ShadowLLMMasking(_ctx(model, "per_sequence"), SPEC, spy), reuse_context=reuse)
+    loglikelihoods(
+        model, reqs, masking=methods.ShadowLLMMasking(_ctx(model, "per_sequence"), SPEC, spy), reuse_context=reuse
+    )
     rows = torch.cat([r.reshape(-1, r.shape[-1]) for r in spy.rows])
     assert len(rows) >= 1
     for r in rows:  # every candidate's mask is predicted from the gold example's trace row
         np.testing.assert_allclose(r.numpy(), trace["feat_l0"][0], rtol=1e-4, atol=1e-5)
 
     spy = Spy(FakeDejaVu(layout))
-    loglikelihoods(model, reqs, masking=methods.DejaVuMasking(_ctx(model, "per_sequence"), SPEC, spy), reuse_context=reuse)
+    loglikelihoods(
+        model, reqs, masking=methods.DejaVuMasking(_ctx(model, "per_sequence"), SPEC, spy), reuse_context=reuse
+    )
     E = layout.hidden
     feats = trace["feat_layers"][0].reshape(layout.n_layers, E)
     for l, x in spy.rows:
@@ -193,7 +197,9 @@ def test_static_mask_equals_the_train_mean_keep_mask(tmp_path):
     raw = {"heads": heads.mean(0), "neurons": neurons.mean(0)}
     meta = {"model": {"fingerprint": "fp", "dims": layout.dims()}}
     agg.save_scores(tmp_path, {"plainact": train_mean}, {}, meta, raw_static={"plainact": raw})
-    ctx = methods.MethodContext(model=model, layout=layout, fingerprint="fp", scores_dir=str(tmp_path), criterion="plainact")
+    ctx = methods.MethodContext(
+        model=model, layout=layout, fingerprint="fp", scores_dir=str(tmp_path), criterion="plainact"
+    )
     static = methods.build("static", ctx, SPEC)
     for pool, _U in (("heads", H), ("neurons", F)):
         want = keep_mask(torch.as_tensor(train_mean[pool]), 0.5, "global")

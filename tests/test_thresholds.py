@@ -12,8 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.evaluate import methods
-from pipeline.evaluate import thresholds
+from pipeline.evaluate import methods, thresholds
 from pipeline.evaluate.forward import ForwardInfo, dense_masking
 from pipeline.evaluate.loglik import loglikelihoods
 from pipeline.hooks import observe_masks
@@ -32,7 +31,9 @@ def _seqs(n: int, T: int, seed: int) -> list[list[int]]:
 
 
 def _ctx(model, calib=(64, 32, 0)):
-    return methods.MethodContext(model=model, layout=resolve(model), fingerprint="test", calibration=lambda: _seqs(*calib))
+    return methods.MethodContext(
+        model=model, layout=resolve(model), fingerprint="test", calibration=lambda: _seqs(*calib)
+    )
 
 
 def _build(name, ctx, s, pools=("heads", "neurons")):
@@ -272,7 +273,8 @@ def test_byte_sparsity_by_hand_on_a_small_config():
     keep_n[1, :10] = False
     by_hand = (2 * 512 + 512) + 512 + 10 * 96  # = 3008 elements
     got = sum(
-        float(thresholds.skipped_elements(wb, "heads", l, keep_h[l])) + float(thresholds.skipped_elements(wb, "neurons", l, keep_n[l]))
+        float(thresholds.skipped_elements(wb, "heads", l, keep_h[l]))
+        + float(thresholds.skipped_elements(wb, "neurons", l, keep_n[l]))
         for l in range(3)
     )
     assert got == by_hand
