@@ -447,6 +447,11 @@ def build(name: str, ctx: MethodContext, spec: MaskSpec) -> Masking:
     return METHODS.get(name, "evaluate.methods").build(ctx, spec)
 
 
+def reference() -> MethodSpec:
+    """The unpruned reference every sweep evaluates once, at sparsity 0."""
+    return next(spec for _, spec in METHODS.items() if spec.reference)
+
+
 def is_reference(name: str) -> bool:
     """Whether a record's method is the unpruned reference (a name this registry does not know is not)."""
     return name in METHODS and METHODS.get(name).reference

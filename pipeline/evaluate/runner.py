@@ -23,11 +23,12 @@ from torch import nn
 
 from pipeline.evaluate.config import EvalConfig, MethodRef
 from pipeline.evaluate.forward import Masking
+from pipeline.evaluate.methods import reference
 from pipeline.io import write_json
 from pipeline.masks import describe
 
 CACHE_VERSION = 1
-DENSE = MethodRef.of("dense")
+DENSE = MethodRef(reference())
 
 
 def plan(cfg: EvalConfig) -> list[tuple[MethodRef, float]]:
