@@ -18,6 +18,7 @@ STAGES = {
     "benchmark": "stages.benchmark",
     "bench-collect": "stages.bench_collect",
     "claims": "stages.claims",
+    "compare-lmeval": "stages.compare_lmeval",
 }
 
 

@@ -14,50 +14,11 @@ from pathlib import Path
 
 import click
 
-
-def _fail(msg: str) -> None:
-    raise click.ClickException(msg)
-
-
-def preflight(params: dict):
-    """Validate every parameter and input path that can be checked without the model's weights."""
-    from pipeline import params as P
-    from pipeline.evaluate.config import parse
-    from pipeline.models.loading import load_config, parse_dtype
-
-    cfg = parse(params)
-    m = P.section(params, "model")
-    model_id = str(P.require(m, "id", "model"))
-    parse_dtype(str(m.get("dtype", "float32")))
-    from pipeline.evaluate import methods as M
-
-    for meth in cfg.methods:
-        needs = M.info(meth.name)["needs"]
-        if needs == "scores":
-            if not cfg.scores_dir:
-                raise P.ParamError(f"parameter evaluate.scores_dir is required by method {meth.name}:{meth.criterion}")
-            if not (Path(cfg.scores_dir) / "scores.json").is_file():
-                raise P.ParamError(
-                    f"parameter evaluate.scores_dir: {cfg.scores_dir}/scores.json not found "
-                    f"(run the aggregate stage first)"
-                )
-        if needs == "predictor":
-            if not cfg.predictors_dir:
-                raise P.ParamError(f"parameter evaluate.predictors_dir is required by method {meth.label}")
-            d = Path(cfg.predictors_dir) / f"{meth.name}-{meth.criterion}"
-            if not d.is_dir():
-                raise P.ParamError(
-                    f"parameter evaluate.predictors_dir: no predictor {d} for method {meth.label} "
-                    f"(run the train stage for {meth.name} with criterion {meth.criterion})"
-                )
-    load_config(model_id, trust_remote_code=bool(m.get("trust_remote_code", False)))
-    return cfg
+from stages.common import load_params, params_option, reported
 
 
 @click.command("evaluate")
-@click.option(
-    "--params", "params_path", type=click.Path(path_type=Path), default=Path("params.yaml"), show_default=True
-)
+@params_option
 @click.option(
     "--out",
     "out_dir",
@@ -100,100 +61,53 @@ def cli(
     records_path: Path | None,
 ) -> None:
     """Evaluate dense/static/oracle/ShadowLLM/DejaVu masks: WikiText-2 perplexity, zero-shot accuracy."""
-    from pipeline import params as P
-    from pipeline.data.errors import DataError
-    from pipeline.models.loading import ModelError
-
-    try:
-        params = P.load(params_path)
-        from pipeline.params import set_override
-
-        for o in overrides:
-            set_override(params, o)
-        cfg = preflight(params)
-    except (P.ParamError, DataError, ModelError) as e:
-        _fail(str(e))
-    run_evaluate(params, cfg, out_dir, metrics_path, force, threads, records_path)
-
-
-def run_evaluate(
-    params: dict,
-    cfg,
-    out_dir: Path,
-    metrics_path: Path | None,
-    force: bool,
-    threads: int | None,
-    records_path: Path | None = None,
-) -> None:
     import torch
 
-    from pipeline.evaluate.report import write_all
+    from pipeline.evaluate.claims import save_records
+    from pipeline.evaluate.config import parse
+    from pipeline.evaluate.report import flat_metrics, write_all
     from pipeline.evaluate.runner import Evaluator
     from pipeline.io import write_json
-    from pipeline.models.adapters import resolve
-    from pipeline.models.loading import fingerprint, load_from_params
+    from pipeline.models.loading import check_model, open_model
     from pipeline.tracking import stage_run
 
+    with reported():  # every parameter and input path that can be checked without the model's weights
+        cfg = parse(load_params(params_path, overrides))
+        cfg.check_inputs()
+        check_model(cfg.model)
     if threads:
         torch.set_num_threads(threads)
-    m = params["model"]
-    t0 = time.perf_counter()
-    model, tokenizer = load_from_params(m)
-    layout = resolve(model)
-    fp = fingerprint(model)
-    load_s = time.perf_counter() - t0
-    ev = Evaluator(cfg, model, tokenizer, layout, fp, model_id=str(m["id"]), log=click.echo)
-    click.echo(
-        f"evaluate: model {m['id']} ({fp}) loaded in {load_s:.1f}s; "
-        f"{len(cfg.methods)} methods x {len(cfg.sparsities)} sparsities, tasks {', '.join(cfg.tasks)}"
-        f"{', ' + cfg.ppl_task if cfg.ppl_task else ''}; BOS {'on' if ev.cfg.add_bos else 'off'}"
-    )
-    t1 = time.perf_counter()
-    records = ev.run(force=force)
-    eval_s = time.perf_counter() - t1
-    for t in cfg.tasks:
-        ev.task_data(t)  # the split record of every task, also when all points were cached
-    info = {
-        "model": str(m["id"]),
-        "fingerprint": fp,
-        "scope": cfg.scope,
-        "pools": cfg.pools,
-        "granularity": cfg.granularity,
-        "seed": cfg.seed,
-        "calib_fraction": cfg.calib_fraction,
-        "limit": cfg.raw.get("limit"),
-        "seq_len": cfg.seq_len,
-        "max_windows": cfg.max_windows,
-        "cache_dir": cfg.cache_dir,
-        "add_bos": ev.cfg.add_bos,
-    }  # the resolved model.add_bos
-    out = write_all(out_dir, records, cfg, info, metrics_path)
+    m = open_model(cfg.model)
+    with reported():
+        ev = Evaluator(cfg, m.model, m.tokenizer, m.layout, m.fingerprint, model_id=cfg.model.id, log=click.echo)
+        click.echo(
+            f"evaluate: model {cfg.model.id} ({m.fingerprint}) loaded in {m.load_seconds:.1f}s; {ev.plan_line()}"
+        )
+        t0 = time.perf_counter()
+        records = ev.run(force=force)
+        eval_s = time.perf_counter() - t0
+        for t in cfg.tasks:
+            ev.task_data(t)  # the split record of every task, also when all points were cached
+    out = write_all(out_dir, records, cfg, ev.report_info(), metrics_path)
     write_json(out_dir / "split.json", {"seed": cfg.seed, "calib_fraction": cfg.calib_fraction, "tasks": ev.splits})
     if records_path is not None:
-        from pipeline.evaluate.claims import save_records
-
         save_records(records_path, [{k: v for k, v in r.items() if k != "cached"} for r in records])
     n_new = sum(not r["cached"] for r in records)
     click.echo(
         f"evaluate: {len(records)} points ({n_new} evaluated, {len(records) - n_new} cached) in {eval_s:.1f}s "
         f"-> {out_dir}"
     )
-    with stage_run("evaluate", tags={"model_fingerprint": fp}) as run:
-        run.log_params({"model": m, "data": params.get("data", {}), "evaluate": cfg.raw, "add_bos": ev.cfg.add_bos})
-        flat = {}
-        for label, by_s in out["metrics"].items():
-            for s, vals in by_s.items():
-                for k, v in vals.items():
-                    flat[f"{label}/{s}/{k}"] = v
-        flat.update(
+    with stage_run("evaluate", tags={"model_fingerprint": m.fingerprint}) as run:
+        run.log_params({**cfg.logged(), "add_bos": ev.cfg.add_bos})  # the resolved model.add_bos
+        run.log_metrics(
             {
-                "load_seconds": load_s,
+                **flat_metrics(out["metrics"]),
+                "load_seconds": m.load_seconds,
                 "eval_seconds": eval_s,
                 "points_evaluated": n_new,
                 "points_cached": len(records) - n_new,
             }
         )
-        run.log_metrics(flat)
         run.log_artifact(out_dir)
 
 

@@ -183,10 +183,12 @@ def test_multiple_choice_truncation_keeps_the_bos(bos_tok, bos_model):
 
 
 def _params(tmp_path: Path, add_bos) -> dict:
-    return {
-        "model": {"id": "unused", "add_bos": add_bos},
-        "data": {"mirror_dir": str(_mirror(tmp_path)), "calib_fraction": 0.5, "seed": 1},
-        "evaluate": {
+    from tests.test_evaluate import full_params
+
+    return full_params(
+        model={"id": "unused", "add_bos": add_bos},
+        data={"mirror_dir": str(_mirror(tmp_path)), "calib_fraction": 0.5, "seed": 1},
+        evaluate={
             "tasks": ["piqa"],
             "limit": 2,
             "methods": ["dense"],
@@ -195,7 +197,7 @@ def _params(tmp_path: Path, add_bos) -> dict:
             "max_length": 16,
             "cache_dir": str(tmp_path / "cache"),
         },
-    }
+    )
 
 
 def test_a_changed_bos_setting_misses_the_cache_and_is_recorded(tmp_path, bos_tok, bos_model):

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.evaluate import claims as CL
+from pipeline.evaluate import claims
 
 
 def _rec(label, task, accs, s=0.5, pools=("heads",), lls=None):
@@ -38,25 +38,25 @@ def test_paired_accuracy_gap_by_hand():
     a2, b2 = [0, 1, 1, 1], [0, 1, 1, 0]
     ra = {"t1": _rec("A", "t1", a1), "t2": _rec("A", "t2", a2)}
     rb = {"t1": _rec("B", "t1", b1), "t2": _rec("B", "t2", b2)}
-    g = CL.accuracy_gap(ra, rb, ["t1", "t2"])
+    g = claims.accuracy_gap(ra, rb, ["t1", "t2"])
     d1, d2 = np.subtract(a1, b1), np.subtract(a2, b2)
     assert g.delta == pytest.approx((d1.mean() + d2.mean()) / 2)
     se = math.sqrt((d1.std(ddof=1) / math.sqrt(6)) ** 2 + (d2.std(ddof=1) / math.sqrt(4)) ** 2) / 2
     assert g.se == pytest.approx(se) and g.n == 10
     assert g.verdict == ("A > B" if g.delta > 2 * se else "within noise")
-    assert CL.accuracy_gap(ra, {"t1": rb["t1"]}, ["t1", "t2"]) is None  # a missing task: no claim
+    assert claims.accuracy_gap(ra, {"t1": rb["t1"]}, ["t1", "t2"]) is None  # a missing task: no claim
 
 
 def test_verdicts_need_two_standard_errors():
-    assert CL.Gap(0.03, 0.01, 100).verdict == "A > B"
-    assert CL.Gap(-0.03, 0.01, 100).verdict == "A < B"
-    assert CL.Gap(0.019, 0.01, 100).verdict == "within noise"
+    assert claims.Gap(0.03, 0.01, 100).verdict == "A > B"
+    assert claims.Gap(-0.03, 0.01, 100).verdict == "A < B"
+    assert claims.Gap(0.019, 0.01, 100).verdict == "within noise"
 
 
 def test_perplexity_gap_is_the_log_ratio_paired_over_windows():
     la = [-20.0, -30.0, -25.0]
     lb = [-22.0, -31.0, -28.0]
-    g = CL.perplexity_gap(_rec("A", "w", [], lls=la), _rec("B", "w", [], lls=lb))
+    g = claims.perplexity_gap(_rec("A", "w", [], lls=la), _rec("B", "w", [], lls=lb))
     d = (np.array(lb) - np.array(la)) / 10  # NLL_A - NLL_B per token
     assert g.delta == pytest.approx(d.mean()) and g.se == pytest.approx(d.std(ddof=1) / math.sqrt(3))
     assert g.delta < 0  # A has the lower perplexity
@@ -71,9 +71,9 @@ def test_claims_markdown_files_dense_under_every_pools_setting_and_states_verdic
         _rec("static-plainact", "piqa", bad),
         _rec("dense", "piqa", good, s=0.0),
     ]
-    md = CL.claims_markdown(recs, ["piqa"], None)
+    md = claims.claims_markdown(recs, ["piqa"], None)
     assert "a contextual predictor beats the static ranking" in md and "| heads | 0.50 |" in md and "A > B" in md
-    idx = CL.index(recs)
+    idx = claims.index(recs)
     assert ("heads", "dense", 0.0) in idx
-    CL.save_records(tmp_path / "r.json.gz", recs)
-    assert CL.load_records([tmp_path / "r.json.gz"]) == recs
+    claims.save_records(tmp_path / "r.json.gz", recs)
+    assert claims.load_records([tmp_path / "r.json.gz"]) == recs

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from pipeline.data.tasks import Example
-from pipeline.evaluate import methods as M
+from pipeline.evaluate import methods
 from pipeline.evaluate.forward import ForwardInfo, dense_masking
 from pipeline.evaluate.loglik import loglikelihoods
 from pipeline.evaluate.perplexity import count_words, perplexity
@@ -71,7 +71,9 @@ class FakeDejaVu(nn.Module):
 
 def _ctx(model, granularity="per_token", criterion="plainact", pred=None, kind="shadowllm"):
     layout = resolve(model)
-    ctx = M.MethodContext(model=model, layout=layout, fingerprint="test", criterion=criterion, granularity=granularity)
+    ctx = methods.MethodContext(
+        model=model, layout=layout, fingerprint="test", criterion=criterion, granularity=granularity
+    )
     if pred is not None:
         ctx.cache[f"pred/{kind}/{criterion}"] = pred
     return ctx
@@ -100,15 +102,15 @@ def _all_maskings(model, s, pools=("heads", "neurons")):
     }
     local = MaskSpec(sparsity={p: s for p in pools}, scope="local")  # DejaVu on sparse inputs ranks per layer
     out = {
-        "static": M.StaticMasking(_ctx(model), spec, static, normalize=True),
-        "static/train_mean": M.StaticMasking(_ctx(model), spec, static, normalize=False),
+        "static": methods.StaticMasking(_ctx(model), spec, static, normalize=True),
+        "static/train_mean": methods.StaticMasking(_ctx(model), spec, static, normalize=False),
     }
     for g in ("per_token", "per_sequence"):
-        out[f"shadowllm/{g}"] = M.ShadowLLMMasking(_ctx(model, g), spec, FakeShadow(layout))
+        out[f"shadowllm/{g}"] = methods.ShadowLLMMasking(_ctx(model, g), spec, FakeShadow(layout))
         dv = local if g == "per_token" else spec
-        out[f"dejavu/{g}"] = M.DejaVuMasking(_ctx(model, g), dv, FakeDejaVu(layout))
-        out[f"lookahead/{g}"] = M.DejaVuMasking(_ctx(model, g), dv, FakeDejaVu(layout, offset=1))
-    out["oracle"] = M.OracleMasking(_ctx(model, "per_sequence", "plainact"), spec)
+        out[f"dejavu/{g}"] = methods.DejaVuMasking(_ctx(model, g), dv, FakeDejaVu(layout))
+        out[f"lookahead/{g}"] = methods.DejaVuMasking(_ctx(model, g), dv, FakeDejaVu(layout, offset=1))
+    out["oracle"] = methods.OracleMasking(_ctx(model, "per_sequence", "plainact"), spec)
     return out
 
 
@@ -145,7 +147,7 @@ def test_masks_zero_the_right_units():
 
         return hook
 
-    masking = M.ShadowLLMMasking(_ctx(model, "per_token"), spec, FakeShadow(layout))
+    masking = methods.ShadowLLMMasking(_ctx(model, "per_token"), spec, FakeShadow(layout))
     with (
         torch.no_grad(),
         masking.forward(ForwardInfo(IDS, torch.ones_like(IDS, dtype=torch.bool), torch.tensor([11, 11]))),
@@ -205,7 +207,7 @@ def test_reuse_with_per_token_masks_matches_full_sequences():
     model = tiny_model("llama")
     layout = resolve(model)
     spec = MaskSpec(sparsity={"heads": 0.5, "neurons": 0.5})
-    masking = M.ShadowLLMMasking(_ctx(model, "per_token"), spec, FakeShadow(layout))
+    masking = methods.ShadowLLMMasking(_ctx(model, "per_token"), spec, FakeShadow(layout))
     assert masking.reuse_context
     reqs = _requests()
     a = loglikelihoods(model, reqs, masking=masking, reuse_context=True)
@@ -277,11 +279,24 @@ def _params(tmp_path: Path, **ev):
         "cache_dir": str(tmp_path / "cache"),
     }
     e.update(ev)
-    return {
-        "model": {"id": "unused"},
-        "data": {"mirror_dir": str(mirror), "calib_fraction": 0.5, "seed": 1},
-        "evaluate": e,
-    }
+    return full_params(
+        model={"id": "unused"}, data={"mirror_dir": str(mirror), "calib_fraction": 0.5, "seed": 1}, evaluate=e
+    )
+
+
+def full_params(**sections) -> dict:
+    """The repository's params.yaml with each given section updated (`evaluate.perplexity` key by key)."""
+    import copy
+
+    from pipeline.params import load
+
+    params = copy.deepcopy(load(Path(__file__).resolve().parents[1] / "params.yaml"))
+    for name, values in sections.items():
+        values = dict(values)
+        if name == "evaluate" and "perplexity" in values:
+            values["perplexity"] = {**params["evaluate"]["perplexity"], **values["perplexity"]}
+        params[name].update(values)
+    return params
 
 
 @pytest.mark.parametrize(
@@ -363,7 +378,7 @@ def test_real_predictors_through_registry(tmp_path, kind, granularity):
     layout = resolve(model)
     pred = build(kind, "plainact", layout.dims(), {"hidden_heads": 16, "hidden_neurons": 16})
     save_predictor(pred, tmp_path / f"{kind}-plainact", {"model_fingerprint": "fpX"})
-    ctx = M.MethodContext(
+    ctx = methods.MethodContext(
         model=model,
         layout=layout,
         fingerprint="fpX",
@@ -373,12 +388,12 @@ def test_real_predictors_through_registry(tmp_path, kind, granularity):
     )
     dense = _logits(model, dense_masking(), IDS)
     assert torch.equal(
-        _logits(model, M.build(kind, ctx, MaskSpec(sparsity={"heads": 0.0, "neurons": 0.0})), IDS), dense
+        _logits(model, methods.build(kind, ctx, MaskSpec(sparsity={"heads": 0.0, "neurons": 0.0})), IDS), dense
     )
     scope = "local" if kind != "shadowllm" and granularity == "per_token" else "global"  # DejaVu on sparse inputs
-    sparse = M.build(kind, ctx, MaskSpec(sparsity={"heads": 0.5, "neurons": 0.5}, scope=scope))
+    sparse = methods.build(kind, ctx, MaskSpec(sparsity={"heads": 0.5, "neurons": 0.5}, scope=scope))
     assert not torch.allclose(_logits(model, sparse, IDS), dense, atol=1e-4)
     ctx.fingerprint = "other"
     ctx.cache.clear()
     with pytest.raises(ValueError, match="fingerprint"):
-        M.build(kind, ctx, MaskSpec(sparsity={"heads": 0.5, "neurons": 0.5}))
+        methods.build(kind, ctx, MaskSpec(sparsity={"heads": 0.5, "neurons": 0.5}))

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import collect as C
-from pipeline.evaluate import methods as M
+from pipeline import collect
+from pipeline.evaluate import methods
 from pipeline.evaluate.loglik import loglikelihoods
 from pipeline.evaluate.perplexity import window_logliks
 from pipeline.masks import MaskSpec, keep_mask
@@ -52,19 +52,23 @@ def test_predictor_row_in_evaluation_equals_the_calibration_trace_features(arch,
     layout = resolve(model)
     ctx, conts = _example()
     gold = 2
-    seq = C.mc_sequence("ex", "t", ctx, conts[gold], max_tokens=64)
-    trace = C.score_batch(model, layout, [seq], ScoreSettings(("plainact",), True))
+    seq = collect.mc_sequence("ex", "t", ctx, conts[gold], max_tokens=64)
+    trace = collect.score_batch(model, layout, [seq], ScoreSettings(("plainact",), True))
     reqs = [(ctx, c) for c in conts]
 
     spy = Spy(FakeShadow(layout))
-    loglikelihoods(model, reqs, masking=M.ShadowLLMMasking(_ctx(model, "per_sequence"), SPEC, spy), reuse_context=reuse)
+    loglikelihoods(
+        model, reqs, masking=methods.ShadowLLMMasking(_ctx(model, "per_sequence"), SPEC, spy), reuse_context=reuse
+    )
     rows = torch.cat([r.reshape(-1, r.shape[-1]) for r in spy.rows])
     assert len(rows) >= 1
     for r in rows:  # every candidate's mask is predicted from the gold example's trace row
         np.testing.assert_allclose(r.numpy(), trace["feat_l0"][0], rtol=1e-4, atol=1e-5)
 
     spy = Spy(FakeDejaVu(layout))
-    loglikelihoods(model, reqs, masking=M.DejaVuMasking(_ctx(model, "per_sequence"), SPEC, spy), reuse_context=reuse)
+    loglikelihoods(
+        model, reqs, masking=methods.DejaVuMasking(_ctx(model, "per_sequence"), SPEC, spy), reuse_context=reuse
+    )
     E = layout.hidden
     feats = trace["feat_layers"][0].reshape(layout.n_layers, E)
     for l, x in spy.rows:
@@ -101,7 +105,7 @@ def test_candidates_sharing_a_context_get_identical_masks(method, reuse):
     pred = {"shadowllm": FakeShadow(layout), "dejavu": FakeDejaVu(layout), "lookahead": FakeDejaVu(layout, offset=1)}[
         method
     ]
-    cls = M.ShadowLLMMasking if method == "shadowllm" else M.DejaVuMasking
+    cls = methods.ShadowLLMMasking if method == "shadowllm" else methods.DejaVuMasking
     masks = _applied_masks(
         model,
         cls(_ctx(model, "per_sequence"), SPEC, pred),
@@ -132,11 +136,11 @@ def test_per_sequence_scores_agree_with_and_without_kv_reuse(method):
     reqs = [(ctx, c) for c in conts] + [(ctx[:4], c) for c in conts[:2]]
     sources = [1, 1, 1, 1, 5, 5]
     if method == "oracle":
-        make = lambda: M.OracleMasking(_ctx(model, "per_sequence"), SPEC)
+        make = lambda: methods.OracleMasking(_ctx(model, "per_sequence"), SPEC)
     elif method == "shadowllm":
-        make = lambda: M.ShadowLLMMasking(_ctx(model, "per_sequence"), SPEC, FakeShadow(layout))
+        make = lambda: methods.ShadowLLMMasking(_ctx(model, "per_sequence"), SPEC, FakeShadow(layout))
     else:
-        make = lambda: M.DejaVuMasking(_ctx(model, "per_sequence"), SPEC, FakeDejaVu(layout))
+        make = lambda: methods.DejaVuMasking(_ctx(model, "per_sequence"), SPEC, FakeDejaVu(layout))
     a = loglikelihoods(model, reqs, masking=make(), reuse_context=True, mask_sources=sources, batch_size=2)
     b = loglikelihoods(model, reqs, masking=make(), reuse_context=False, mask_sources=sources, batch_size=2)
     assert [x.loglik for x in a] == pytest.approx([x.loglik for x in b], abs=1e-4)
@@ -148,13 +152,13 @@ def test_oracle_is_one_gold_mask_per_example_shared_by_its_candidates():
     ctx, conts = _example()
     gold = 2
     reqs = [(ctx, c) for c in conts]
-    oracle = M.OracleMasking(_ctx(model, "per_sequence"), SPEC)
+    oracle = methods.OracleMasking(_ctx(model, "per_sequence"), SPEC)
     masks = _applied_masks(model, oracle, reqs, reuse_context=False, mask_sources=[gold] * len(reqs))
     assert list(oracle._masks) == [(tuple(ctx + conts[gold]), len(conts[gold]))]
     assert (masks == masks[0]).all()
     # = what collect computes for the gold continuation, ranked as the oracle ranks it
-    seq = C.mc_sequence("ex", "t", ctx, conts[gold], max_tokens=64)
-    out = C.score_batch(model, layout, [seq], ScoreSettings(("plainact",), True))
+    seq = collect.mc_sequence("ex", "t", ctx, conts[gold], max_tokens=64)
+    out = collect.score_batch(model, layout, [seq], ScoreSettings(("plainact",), True))
     true = torch.as_tensor(out["plainact_heads"]).reshape(1, layout.n_layers, layout.n_heads)
     from pipeline.masks import contextual_masks
 
@@ -167,7 +171,7 @@ def test_changing_the_last_token_of_a_perplexity_window_leaves_its_masks_unchang
     g = torch.Generator().manual_seed(5)
     w = torch.randint(2, VOCAB, (16,), generator=g).tolist()
     w2 = w[:-1] + [(w[-1] + 7) % (VOCAB - 2) + 2]
-    for pred, cls in ((FakeShadow(layout), M.ShadowLLMMasking), (FakeDejaVu(layout), M.DejaVuMasking)):
+    for pred, cls in ((FakeShadow(layout), methods.ShadowLLMMasking), (FakeDejaVu(layout), methods.DejaVuMasking)):
         seen = []
         for win in (w, w2):
             spy = Spy(pred)
@@ -193,19 +197,21 @@ def test_static_mask_equals_the_train_mean_keep_mask(tmp_path):
     raw = {"heads": heads.mean(0), "neurons": neurons.mean(0)}
     meta = {"model": {"fingerprint": "fp", "dims": layout.dims()}}
     agg.save_scores(tmp_path, {"plainact": train_mean}, {}, meta, raw_static={"plainact": raw})
-    ctx = M.MethodContext(model=model, layout=layout, fingerprint="fp", scores_dir=str(tmp_path), criterion="plainact")
-    static = M.build("static", ctx, SPEC)
+    ctx = methods.MethodContext(
+        model=model, layout=layout, fingerprint="fp", scores_dir=str(tmp_path), criterion="plainact"
+    )
+    static = methods.build("static", ctx, SPEC)
     for pool, _U in (("heads", H), ("neurons", F)):
         want = keep_mask(torch.as_tensor(train_mean[pool]), 0.5, "global")
         assert torch.equal(static.keep[pool], want), pool
-    raw_m = M.build("static_raw", ctx, SPEC)
+    raw_m = methods.build("static_raw", ctx, SPEC)
     assert not all(torch.equal(static.keep[p], raw_m.keep[p]) for p in ("heads", "neurons"))
 
 
 def test_dejavu_labels_say_which_inputs_it_saw():
-    assert M.title("dejavu", "l2_norm", "per_sequence") == "dejavu-l2_norm (dense inputs)"
-    assert M.title("dejavu_lookahead", "l2_norm", "per_token") == "dejavu_lookahead-l2_norm (sparse inputs)"
-    assert M.title("shadowllm", "plainact", "per_sequence") == "shadowllm-plainact"
+    assert methods.title("dejavu", "l2_norm", "per_sequence") == "dejavu-l2_norm (dense inputs)"
+    assert methods.title("dejavu_lookahead", "l2_norm", "per_token") == "dejavu_lookahead-l2_norm (sparse inputs)"
+    assert methods.title("shadowllm", "plainact", "per_sequence") == "shadowllm-plainact"
 
 
 def test_dejavu_per_token_runs_on_the_sparse_models_own_layer_inputs():
@@ -215,7 +221,7 @@ def test_dejavu_per_token_runs_on_the_sparse_models_own_layer_inputs():
     spec = MaskSpec(sparsity={"heads": 0.5, "neurons": 0.5}, scope="local")
     ids = torch.randint(2, VOCAB, (1, 10), generator=torch.Generator().manual_seed(2))
     spy = Spy(FakeDejaVu(layout))
-    masking = M.DejaVuMasking(_ctx(model, "per_token"), spec, spy)
+    masking = methods.DejaVuMasking(_ctx(model, "per_token"), spec, spy)
     from pipeline.evaluate.forward import ForwardInfo
     from pipeline.hooks import UnitCapture
 
@@ -228,5 +234,5 @@ def test_dejavu_per_token_runs_on_the_sparse_models_own_layer_inputs():
     for l in range(1, layout.n_layers):
         assert torch.allclose(got[l], cap.layer_inputs[l].float())  # the sparse model's own input ...
     assert not torch.allclose(got[2], dense.layer_inputs[2].float(), atol=1e-4)  # ... not the dense one
-    with pytest.raises(M.MethodError, match="scope local"):
-        M.DejaVuMasking(_ctx(model, "per_token"), SPEC, FakeDejaVu(layout))
+    with pytest.raises(methods.MethodError, match="scope local"):
+        methods.DejaVuMasking(_ctx(model, "per_token"), SPEC, FakeDejaVu(layout))

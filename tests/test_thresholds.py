@@ -12,8 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.evaluate import methods as M
-from pipeline.evaluate import thresholds as TH
+from pipeline.evaluate import methods, thresholds
 from pipeline.evaluate.forward import ForwardInfo, dense_masking
 from pipeline.evaluate.loglik import loglikelihoods
 from pipeline.hooks import observe_masks
@@ -32,12 +31,14 @@ def _seqs(n: int, T: int, seed: int) -> list[list[int]]:
 
 
 def _ctx(model, calib=(64, 32, 0)):
-    return M.MethodContext(model=model, layout=resolve(model), fingerprint="test", calibration=lambda: _seqs(*calib))
+    return methods.MethodContext(
+        model=model, layout=resolve(model), fingerprint="test", calibration=lambda: _seqs(*calib)
+    )
 
 
 def _build(name, ctx, s, pools=("heads", "neurons")):
-    ctx.granularity = M.granularity(name, "per_sequence")
-    return M.build(name, ctx, MaskSpec(sparsity={p: (s if p in pools else 0.0) for p in ("heads", "neurons")}))
+    ctx.granularity = methods.granularity(name, "per_sequence")
+    return methods.build(name, ctx, MaskSpec(sparsity={p: (s if p in pools else 0.0) for p in ("heads", "neurons")}))
 
 
 def _realised(model, masking, ids):
@@ -48,7 +49,7 @@ def _realised(model, masking, ids):
     per, pooled = defaultdict(lambda: [0.0, 0]), defaultdict(lambda: [0.0, 0])
 
     def obs(pool, l, keep, site=None, cost=None):
-        key = (TH.TEAL_SITE.get(site, "act"), l)
+        key = (thresholds.TEAL_SITE.get(site, "act"), l)
         for acc in (per[key], pooled[pool]):
             acc[0] += float((~keep).sum())
             acc[1] += keep.numel()
@@ -98,7 +99,7 @@ def test_thresholds_are_calibrated_on_the_sparsified_model_in_forward_order():
 def test_abs_histogram_quantile_matches_the_exact_quantile():
     x = torch.randn(20000, generator=torch.Generator().manual_seed(0)) * 3
     x[:3000] = 0.0  # 15% exact zeros
-    h = TH.AbsHistogram()
+    h = thresholds.AbsHistogram()
     h.add(x[:10000])
     h.add(x[10000:])
     for s in (0.3, 0.5, 0.9):
@@ -153,7 +154,7 @@ def test_scores_agree_with_and_without_kv_reuse(method):
 
 def test_wina_score_equals_abs_x_times_weight_column_norm_by_hand(arch):
     model = tiny_model(arch)
-    lin = TH.layer_linears(resolve(model))[1]
+    lin = thresholds.layer_linears(resolve(model))[1]
     W = lin.by_role["k"].weight.detach()
     x = torch.randn(3, W.shape[1], generator=torch.Generator().manual_seed(0))
     by_hand = torch.tensor(
@@ -165,7 +166,7 @@ def test_wina_score_equals_abs_x_times_weight_column_norm_by_hand(arch):
             for r in range(3)
         ]
     )
-    got = TH.wina_scores(x, W.float().norm(dim=0))
+    got = thresholds.wina_scores(x, W.float().norm(dim=0))
     assert torch.allclose(got, by_hand, rtol=1e-5)
 
     # and the hooks keep exactly the top n_kept(in, s) channels by that score at every token
@@ -199,7 +200,7 @@ def test_griffin_statistic_by_hand():
     z = torch.tensor([[[3.0, 4.0, 0.0], [0.0, 0.0, 2.0], [1.0, 0.0, 0.0]]])  # [B=1, T=3, F=3]
     ctx = torch.tensor([[True, True, False]])
     # unit rows: [0.6, 0.8, 0], [0, 0, 1]; norms over the two context tokens: [0.6, 0.8, 1]
-    assert torch.allclose(TH.griffin_statistic(z, ctx), torch.tensor([[0.6, 0.8, 1.0]]))
+    assert torch.allclose(thresholds.griffin_statistic(z, ctx), torch.tensor([[0.6, 0.8, 1.0]]))
 
 
 def _griffin_masks(model, masking, reqs, **kw):
@@ -244,7 +245,7 @@ def test_griffin_mask_depends_on_the_context_only(arch, reuse):
         if l == 0:
             assert keep.all()
             continue
-        stat = TH.griffin_statistic(cap.neurons(cap.raw_neurons[l]), torch.ones(1, len(c), dtype=torch.bool))[0]
+        stat = thresholds.griffin_statistic(cap.neurons(cap.raw_neurons[l]), torch.ones(1, len(c), dtype=torch.bool))[0]
         assert int(keep.sum()) == n_kept(lay.ffn_dim, 0.5)
         assert stat[keep].min() >= stat[~keep].max()
     masks3, _ = _griffin_masks(
@@ -260,7 +261,7 @@ def test_byte_sparsity_by_hand_on_a_small_config():
     """Tiny Llama: E = 32, H = 4 query heads of 8 in 2 kv groups, F = 48, 3 layers, vocab 96."""
     model = tiny_model("llama")
     lay = resolve(model)
-    wb = TH.WeightBytes.of(model, lay)
+    wb = thresholds.WeightBytes.of(model, lay)
     per_layer = 32 * 32 + 16 * 32 + 16 * 32 + 32 * 32 + 3 * 48 * 32  # q, k, v, o, gate, up, down = 7680
     assert wb.dense == 3 * per_layer + 96 * 32 == 26112
     assert wb.head == (8 * 32 + 8 * 32,) * 3 and wb.kv_group == (8 * 32 * 2,) * 3 and wb.neuron == (32 * 3,) * 3
@@ -272,17 +273,18 @@ def test_byte_sparsity_by_hand_on_a_small_config():
     keep_n[1, :10] = False
     by_hand = (2 * 512 + 512) + 512 + 10 * 96  # = 3008 elements
     got = sum(
-        float(TH.skipped_elements(wb, "heads", l, keep_h[l])) + float(TH.skipped_elements(wb, "neurons", l, keep_n[l]))
+        float(thresholds.skipped_elements(wb, "heads", l, keep_h[l]))
+        + float(thresholds.skipped_elements(wb, "neurons", l, keep_n[l]))
         for l in range(3)
     )
     assert got == by_hand
     # an input-channel mask: 5 of o's 32 input columns (32 rows each) and 3 of down's 48 (32 rows)
-    assert float(TH.skipped_elements(wb, "heads", 1, torch.arange(32) >= 5, cost=32)) == 5 * 32
+    assert float(thresholds.skipped_elements(wb, "heads", 1, torch.arange(32) >= 5, cost=32)) == 5 * 32
 
     # through the meter, on a static mask: every token skips the same 3008 / 26112
-    masking = M.StaticMasking(_ctx(model), MaskSpec(sparsity={"heads": 0.5, "neurons": 0.5}), {}, normalize=False)
+    masking = methods.StaticMasking(_ctx(model), MaskSpec(sparsity={"heads": 0.5, "neurons": 0.5}), {}, normalize=False)
     masking.mult = {"heads": keep_h.float(), "neurons": keep_n.float()}
-    meter = TH.meter(masking, wb)
+    meter = thresholds.meter(masking, wb)
     loglikelihoods(
         model,
         [(IDS[0, :8].tolist(), IDS[0, 8:].tolist()), (IDS[1, :5].tolist(), IDS[1, 5:].tolist())],
@@ -296,12 +298,12 @@ def test_byte_sparsity_by_hand_on_a_small_config():
 def test_byte_sparsity_of_a_threshold_method_is_the_mean_over_tokens_of_its_own_masks():
     model = tiny_model("opt")
     lay = resolve(model)
-    wb = TH.WeightBytes.of(model, lay)
+    wb = thresholds.WeightBytes.of(model, lay)
     assert wb.dense == 3 * (4 * 32 * 32 + 2 * 40 * 32) + 96 * 32 == 23040
     assert wb.neuron == (32 + 32,) * 3  # an fc1 row and an fc2 column
     ctx = _ctx(model)
     masking = _build("cats", ctx, 0.5)
-    meter = TH.meter(masking, wb)
+    meter = thresholds.meter(masking, wb)
     per_token = []
 
     def obs(pool, l, keep, site=None, cost=None):  # CATS on OPT: an fc2 column (32 elements) per dropped neuron
@@ -320,13 +322,13 @@ def test_byte_sparsity_of_a_threshold_method_is_the_mean_over_tokens_of_its_own_
 
 
 def test_predictor_weights_are_a_cost():
-    class WithPredictor(M.Masking):
+    class WithPredictor(methods.Masking):
         pred = nn.Linear(10, 5)
 
     model = tiny_model("llama")
-    wb = TH.WeightBytes.of(model, resolve(model))
-    assert TH.predictor_elements(WithPredictor()) == 55
-    s = TH.meter(WithPredictor(), wb).summary()
+    wb = thresholds.WeightBytes.of(model, resolve(model))
+    assert thresholds.predictor_elements(WithPredictor()) == 55
+    s = thresholds.meter(WithPredictor(), wb).summary()
     assert s["predictor_share"] == pytest.approx(55 / wb.dense)
 
 
@@ -335,7 +337,7 @@ def test_a_gated_mlp_without_an_activation_module_says_why_cats_does_not_apply()
     for layer in model.model.layers:
         del layer.mlp._modules["act_fn"]
         object.__setattr__(layer.mlp, "act_fn", torch.nn.functional.silu)
-    with pytest.raises(M.MethodError, match="act_fn"):
+    with pytest.raises(methods.MethodError, match="act_fn"):
         _build("cats", _ctx(model), 0.5)
 
 
@@ -355,7 +357,7 @@ def test_thresholders_run_in_the_sweep_and_record_byte_sparsity(tmp_path):
         perplexity={"task": "wikitext2", "seq_len": 32, "max_windows": 1},
         calibration_examples=4,
     )
-    params["collect"] = {"tasks": ["piqa"], "n_per_task": 6, "max_tokens": 64}
+    params["collect"].update({"tasks": ["piqa"], "n_per_task": 6, "max_tokens": 64})
     cfg = parse(params)
     ev = Evaluator(cfg, model, CharTokenizer(), layout, "fp0", model_id="tiny", log=lambda s: None)
     calib = ev.calibration_sequences()
@@ -399,11 +401,11 @@ def test_thresholders_run_in_the_sweep_and_record_byte_sparsity(tmp_path):
     assert "byte_sparsity" in (tmp_path / "out" / "results.csv").read_text().splitlines()[0]
     # the calibration sample is part of the point key of teal and cats only
     cfg2 = parse({**params, "evaluate": {**params["evaluate"], "calibration_examples": 3}})
-    from pipeline.evaluate.config import MethodSpec
+    from pipeline.evaluate.config import MethodRef
     from pipeline.evaluate.runner import artifact_hash
 
-    assert artifact_hash(cfg, MethodSpec("teal")) != artifact_hash(cfg2, MethodSpec("teal"))
-    assert artifact_hash(cfg, MethodSpec("wina")) is None
+    assert artifact_hash(cfg, MethodRef.of("teal")) != artifact_hash(cfg2, MethodRef.of("teal"))
+    assert artifact_hash(cfg, MethodRef.of("wina")) is None
 
 
 @pytest.mark.parametrize(
@@ -419,7 +421,7 @@ def test_bad_threshold_params_one_line_naming_parameter(tmp_path, bad, match):
 
     params = _params(tmp_path, **bad)
     if "calibration_examples" in bad:
-        params["collect"] = {"tasks": ["piqa"], "n_per_task": 4, "max_tokens": 64}
+        params["collect"].update({"tasks": ["piqa"], "n_per_task": 4, "max_tokens": 64})
     with pytest.raises(ParamError, match=match) as ei:
         parse(params)
     assert "\n" not in str(ei.value)
@@ -427,10 +429,10 @@ def test_bad_threshold_params_one_line_naming_parameter(tmp_path, bad, match):
 
 def test_registry_lists_the_thresholders_with_their_granularity():
     for name in METHODS:
-        assert name in M.known() and not M.info(name)["needs_criterion"]
-    assert M.granularity("griffin", "per_token") == "per_sequence"
-    assert M.granularity("teal", "per_sequence") == "per_token"
-    assert M.title("wina", None, "per_token") == "wina (no transform)"
+        assert name in methods.METHODS and not methods.METHODS.get(name).criterion
+    assert methods.granularity("griffin", "per_token") == "per_sequence"
+    assert methods.granularity("teal", "per_sequence") == "per_token"
+    assert methods.title("wina", None, "per_token") == "wina (no transform)"
 
 
 def test_report_pools_byte_sparsity_over_tasks():

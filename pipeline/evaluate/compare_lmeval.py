@@ -1,6 +1,6 @@
 """Compare our dense scores with lm-evaluation-harness 0.4 run on the same model, files and documents.
 
-    python -m pipeline.evaluate.compare_lmeval --lmeval-out DIR --cache results/cache --limit 100 --out FILE.md
+    shadowllm compare-lmeval --lmeval-out DIR --cache results/cache --limit 100 --out FILE.md
 
 DIR is lm-eval's `--output_path` of a run with `--log_samples` and `--samples` set to our evaluation ids
 (task names `local_<task>`). Writes a Markdown table of both accuracies with stderr, the difference in
@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import click
+from pipeline.errors import UserError
+from pipeline.evaluate.methods import is_reference
 
 
 def _load_lmeval(out_dir: Path) -> tuple[dict, dict]:
     results = sorted(out_dir.rglob("results_*.json"))
     if not results:
-        raise click.ClickException(f"no lm-eval results_*.json under {out_dir}")
+        raise UserError(f"no lm-eval results_*.json under {out_dir}")
     res = json.loads(results[-1].read_text())
     samples = {}
     for f in out_dir.rglob("samples_*.jsonl"):
@@ -31,7 +32,7 @@ def _load_ours(cache: Path, limit: int | None) -> dict[str, dict]:
     out = {}
     for f in cache.glob("*.json"):
         r = json.loads(f.read_text())
-        if r.get("method") != "dense" or "per_example" not in r:
+        if not is_reference(r.get("method", "")) or "per_example" not in r:
             continue
         if r["ident"]["task_settings"].get("limit") != limit:
             continue
@@ -39,12 +40,8 @@ def _load_ours(cache: Path, limit: int | None) -> dict[str, dict]:
     return out
 
 
-@click.command()
-@click.option("--lmeval-out", type=click.Path(path_type=Path, exists=True), required=True)
-@click.option("--cache", type=click.Path(path_type=Path, exists=True), default=Path("results/cache"))
-@click.option("--limit", type=int, default=None)
-@click.option("--out", type=click.Path(path_type=Path), required=True)
-def main(lmeval_out: Path, cache: Path, limit: int | None, out: Path) -> None:
+def compare(lmeval_out: Path, cache: Path, limit: int | None) -> str:
+    """The comparison table (Markdown) of the dense points cached under `cache` evaluated with `limit`."""
     res, samples = _load_lmeval(lmeval_out)
     ours = _load_ours(cache, limit)
     lines = [
@@ -79,10 +76,4 @@ def main(lmeval_out: Path, cache: Path, limit: int | None, out: Path) -> None:
             summary.append(abs(z) <= 1.0)
     lines.append("")
     lines.append(f"All within one stderr: {all(summary)} ({sum(summary)}/{len(summary)} task-metric pairs).")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    click.echo("\n".join(lines))
-
-
-if __name__ == "__main__":
-    main()
+    return "\n".join(lines) + "\n"

@@ -1,60 +1,222 @@
-"""The `evaluate:` params section, validated before any model weights are read.
-
-Every error is one line naming the parameter (ParamError)."""
+"""The `evaluate:` params section (`EvaluateParams`, no defaults: params.yaml is their one source) and the
+evaluation config built from it with the `model:`, `data:` and `collect:` sections, validated before any
+model weights are read. Every error is one line naming the parameter (ParamError)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Literal
 
-from pipeline import params as P
-from pipeline.data import tasks as registry
-from pipeline.data.errors import DataError
-from pipeline.data.tokenize import add_bos_setting
-from pipeline.evaluate import methods as M
-from pipeline.masks import NORMALIZE, POOLS, SCOPES, MaskSpec
-
-W = "evaluate"
+from pipeline.calibration import CalibrationPlan
+from pipeline.collect import CollectParams
+from pipeline.data import tasks as task_registry
+from pipeline.errors import UserError
+from pipeline.evaluate.methods import METHODS, MethodSpec
+from pipeline.masks import POOLS, MaskSpec
+from pipeline.params import DataParams, ModelParams, ParamError, Section, at_least, fraction, nonempty
 
 
 @dataclass(frozen=True)
-class MethodSpec:
-    name: str
+class PerplexityParams(Section):
+    """`evaluate.perplexity:` — the perplexity task (null = none) and its windows."""
+
+    SECTION: ClassVar[str] = "evaluate.perplexity"
+    task: str | None
+    seq_len: int = at_least(2)
+    max_windows: int | None = at_least(1)  # null = the full test text
+    batch_size: int = at_least(1)
+
+    def check(self, where: str) -> None:
+        if self.task is not None and task_registry.get_task(self.task, param=f"{where}.task").kind != "perplexity":
+            raise ParamError(f"parameter {where}.task: {self.task} is not a perplexity task")
+
+
+@dataclass(frozen=True)
+class EvaluateParams(Section):
+    """`evaluate:` — which tasks, methods, sparsities and mask settings; where the inputs and the cache live."""
+
+    SECTION: ClassVar[str] = "evaluate"
+    tasks: list[str]
+    limit: int | dict[str, int | None] | None = at_least(1)  # eval-split examples per task (null = all)
+    perplexity: PerplexityParams
+    methods: list[str | dict[str, str | None]] = nonempty()  # "name", "name:criterion" or {name, criterion}
+    sparsities: list[float] = fraction()
+    pools: list[Literal["heads", "neurons"]] = nonempty()
+    scope: Literal["local", "global", "hybrid"]
+    hybrid_min_keep: float = field(metadata={"min": 0.0, "max": 1.0})
+    normalize: Literal["minmax", "none"]
+    granularity: Literal["per_token", "per_sequence"]
+    batch_size: int = at_least(1)
+    max_length: int = at_least(2)
+    num_fewshot: int = at_least(0)
+    scores_dir: str | None
+    predictors_dir: str | None
+    cache_dir: str
+    calibration_examples: int | None = at_least(1)  # thresholders' calibration sample (null = all)
+
+    @classmethod
+    def from_mapping(cls, sec: dict[str, Any], where: str) -> EvaluateParams:
+        if "add_bos" in sec:
+            raise ParamError(
+                f"parameter {where}.add_bos was replaced by model.add_bos (auto | true | false): "
+                "one BOS policy per model, shared by collect and evaluate"
+            )
+        return super().from_mapping(sec, where)
+
+    def check(self, where: str) -> None:
+        for t in self.tasks:
+            if task_registry.get_task(t, param=f"{where}.tasks").kind == "perplexity":
+                raise ParamError(
+                    f"parameter {where}.tasks: {t} is a perplexity task; put it under {where}.perplexity.task"
+                )
+        if isinstance(self.limit, dict):
+            for k, v in self.limit.items():
+                if k not in self.tasks:
+                    raise ParamError(f"parameter {where}.limit.{k}: not one of {where}.tasks")
+                if v is not None and v < 1:
+                    raise ParamError(f"parameter {where}.limit.{k} must be >= 1, got {v!r}")
+        if not self.tasks and self.perplexity.task is None:
+            raise ParamError(
+                f"parameter {where}.tasks is empty and {where}.perplexity.task is not set: nothing to evaluate"
+            )
+
+
+@dataclass(frozen=True)
+class MethodRef:
+    """One entry of `evaluate.methods`: a registered method and its criterion (None where it takes none)."""
+
+    spec: MethodSpec
     criterion: str | None = None
+
+    @classmethod
+    def of(cls, name: str, criterion: str | None = None) -> MethodRef:
+        return cls(METHODS.get(name, "evaluate.methods"), criterion)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
     @property
     def label(self) -> str:
         return self.name if not self.criterion else f"{self.name}-{self.criterion}"
 
 
-@dataclass
+def _method_ref(entry: str | dict[str, Any], where: str) -> MethodRef:
+    if isinstance(entry, str):
+        name, _, criterion = entry.partition(":")
+    else:
+        unknown = sorted(set(entry) - {"name", "criterion"})
+        if unknown or not isinstance(entry.get("name"), str):
+            raise ParamError(f"parameter {where} must be a name, 'name:criterion' or a mapping (name, criterion)")
+        name, criterion = entry["name"], entry.get("criterion")
+    spec = METHODS.get(name, "evaluate.methods")
+    if not spec.criterion:
+        return MethodRef(spec)
+    if not criterion:
+        raise ParamError(f"parameter {where} ({name}) needs a criterion")
+    from pipeline import criteria as crit
+
+    try:
+        crit.get(criterion)
+    except Exception as err:
+        raise ParamError(f"parameter {where}.criterion: {err}") from None
+    return MethodRef(spec, criterion)
+
+
+@dataclass(frozen=True)
 class EvalConfig:
-    tasks: list[str]
-    limit: dict[str, int | None]
-    ppl_task: str | None
-    seq_len: int
-    max_windows: int | None
-    methods: list[MethodSpec]
-    sparsities: list[float]
-    pools: list[str]
-    scope: str
-    min_keep: float
-    normalize: str
-    granularity: str
-    batch_size: int
-    ppl_batch_size: int
-    max_length: int
-    num_fewshot: int
+    """Everything a sweep reads, from the `model:`, `data:`, `evaluate:` and `collect:` sections (the last
+    for the thresholders' calibration sample and the perplexity windows collect calibrated on)."""
+
+    model: ModelParams
+    data: DataParams
+    evaluate: EvaluateParams
+    collect: CollectParams
+    methods: list[MethodRef]
     add_bos: bool | str  # model.add_bos: "auto" until the Evaluator resolves it against the tokenizer
-    scores_dir: str | None
-    predictors_dir: str | None
-    cache_dir: str
-    mirror_dir: str | None
-    calib_fraction: float
-    seed: int
-    calib_text: dict[str, Any] = field(default_factory=dict)  # collect settings to exclude wikitext calibration
-    calibration: dict[str, Any] = field(default_factory=dict)  # the thresholders' calibration sample (collect's split)
-    raw: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, mp: ModelParams, dp: DataParams, ep: EvaluateParams, cp: CollectParams) -> EvalConfig:
+        if ep.tasks:
+            task_registry.check_tasks(ep.tasks, dp.mirror_dir, param="evaluate.tasks", mirror_param="data.mirror_dir")
+        if ep.perplexity.task is not None:
+            task_registry.check_tasks(
+                [ep.perplexity.task], dp.mirror_dir, param="evaluate.perplexity.task", mirror_param="data.mirror_dir"
+            )
+        methods = [_method_ref(m, f"evaluate.methods[{i}]") for i, m in enumerate(ep.methods)]
+        for m in methods:
+            if m.spec.fixed_granularity is None and ep.granularity not in m.spec.granularities:
+                raise ParamError(f"parameter evaluate.granularity: {m.name} does not support {ep.granularity}")
+            if m.spec.needs == "calibration":  # its thresholds are calibrated on collect's calibration split
+                try:
+                    task_registry.check_tasks(cp.tasks, dp.mirror_dir, param="collect.tasks")
+                except UserError as err:
+                    raise ParamError(f"method {m.name} calibrates on collect.tasks' calibration split: {err}") from None
+        return cls(mp, dp, ep, cp, methods, mp.add_bos)
+
+    def check_inputs(self) -> None:
+        """Preflight: the static scores and predictors the methods read exist (ParamError)."""
+        for m in self.methods:
+            m.spec.check_artifact(m.criterion, scores_dir=self.scores_dir, predictors_dir=self.predictors_dir)
+
+    # ---- the settings the sweep reads
+    tasks = property(lambda self: list(self.evaluate.tasks))
+    ppl_task = property(lambda self: self.evaluate.perplexity.task)
+    seq_len = property(lambda self: self.evaluate.perplexity.seq_len)
+    max_windows = property(lambda self: self.evaluate.perplexity.max_windows)
+    ppl_batch_size = property(lambda self: self.evaluate.perplexity.batch_size)
+    sparsities = property(lambda self: sorted(set(self.evaluate.sparsities)))
+    pools = property(lambda self: list(self.evaluate.pools))
+    scope = property(lambda self: self.evaluate.scope)
+    min_keep = property(lambda self: self.evaluate.hybrid_min_keep)
+    normalize = property(lambda self: self.evaluate.normalize)
+    granularity = property(lambda self: self.evaluate.granularity)
+    batch_size = property(lambda self: self.evaluate.batch_size)
+    max_length = property(lambda self: self.evaluate.max_length)
+    num_fewshot = property(lambda self: self.evaluate.num_fewshot)
+    scores_dir = property(lambda self: self.evaluate.scores_dir)
+    predictors_dir = property(lambda self: self.evaluate.predictors_dir)
+    cache_dir = property(lambda self: self.evaluate.cache_dir)
+    mirror_dir = property(lambda self: self.data.mirror_dir)
+    calib_fraction = property(lambda self: self.data.calib_fraction)
+    seed = property(lambda self: self.data.seed)
+
+    @property
+    def limit(self) -> dict[str, int | None]:
+        """Eval-split examples per task (None = all)."""
+        lim = self.evaluate.limit
+        return {t: lim.get(t) if isinstance(lim, dict) else lim for t in self.evaluate.tasks}
+
+    @property
+    def calib_text(self) -> dict[str, int]:
+        """The collect settings that say which perplexity windows collect calibrated on ({} if none)."""
+        if self.ppl_task is None or self.ppl_task not in self.collect.tasks:
+            return {}
+        return {"max_tokens": self.collect.max_tokens, "n_per_task": self.collect.n_per_task}
+
+    @property
+    def calibration(self) -> dict[str, Any]:
+        """The thresholders' calibration sample: collect's calibration split, `evaluate.calibration_examples` of it."""
+        c = self.collect
+        return {
+            "tasks": list(c.tasks),
+            "n_per_task": c.n_per_task,
+            "max_tokens": c.max_tokens,
+            "num_fewshot": c.num_fewshot,
+            "n_examples": self.evaluate.calibration_examples,
+        }
+
+    def calibration_plan(self, add_bos: bool) -> CalibrationPlan:
+        return CalibrationPlan.of(self.data, self.collect, add_bos=add_bos)
+
+    def artifact_hash(self, m: MethodRef) -> str | None:
+        """Content hash of what method `m` reads (part of its points' keys), None if it reads nothing."""
+        if m.spec.needs == "calibration":  # thresholds depend on the sample (split seed/fraction: task settings)
+            return hashlib.sha256(json.dumps(self.calibration, sort_keys=True).encode()).hexdigest()[:16]
+        d = m.spec.artifact(m.criterion, scores_dir=self.scores_dir, predictors_dir=self.predictors_dir)
+        return None if d is None else _file_hash(list(d.glob("*")))
 
     def mask_spec(self, sparsity: float) -> MaskSpec:
         return MaskSpec(
@@ -64,190 +226,31 @@ class EvalConfig:
             normalize=self.normalize,
         )
 
+    def logged(self) -> dict[str, Any]:
+        """The parsed sections, as MLflow logs them."""
+        return {
+            "model": self.model.as_dict(),
+            "data": self.data.as_dict(),
+            "evaluate": self.evaluate.as_dict(),
+            "collect": self.collect.as_dict(),
+        }
 
-def _int_or_none(v: Any, name: str, minimum: int = 1) -> int | None:
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise P.ParamError(f"parameter {name} must be an integer >= {minimum} or null, got {v!r}")
-    return int(v)
+
+def _file_hash(paths: list) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        if p.is_file():
+            h.update(p.name.encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def parse(params: dict[str, Any]) -> EvalConfig:
     """Validate `params` (the whole params.yaml mapping) -> EvalConfig. Raises ParamError."""
     try:
-        return _parse(params)
-    except DataError as err:
-        raise P.ParamError(str(err)) from None
-
-
-def _parse(params: dict[str, Any]) -> EvalConfig:
-    e = P.section(params, W)
-    d = params.get("data", {}) or {}
-    known_keys = {
-        "tasks",
-        "limit",
-        "perplexity",
-        "methods",
-        "sparsities",
-        "pools",
-        "scope",
-        "hybrid_min_keep",
-        "normalize",
-        "granularity",
-        "batch_size",
-        "max_length",
-        "num_fewshot",
-        "scores_dir",
-        "predictors_dir",
-        "cache_dir",
-        "calibration_examples",
-    }
-    if "add_bos" in e:
-        raise P.ParamError(
-            "parameter evaluate.add_bos was replaced by model.add_bos (auto | true | false): "
-            "one BOS policy per model, shared by collect and evaluate"
-        )
-    unknown = sorted(set(e) - known_keys)
-    if unknown:
-        raise P.ParamError(f"unknown parameter evaluate.{unknown[0]}; known: {', '.join(sorted(known_keys))}")
-    tasks = P.require(e, "tasks", W, list)
-    for t in tasks:
-        spec = registry.get_task(t, param="evaluate.tasks")
-        if spec.kind == "perplexity":
-            raise P.ParamError(
-                f"parameter evaluate.tasks: {t} is a perplexity task; put it under evaluate.perplexity.task"
-            )
-    mirror = d.get("mirror_dir")
-    try:
-        if tasks:
-            registry.check_tasks(tasks, mirror, param="evaluate.tasks", mirror_param="data.mirror_dir")
-    except DataError as err:
-        raise P.ParamError(str(err)) from None
-    lim = e.get("limit")
-    if isinstance(lim, dict):
-        for k in lim:
-            if k not in tasks:
-                raise P.ParamError(f"parameter evaluate.limit.{k}: not one of evaluate.tasks")
-        limit = {t: _int_or_none(lim.get(t), f"evaluate.limit.{t}") for t in tasks}
-    else:
-        limit = {t: _int_or_none(lim, "evaluate.limit") for t in tasks}
-    ppl = e.get("perplexity") or {}
-    if not isinstance(ppl, dict):
-        raise P.ParamError("parameter evaluate.perplexity must be a mapping (task, seq_len, max_windows) or null")
-    ppl_task = ppl.get("task")
-    if ppl_task is not None:
-        if registry.get_task(ppl_task, param="evaluate.perplexity.task").kind != "perplexity":
-            raise P.ParamError(f"parameter evaluate.perplexity.task: {ppl_task} is not a perplexity task")
-        try:
-            registry.check_tasks([ppl_task], mirror, param="evaluate.perplexity.task", mirror_param="data.mirror_dir")
-        except DataError as err:
-            raise P.ParamError(str(err)) from None
-    seq_len = _int_or_none(ppl.get("seq_len", 512), "evaluate.perplexity.seq_len", 2) or 512
-    max_windows = _int_or_none(ppl.get("max_windows"), "evaluate.perplexity.max_windows")
-    ppl_batch = _int_or_none(ppl.get("batch_size", 1), "evaluate.perplexity.batch_size") or 1
-    if not tasks and ppl_task is None:
-        raise P.ParamError(
-            "parameter evaluate.tasks is empty and evaluate.perplexity.task is not set: nothing to evaluate"
-        )
-
-    methods = []
-    for i, m in enumerate(P.require(e, "methods", W, list)):
-        if isinstance(m, str):
-            name, criterion = (m.split(":", 1) + [None])[:2] if ":" in m else (m, None)
-        elif isinstance(m, dict):
-            name, criterion = m.get("name"), m.get("criterion")
-        else:
-            raise P.ParamError(f"parameter evaluate.methods[{i}] must be a name, 'name:criterion' or a mapping")
-        try:
-            meta = M.info(str(name))
-        except M.MethodError as err:
-            raise P.ParamError(str(err)) from None
-        if meta["needs_criterion"]:
-            if not criterion:
-                raise P.ParamError(f"parameter evaluate.methods[{i}] ({name}) needs a criterion")
-            from pipeline import criteria as crit
-
-            try:
-                crit.get(str(criterion))
-            except Exception as err:
-                raise P.ParamError(f"parameter evaluate.methods[{i}].criterion: {err}") from None
-        else:
-            criterion = None
-        methods.append(MethodSpec(str(name), criterion))
-    if not methods:
-        raise P.ParamError("parameter evaluate.methods is empty")
-
-    sparsities = P.require(e, "sparsities", W, list)
-    sparsities = sorted({P.check_fraction(s, "evaluate.sparsities") for s in sparsities})
-    pools = list(e.get("pools", list(POOLS)))
-    for p in pools:
-        if p not in POOLS:
-            raise P.ParamError(f"parameter evaluate.pools: unknown pool {p!r}; known: {', '.join(POOLS)}")
-    scope = e.get("scope", "global")
-    if scope not in SCOPES:
-        raise P.ParamError(f"parameter evaluate.scope must be one of {', '.join(SCOPES)}, got {scope!r}")
-    normalize = e.get("normalize", "minmax")
-    if normalize not in NORMALIZE:
-        raise P.ParamError(f"parameter evaluate.normalize must be one of {', '.join(NORMALIZE)}, got {normalize!r}")
-    min_keep = e.get("hybrid_min_keep", 0.1)
-    if not isinstance(min_keep, (int, float)) or not 0 <= min_keep <= 1:
-        raise P.ParamError(f"parameter evaluate.hybrid_min_keep must be in [0, 1], got {min_keep!r}")
-    gran = e.get("granularity", "per_sequence")
-    if gran not in M.GRANULARITIES:
-        raise P.ParamError(f"parameter evaluate.granularity must be one of {', '.join(M.GRANULARITIES)}, got {gran!r}")
-    for m in methods:
-        if M.info(m.name)["fixed_granularity"] is None and gran not in M.info(m.name)["granularities"]:
-            raise P.ParamError(f"parameter evaluate.granularity: {m.name} does not support {gran}")
-    batch_size = _int_or_none(e.get("batch_size", 16), "evaluate.batch_size") or 16
-    max_length = _int_or_none(e.get("max_length", 2048), "evaluate.max_length", 2) or 2048
-    num_fewshot = _int_or_none(e.get("num_fewshot", 0), "evaluate.num_fewshot", 0) or 0
-    if "calib_fraction" not in d or "seed" not in d:
-        raise P.ParamError("missing parameter data.calib_fraction / data.seed (the calibration/evaluation split)")
-    calib_fraction = P.check_fraction(d["calib_fraction"], "data.calib_fraction")
-    c = params.get("collect", {}) or {}
-    calib_text = {}
-    if ppl_task is not None and ppl_task in (c.get("tasks") or []):
-        calib_text = {"max_tokens": int(c.get("max_tokens", 256)), "n_per_task": int(c.get("n_per_task", 16))}
-    calibration = {}
-    if c.get("tasks"):  # teal / cats thresholds: a seeded sample of the calibration sequences collect scores
-        calibration = {
-            "tasks": list(c["tasks"]),
-            "n_per_task": int(c.get("n_per_task", 16)),
-            "max_tokens": int(c.get("max_tokens", 256)),
-            "num_fewshot": int(c.get("num_fewshot", 0)),
-            "n_examples": _int_or_none(e.get("calibration_examples", 64), "evaluate.calibration_examples"),
-        }
-    for m in methods:
-        if M.info(m.name)["needs"] == "calibration" and not calibration:
-            raise P.ParamError(
-                f"method {m.name} calibrates on collect's calibration split: parameter collect.tasks is missing"
-            )
-    return EvalConfig(
-        tasks=list(tasks),
-        limit=limit,
-        ppl_task=ppl_task,
-        seq_len=seq_len,
-        max_windows=max_windows,
-        methods=methods,
-        sparsities=sparsities,
-        pools=pools,
-        scope=scope,
-        min_keep=float(min_keep),
-        normalize=normalize,
-        granularity=gran,
-        batch_size=batch_size,
-        ppl_batch_size=ppl_batch,
-        max_length=max_length,
-        num_fewshot=num_fewshot,
-        add_bos=add_bos_setting(params.get("model") or {}),
-        scores_dir=e.get("scores_dir"),
-        predictors_dir=e.get("predictors_dir"),
-        cache_dir=str(e.get("cache_dir", "results/cache")),
-        mirror_dir=mirror,
-        calib_fraction=calib_fraction,
-        seed=int(d["seed"]),
-        calib_text=calib_text,
-        calibration=calibration,
-        raw=dict(e),
-    )
+        sections = (ModelParams, DataParams, EvaluateParams, CollectParams)
+        return EvalConfig.of(*(s.from_params(params) for s in sections))
+    except ParamError:
+        raise
+    except UserError as err:  # an unknown task or method, a missing mirror file: still one line naming it
+        raise ParamError(str(err)) from None

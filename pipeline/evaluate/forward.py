@@ -46,9 +46,14 @@ class Masking:
     The context manager yields the batch's per-sequence `MaskState` (methods whose masks are fixed or
     per token yield None). `reuse_context`: whether a context's KV cache may be shared by its
     continuations (a position's mask depends only on that position and earlier ones, or is the
-    context's per-sequence mask, passed on through `ForwardInfo.reuse`)."""
+    context's per-sequence mask, passed on through `ForwardInfo.reuse`). `missing`: pools it leaves dense
+    although their sparsity is set (the record says so, with `missing_note`); `measured_effective`: the
+    record's effective unit sparsity is the realised one (`ByteMeter`), not a count's."""
 
     reuse_context: bool = True
+    missing: tuple[str, ...] | list[str] = ()
+    missing_note: str = "no scores for this pool: left dense"
+    measured_effective: bool = False
 
     def forward(self, info: ForwardInfo) -> AbstractContextManager:  # pragma: no cover - interface
         raise NotImplementedError

@@ -21,8 +21,10 @@ build the masks, the masked pass applies them (the paper's simulation; tables sa
 static mean and the oracle's scores are min-max normalised per layer (`evaluate.normalize`) before a global
 ranking; the train mean and predictor outputs are already on that scale.
 
-A method is registered with `register(name, factory, ...)` together with what it needs, its granularities
-and its table title; `factory(ctx, spec)` returns a `Masking`; callers ask the registry, not the name.
+A method is one `MethodSpec` in the `METHODS` registry (`register(MethodSpec(...))`): what it needs (and so
+what preflight checks and what enters its cache key), its granularities, whether its scores are normalised,
+its table title and the factory that builds its `Masking`; callers ask the spec, never the name. Adding a
+method touches its own module only (tests/test_method_registry.py registers one from a test).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -41,6 +44,7 @@ from pipeline.evaluate.forward import ForwardInfo, Masking, MaskState
 from pipeline.hooks import UnitCapture, UnitMasker
 from pipeline.masks import POOLS, MaskSpec, contextual_masks, keep_mask, static_masks
 from pipeline.models.adapters import Layout
+from pipeline.registry import Registry
 
 GRANULARITIES = ("per_token", "per_sequence")
 
@@ -336,61 +340,134 @@ class OracleMasking(Masking):
 # --------------------------------------------------------------------------------------- registry
 
 Factory = Callable[[MethodContext, MaskSpec], Masking]
-_REGISTRY: dict[str, dict[str, Any]] = {}
+Needs = Literal["nothing", "scores", "predictor", "calibration"]
 
 
-def register(
-    name: str,
-    factory: Factory,
-    *,
-    needs_criterion: bool,
-    granularities: tuple[str, ...],
-    needs: str | None = None,
-    fixed_granularity: str | None = None,
-    normalizes: bool = False,
-    title: Callable[[str], str] | None = None,
-) -> None:
-    """`needs`: "scores" (the aggregate stage's directory), "predictor" (`<predictors_dir>/<name>-<criterion>`)
-    or None. `fixed_granularity`: the granularity the method always has ("none": masks fixed per model),
-    else `evaluate.granularity` applies. `normalizes`: its raw scores are made comparable across layers
-    by `evaluate.normalize` (part of its cache key). `title(granularity)`: what tables call it."""
-    _REGISTRY[name] = {
-        "factory": factory,
-        "needs_criterion": needs_criterion,
-        "granularities": granularities,
-        "needs": needs,
-        "fixed_granularity": fixed_granularity,
-        "normalizes": normalizes,
-        "title": title or (lambda g: name),
-    }
+@dataclass(frozen=True)
+class MethodSpec:
+    """One evaluation method and what it can do; callers ask it, never the method's name.
+
+    `needs`: "scores" (the aggregate stage's `evaluate.scores_dir`), "predictor" (a trained predictor of
+    `predictor_kind` under `evaluate.predictors_dir`, `pipeline.predictors.predictor_dir`), "calibration"
+    (a seeded sample of collect's calibration split) or "nothing". `criterion`: it is configured as
+    `name:criterion`. `fixed_granularity`: the granularity it always has ("none": masks fixed per model),
+    else `evaluate.granularity` applies (one of `granularities`). `normalizes`: its raw scores are made
+    comparable across layers by `evaluate.normalize` (part of its cache key). `reference`: the unpruned
+    model, evaluated once at sparsity 0, with no mask settings in its key. `title_of(granularity)`: what
+    tables call it (default: its name). `factory(ctx, spec)` builds its `Masking`."""
+
+    name: str
+    factory: Factory
+    needs: Needs = "nothing"
+    criterion: bool = False
+    granularities: tuple[str, ...] = GRANULARITIES
+    fixed_granularity: str | None = None
+    normalizes: bool = False
+    reference: bool = False
+    predictor_kind: str | None = None
+    title_of: Callable[[str], str] | None = None
+
+    def __post_init__(self):
+        if self.needs == "predictor" and self.predictor_kind is None:
+            object.__setattr__(self, "predictor_kind", self.name)
+
+    def granularity(self, configured: str) -> str:
+        """The granularity it runs at when `evaluate.granularity` is `configured`."""
+        return self.fixed_granularity or configured
+
+    def title(self, criterion: str | None, gran: str) -> str:
+        """Its name in tables: e.g. 'dejavu-l2_norm (dense inputs)'."""
+        t = self.title_of(gran) if self.title_of else self.name
+        if not criterion:
+            return t
+        base, _, note = t.partition(" ")
+        return f"{base}-{criterion}" + (f" {note}" if note else "")
+
+    def artifact(self, criterion: str | None, *, scores_dir: str | None, predictors_dir: str | None) -> Path | None:
+        """The directory of what it reads (static scores, its predictor), None if it reads none or the
+        directory parameter is unset."""
+        if self.needs == "scores":
+            return None if scores_dir is None else Path(scores_dir)
+        if self.needs == "predictor":
+            from pipeline.predictors import predictor_dir
+
+            return None if predictors_dir is None else predictor_dir(predictors_dir, self.predictor_kind, criterion)
+        return None
+
+    def check_artifact(self, criterion: str | None, *, scores_dir: str | None, predictors_dir: str | None) -> None:
+        """Preflight: what it reads exists (ParamError naming the parameter, before any weights are read)."""
+        from pipeline.params import ParamError
+
+        param = {"scores": "evaluate.scores_dir", "predictor": "evaluate.predictors_dir"}.get(self.needs)
+        if param is None:
+            return
+        label = f"{self.name}-{criterion}" if criterion else self.name
+        d = self.artifact(criterion, scores_dir=scores_dir, predictors_dir=predictors_dir)
+        if d is None:
+            raise ParamError(f"parameter {param} is required by method {label}")
+        if self.needs == "scores" and not (d / "scores.json").is_file():
+            raise ParamError(f"parameter {param}: {d}/scores.json not found (run the aggregate stage first)")
+        if self.needs == "predictor" and not d.is_dir():
+            raise ParamError(
+                f"parameter {param}: no predictor {d} for method {label} "
+                f"(run the train stage for {self.predictor_kind} with criterion {criterion})"
+            )
+
+    def build(self, ctx: MethodContext, spec: MaskSpec) -> Masking:
+        """A bound `Masking` at `spec` (dense when the spec prunes nothing)."""
+        if self.criterion and not ctx.criterion:
+            raise MethodError(f"method {self.name} needs a criterion (params: evaluate.methods)")
+        if ctx.granularity not in self.granularities:
+            raise MethodError(
+                f"method {self.name} supports granularity {', '.join(self.granularities)}, "
+                f"not {ctx.granularity} (params: evaluate.granularity)"
+            )
+        return self.factory(ctx, spec)
 
 
-def known() -> list[str]:
-    return sorted(_REGISTRY)
+METHODS: Registry[MethodSpec] = Registry("method", error=MethodError)
 
 
-def info(name: str) -> dict[str, Any]:
-    if name not in _REGISTRY:
-        raise MethodError(f"unknown method {name!r} (params: evaluate.methods); known: {', '.join(known())}")
-    return _REGISTRY[name]
+def register(spec: MethodSpec) -> MethodSpec:
+    return METHODS.register(spec.name, spec)
 
 
-def predictor_dir(ctx: MethodContext, kind: str) -> str:
-    from pathlib import Path
+def granularity(name: str, configured: str) -> str:
+    """The granularity method `name` runs at when `evaluate.granularity` is `configured`."""
+    return METHODS.get(name, "evaluate.methods").granularity(configured)
 
-    if ctx.predictors_dir is None:
-        raise MethodError(f"method {kind} needs evaluate.predictors_dir")
-    return str(Path(ctx.predictors_dir) / f"{kind}-{ctx.criterion}")
+
+def title(name: str, criterion: str | None, gran: str) -> str:
+    """The method's name in tables: e.g. 'dejavu-l2_norm (dense inputs)'."""
+    return METHODS.get(name, "evaluate.methods").title(criterion, gran)
+
+
+def build(name: str, ctx: MethodContext, spec: MaskSpec) -> Masking:
+    """A bound `Masking` of method `name` at `spec` (dense when the spec prunes nothing)."""
+    return METHODS.get(name, "evaluate.methods").build(ctx, spec)
+
+
+def reference() -> MethodSpec:
+    """The unpruned reference every sweep evaluates once, at sparsity 0."""
+    return next(spec for _, spec in METHODS.items() if spec.reference)
+
+
+def is_reference(name: str) -> bool:
+    """Whether a record's method is the unpruned reference (a name this registry does not know is not)."""
+    return name in METHODS and METHODS.get(name).reference
 
 
 def _load_predictor(ctx: MethodContext, kind: str):
     key = f"pred/{kind}/{ctx.criterion}"
     if key not in ctx.cache:
-        from pipeline.predictors import load_predictor
+        from pipeline.predictors import load_predictor, predictor_dir
 
-        pred = load_predictor(predictor_dir(ctx, kind), model_fingerprint=ctx.fingerprint)
+        if ctx.predictors_dir is None:
+            raise MethodError(f"method {kind} needs evaluate.predictors_dir")
+        d = predictor_dir(ctx.predictors_dir, kind, ctx.criterion)
+        pred = load_predictor(str(d), model_fingerprint=ctx.fingerprint)
         if pred.kind != kind:
-            raise MethodError(f"predictor in {predictor_dir(ctx, kind)} is '{pred.kind}', expected '{kind}'")
+            raise MethodError(f"predictor in {d} is '{pred.kind}', expected '{kind}'")
         ctx.cache[key] = pred.to(next(ctx.model.parameters()).device).eval()
     return ctx.cache[key]
 
@@ -417,90 +494,59 @@ def _dense(ctx: MethodContext, spec: MaskSpec) -> Masking:
     return dense_masking()
 
 
+def _predicted(cls: type[Masking], kind: str) -> Factory:
+    return lambda ctx, spec: cls(ctx, spec, _load_predictor(ctx, kind))
+
+
 def _dejavu_title(g: str) -> str:
     return "dejavu (dense inputs)" if g == "per_sequence" else "dejavu (sparse inputs)"
 
 
-register("dense", _dense, needs_criterion=False, granularities=GRANULARITIES, fixed_granularity="none")
+register(MethodSpec("dense", _dense, fixed_granularity="none", reference=True))
 # static = the mean of the per-example, per-layer-normalised scores (the predictors' "train mean" reference);
 # static_raw = the mean of the raw scores (dominated by a few large examples: ranks worse held out, SPEC §4)
+register(MethodSpec("static", _static("train_mean"), needs="scores", criterion=True, fixed_granularity="none"))
 register(
-    "static",
-    _static("train_mean"),
-    needs_criterion=True,
-    granularities=GRANULARITIES,
-    needs="scores",
-    fixed_granularity="none",
+    MethodSpec(
+        "static_raw",
+        _static("raw_mean"),
+        needs="scores",
+        criterion=True,
+        fixed_granularity="none",
+        normalizes=True,
+        title_of=lambda g: "static_raw (raw mean)",
+    )
 )
 register(
-    "static_raw",
-    _static("raw_mean"),
-    needs_criterion=True,
-    granularities=GRANULARITIES,
-    needs="scores",
-    fixed_granularity="none",
-    normalizes=True,
-    title=lambda g: "static_raw (raw mean)",
+    MethodSpec(
+        "oracle",
+        OracleMasking,
+        criterion=True,
+        granularities=("per_sequence",),
+        fixed_granularity="per_sequence",
+        normalizes=True,
+        title_of=lambda g: "oracle (gold scores)",
+    )
+)
+register(MethodSpec("shadowllm", _predicted(ShadowLLMMasking, "shadowllm"), needs="predictor", criterion=True))
+register(
+    MethodSpec(
+        "dejavu",
+        _predicted(DejaVuMasking, "dejavu"),
+        needs="predictor",
+        criterion=True,
+        title_of=_dejavu_title,
+    )
 )
 register(
-    "oracle",
-    lambda c, s: OracleMasking(c, s),
-    needs_criterion=True,
-    granularities=("per_sequence",),
-    fixed_granularity="per_sequence",
-    normalizes=True,
-    title=lambda g: "oracle (gold scores)",
+    MethodSpec(
+        "dejavu_lookahead",
+        _predicted(DejaVuMasking, "dejavu_lookahead"),
+        needs="predictor",
+        criterion=True,
+        title_of=lambda g: _dejavu_title(g).replace("dejavu", "dejavu_lookahead"),
+    )
 )
-register(
-    "shadowllm",
-    lambda c, s: ShadowLLMMasking(c, s, _load_predictor(c, "shadowllm")),
-    needs_criterion=True,
-    granularities=GRANULARITIES,
-    needs="predictor",
-)
-register(
-    "dejavu",
-    lambda c, s: DejaVuMasking(c, s, _load_predictor(c, "dejavu")),
-    needs_criterion=True,
-    granularities=GRANULARITIES,
-    needs="predictor",
-    title=_dejavu_title,
-)
-register(
-    "dejavu_lookahead",
-    lambda c, s: DejaVuMasking(c, s, _load_predictor(c, "dejavu_lookahead")),
-    needs_criterion=True,
-    granularities=GRANULARITIES,
-    needs="predictor",
-    title=lambda g: _dejavu_title(g).replace("dejavu", "dejavu_lookahead"),
-)
-
-
-def granularity(name: str, configured: str) -> str:
-    """The granularity method `name` runs at when `evaluate.granularity` is `configured`."""
-    return info(name)["fixed_granularity"] or configured
-
-
-def title(name: str, criterion: str | None, gran: str) -> str:
-    """The method's name in tables: e.g. 'dejavu-l2_norm (dense inputs)'."""
-    t = info(name)["title"](gran)
-    if not criterion:
-        return t
-    base, _, note = t.partition(" ")
-    return f"{base}-{criterion}" + (f" {note}" if note else "")
-
-
-def build(name: str, ctx: MethodContext, spec: MaskSpec) -> Masking:
-    """A bound `Masking` of method `name` at `spec` (dense when the spec prunes nothing)."""
-    meta = info(name)
-    if meta["needs_criterion"] and not ctx.criterion:
-        raise MethodError(f"method {name} needs a criterion (params: evaluate.methods)")
-    if ctx.granularity not in meta["granularities"]:
-        raise MethodError(
-            f"method {name} supports granularity {', '.join(meta['granularities'])}, "
-            f"not {ctx.granularity} (params: evaluate.granularity)"
-        )
-    return meta["factory"](ctx, spec)
 
 
 from pipeline.evaluate import thresholds as _thresholds  # noqa: E402,F401  (registers teal, cats, griffin, wina)

@@ -9,7 +9,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from pipeline.io import atomic_path, write_json, write_text
+from pipeline.evaluate.methods import is_reference
+from pipeline.io import write_json, write_text
 
 COLUMNS = [
     "model",
@@ -119,7 +120,11 @@ def summary(records: list[dict[str, Any]], tasks: list[str], ppl_task: str | Non
         by[k][r["task"]] = r
         meta[k] = r
     out = []
-    for (label, s), per in sorted(by.items(), key=lambda kv: (kv[0][0] != "dense", kv[0][0], kv[0][1])):
+
+    def order(kv: tuple) -> tuple:  # the dense reference first
+        return (not is_reference(meta[kv[0]]["method"]), kv[0][0], kv[0][1])
+
+    for (label, s), per in sorted(by.items(), key=order):
         row: dict[str, Any] = {
             "label": label,
             "method": meta[(label, s)]["method"],
@@ -189,13 +194,20 @@ def metrics_json(summ: list[dict[str, Any]], records: list[dict[str, Any]]) -> d
     return out
 
 
+def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """`metrics_json`'s nesting as flat `<label>/<s..>/<metric>` names (MLflow)."""
+    return {
+        f"{label}/{s}/{k}": v for label, by_s in metrics.items() for s, vals in by_s.items() for k, v in vals.items()
+    }
+
+
 def plot_rows(summ: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
     """Each method's curve, with the dense point prepended at sparsity 0."""
-    dense = [r for r in summ if r["method"] == "dense"]
+    dense = [r for r in summ if is_reference(r["method"])]
     rows = []
-    labels = sorted({r["label"] for r in summ if r["method"] != "dense"})
+    labels = sorted({r["label"] for r in summ if not is_reference(r["method"])})
     for label in labels or ["dense"]:
-        pts = dense + [r for r in summ if r["label"] == label and r["method"] != "dense"]
+        pts = dense + [r for r in summ if r["label"] == label and not is_reference(r["method"])]
         for r in sorted(pts, key=lambda x: x["sparsity"]):
             if r.get(key) is not None:
                 rows.append({"method": label, "sparsity": r["sparsity"], key: r[key]})
@@ -203,12 +215,9 @@ def plot_rows(summ: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
 
 
 def plot(rows: list[dict[str, Any]], key: str, path: Path, title: str, ylabel: str, log: bool = False) -> None:
-    import matplotlib
+    from pipeline.plots import figure, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = figure(figsize=(6, 4))
     for label in sorted({r["method"] for r in rows}):
         pts = [r for r in rows if r["method"] == label]
         ax.plot([p["sparsity"] for p in pts], [p[key] for p in pts], marker="o", label=label)
@@ -220,10 +229,7 @@ def plot(rows: list[dict[str, Any]], key: str, path: Path, title: str, ylabel: s
     ax.grid(alpha=0.3)
     if rows:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path, dpi=110)
 
 
 def _fmt(v: Any, pct: bool = False, nd: int = 2) -> str:

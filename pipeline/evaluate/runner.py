@@ -21,48 +21,32 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from pipeline.evaluate import methods as M
-from pipeline.evaluate.config import EvalConfig, MethodSpec
+from pipeline.evaluate.config import EvalConfig, MethodRef
 from pipeline.evaluate.forward import Masking
+from pipeline.evaluate.methods import reference
 from pipeline.io import write_json
 from pipeline.masks import describe
 
 CACHE_VERSION = 1
-DENSE = MethodSpec("dense")
+DENSE = MethodRef(reference())
 
 
-def plan(cfg: EvalConfig) -> list[tuple[MethodSpec, float]]:
-    """(method, sparsity) pairs: dense once at 0, every other method at every sparsity > 0."""
-    out: list[tuple[MethodSpec, float]] = [(DENSE, 0.0)]
+def plan(cfg: EvalConfig) -> list[tuple[MethodRef, float]]:
+    """(method, sparsity) pairs: the unpruned reference once at 0, every other method at every sparsity > 0."""
+    out: list[tuple[MethodRef, float]] = [(DENSE, 0.0)]
     for m in cfg.methods:
-        if m.name == "dense":
+        if m.spec.reference:
             continue
         out += [(m, s) for s in cfg.sparsities if s > 0]
     return out
 
 
-def _file_hash(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in sorted(paths):
-        if p.is_file():
-            h.update(p.name.encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()[:16]
+def artifact_hash(cfg: EvalConfig, m: MethodRef) -> str | None:
+    return cfg.artifact_hash(m)
 
 
-def artifact_hash(cfg: EvalConfig, m: MethodSpec) -> str | None:
-    needs = M.info(m.name)["needs"]
-    if needs == "scores" and cfg.scores_dir:
-        return _file_hash(list(Path(cfg.scores_dir).glob("*")))
-    if needs == "predictor" and cfg.predictors_dir:
-        return _file_hash(list((Path(cfg.predictors_dir) / f"{m.name}-{m.criterion}").glob("*")))
-    if needs == "calibration":  # the thresholds depend on the calibration sample (split seed/fraction: task_settings)
-        return hashlib.sha256(json.dumps(cfg.calibration, sort_keys=True).encode()).hexdigest()[:16]
-    return None
-
-
-def granularity_of(cfg: EvalConfig, m: MethodSpec) -> str:
-    return M.granularity(m.name, cfg.granularity)
+def granularity_of(cfg: EvalConfig, m: MethodRef) -> str:
+    return m.spec.granularity(cfg.granularity)
 
 
 def task_settings(cfg: EvalConfig, task: str) -> dict[str, Any]:
@@ -92,7 +76,7 @@ def task_settings(cfg: EvalConfig, task: str) -> dict[str, Any]:
     }
 
 
-def point_key(cfg: EvalConfig, fp: str, m: MethodSpec, sparsity: float, task: str, art: str | None) -> tuple[str, dict]:
+def point_key(cfg: EvalConfig, fp: str, m: MethodRef, sparsity: float, task: str, art: str | None) -> tuple[str, dict]:
     ident = {
         "v": CACHE_VERSION,
         "model": fp,
@@ -102,13 +86,13 @@ def point_key(cfg: EvalConfig, fp: str, m: MethodSpec, sparsity: float, task: st
         "task_settings": task_settings(cfg, task),
         "artifact": art,
     }
-    if m.name != "dense":
+    if not m.spec.reference:
         ident["mask"] = {
             "sparsity": sparsity,
             "pools": sorted(cfg.pools),
             "scope": cfg.scope,
             "min_keep": cfg.min_keep if cfg.scope == "hybrid" else None,
-            "normalize": cfg.normalize if M.info(m.name)["normalizes"] else None,
+            "normalize": cfg.normalize if m.spec.normalizes else None,
             "granularity": granularity_of(cfg, m),
         }
     blob = json.dumps(ident, sort_keys=True)
@@ -149,6 +133,31 @@ class Evaluator:
         self._gold: dict[str, list[int]] = {}
         self._text: str | None = None
         self.splits: dict[str, Any] = {}
+
+    def plan_line(self) -> str:
+        """What the sweep covers, for the stage's log."""
+        cfg = self.cfg
+        tasks = ", ".join(cfg.tasks + ([cfg.ppl_task] if cfg.ppl_task else []))
+        bos = "on" if cfg.add_bos else "off"
+        return f"{len(cfg.methods)} methods x {len(cfg.sparsities)} sparsities, tasks {tasks}; BOS {bos}"
+
+    def report_info(self) -> dict[str, Any]:
+        """The run's settings the report states (BOS: the resolved model.add_bos)."""
+        cfg = self.cfg
+        return {
+            "model": self.model_id,
+            "fingerprint": self.fp,
+            "scope": cfg.scope,
+            "pools": cfg.pools,
+            "granularity": cfg.granularity,
+            "seed": cfg.seed,
+            "calib_fraction": cfg.calib_fraction,
+            "limit": cfg.evaluate.limit,
+            "seq_len": cfg.seq_len,
+            "max_windows": cfg.max_windows,
+            "cache_dir": cfg.cache_dir,
+            "add_bos": cfg.add_bos,
+        }
 
     # ---- data ----
     def task_data(self, task: str):
@@ -198,21 +207,11 @@ class Evaluator:
     def calibration_sequences(self) -> list[list[int]]:
         """The thresholders' calibration: a seeded sample of `evaluate.calibration_examples` of the calibration
         sequences `collect` scores (`pipeline.calibration.build` on the collect settings; never evaluated)."""
-        from pipeline.calibration import CalibrationPlan, build
+        from pipeline.calibration import build
 
-        c = self.cfg.calibration
-        plan = CalibrationPlan(
-            tasks=tuple(c["tasks"]),
-            mirror_dir=self.cfg.mirror_dir,
-            n_per_task=c["n_per_task"],
-            calib_fraction=self.cfg.calib_fraction,
-            seed=self.cfg.seed,
-            num_fewshot=c["num_fewshot"],
-            max_tokens=c["max_tokens"],
-            add_bos=bool(self.cfg.add_bos),
-        )
+        plan = self.cfg.calibration_plan(add_bos=bool(self.cfg.add_bos))
         seqs, _ = build(plan, self.tok)
-        n = min(c["n_examples"] or len(seqs), len(seqs))
+        n = min(self.cfg.evaluate.calibration_examples or len(seqs), len(seqs))
         pick = sorted(np.random.default_rng(self.cfg.seed).choice(len(seqs), n, replace=False).tolist())
         return [list(seqs[i].input_ids) for i in pick]
 
@@ -232,11 +231,11 @@ class Evaluator:
             self._weight_bytes = WeightBytes.of(self.model, self.layout)
         return meter(masking, self._weight_bytes)
 
-    def masking(self, m: MethodSpec, sparsity: float) -> Masking:
+    def masking(self, m: MethodRef, sparsity: float) -> Masking:
         self.ctx.criterion = m.criterion
         g = granularity_of(self.cfg, m)
         self.ctx.granularity = "per_sequence" if g == "none" else g
-        return M.build(m.name, self.ctx, self.cfg.mask_spec(sparsity))
+        return m.spec.build(self.ctx, self.cfg.mask_spec(sparsity))
 
     def evaluate_task(self, masking: Masking, task: str) -> dict[str, Any]:
         from pipeline.evaluate.loglik import loglikelihoods
@@ -322,14 +321,13 @@ class Evaluator:
                 res = self.evaluate_task(meter.wrap(masking), task)
                 spec = cfg.mask_spec(s)
                 desc = describe(spec, self.layout.n_layers, units)
-                if getattr(masking, "missing", None):  # static criterion without neuron scores
-                    for pool in masking.missing:
-                        desc[pool]["effective"] = 0.0
-                        desc[pool]["note"] = getattr(masking, "missing_note", "no scores for this pool: left dense")
+                for pool in masking.missing:  # e.g. a static criterion without neuron scores
+                    desc[pool]["effective"] = 0.0
+                    desc[pool]["note"] = masking.missing_note
                 desc["bytes"] = meter.summary()  # weight bytes a decode step skips, per token (mean, std)
-                if getattr(masking, "measured_effective", False):  # thresholds: the realised count, not a rule's
+                if masking.measured_effective:  # thresholds: the realised count, not a rule's
                     for pool, u in desc["bytes"]["units"].items():
-                        if u.get("effective") is not None and pool not in getattr(masking, "missing", ()):
+                        if u.get("effective") is not None and pool not in masking.missing:
                             desc[pool]["effective"] = u["effective"]
                 rec = {
                     "key": key,
@@ -338,10 +336,10 @@ class Evaluator:
                     "model_fingerprint": self.fp,
                     "method": m.name,
                     "criterion": m.criterion or "",
-                    "label": M.title(m.name, m.criterion, granularity_of(cfg, m)),
+                    "label": m.spec.title(m.criterion, granularity_of(cfg, m)),
                     "sparsity": s,
                     "granularity": granularity_of(cfg, m),
-                    "scope": cfg.scope if m.name != "dense" else "none",
+                    "scope": "none" if m.spec.reference else cfg.scope,
                     "task": task,
                     "sparsity_detail": desc,
                     **res,

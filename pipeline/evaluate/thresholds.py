@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from pipeline.evaluate.forward import ForwardInfo, Masking
 from pipeline.evaluate.loglik import pad_batch
-from pipeline.evaluate.methods import MethodContext, MethodError, register
+from pipeline.evaluate.methods import MethodContext, MethodError, MethodSpec, register
 from pipeline.hooks import UnitMasker, _HookSet, notify, observe_masks
 from pipeline.masks import POOLS, MaskSpec, keep_mask, prunable_layers
 from pipeline.models.adapters import Layout
@@ -670,33 +670,30 @@ def _calibrated(cls: type[_ThresholdMasking]) -> Callable[[MethodContext, MaskSp
 
 
 register(
-    "teal",
-    _calibrated(TealMasking),
-    needs_criterion=False,
-    granularities=("per_token",),
-    needs="calibration",
-    fixed_granularity="per_token",
+    MethodSpec(
+        "teal",
+        _calibrated(TealMasking),
+        needs="calibration",
+        granularities=("per_token",),
+        fixed_granularity="per_token",
+    )
 )
 register(
-    "cats",
-    _calibrated(CatsMasking),
-    needs_criterion=False,
-    granularities=("per_token",),
-    needs="calibration",
-    fixed_granularity="per_token",
+    MethodSpec(
+        "cats",
+        _calibrated(CatsMasking),
+        needs="calibration",
+        granularities=("per_token",),
+        fixed_granularity="per_token",
+    )
 )
+register(MethodSpec("griffin", GriffinMasking, granularities=("per_sequence",), fixed_granularity="per_sequence"))
 register(
-    "griffin",
-    lambda c, s: GriffinMasking(c, s),
-    needs_criterion=False,
-    granularities=("per_sequence",),
-    fixed_granularity="per_sequence",
-)
-register(
-    "wina",
-    lambda c, s: WinaMasking(c, s),
-    needs_criterion=False,
-    granularities=("per_token",),
-    fixed_granularity="per_token",
-    title=lambda g: "wina (no transform)",
+    MethodSpec(
+        "wina",
+        WinaMasking,
+        granularities=("per_token",),
+        fixed_granularity="per_token",
+        title_of=lambda g: "wina (no transform)",
+    )
 )
