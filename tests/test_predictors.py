@@ -331,6 +331,14 @@ def test_train_stage_end_to_end(tmp_path, trace_dir, scores_dir):
         ({"target_transform": "sqrt"}, "train.target_transform must be one of none, log, rank"),
         ({"select_fraction": 0.0}, "train.select_fraction must be > 0"),
         ({"ridge_alphas": [1.0, -1.0]}, "train.ridge_alphas must be > 0.0, got -1.0"),
+        (
+            {"widths": {**TRAIN["widths"], "shadowllm": {**TRAIN["widths"]["shadowllm"], "hiden_heads": 8}}},
+            "unknown parameter train.widths.shadowllm.hiden_heads (did you mean 'hidden_heads'?)",
+        ),
+        ({"widths": {**TRAIN["widths"], "magic": SMALL}}, "train.widths: unknown predictor kind 'magic'"),
+        ({"kinds": ["dejavu", "dejavu"]}, "train.kinds has duplicates"),
+        ({"device": "tpu"}, "train.device must be 'cpu' or 'cuda[:N]'"),
+        ({"seeed": 1}, "unknown parameter train.seeed (did you mean 'seed'?)"),
     ],
 )
 def test_train_stage_bad_params(tmp_path, trace_dir, scores_dir, change, message):
@@ -338,6 +346,27 @@ def test_train_stage_bad_params(tmp_path, trace_dir, scores_dir, change, message
     assert res.exit_code == 1 and message in res.output, res.output
     assert len(res.output.strip().splitlines()) == 1
     assert not (tmp_path / "pred").exists() and not (tmp_path / "metrics.json").exists()
+
+
+def test_train_params_have_no_code_defaults_and_kinds_carry_their_features():
+    """Every key of `train:` (and of each kind's widths) is required: params.yaml is their one source;
+    each registered kind names the trace column it reads."""
+    from pipeline.params import ParamError, schema_defaults
+    from pipeline.predictors import PREDICTORS, PredictorWidths
+
+    p = section_params(TrainParams)
+    assert not schema_defaults(TrainParams) and not schema_defaults(PredictorWidths)
+    for key in TRAIN:
+        with pytest.raises(ParamError, match=f"missing parameter train.{key}"):
+            TrainParams.from_mapping({k: v for k, v in TRAIN.items() if k != key}, "train")
+    assert set(p.kinds) <= set(PREDICTORS) and {PREDICTORS[k].feature_column for k in p.kinds} <= {
+        "feat_l0",
+        "feat_layers",
+    }
+    with pytest.raises(ParamError, match="missing parameter widths of dejavu.rank_heads"):
+        build("dejavu", "plainact", DIMS, {"hidden_heads": 4, "hidden_neurons": 4, "rank_neurons": 0})
+    with pytest.raises(ValueError, match="unknown predictor kind 'magic'"):
+        build("magic", "plainact", DIMS, SMALL)
 
 
 @pytest.mark.gpu

@@ -115,10 +115,6 @@ class Predictor(nn.Module):
         self.in_mean.copy_(z.mean(0).to(self.in_mean))
         self.in_std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)).to(self.in_std))
 
-    @property
-    def in_dim(self) -> int:
-        return self.heads.in_dim
-
     def predict_all(self, x: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError(f"{self.kind} predicts one layer at a time; use predict_layer")
 

@@ -21,12 +21,11 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.stats import rankdata
 from torch import Tensor
 
@@ -75,7 +74,6 @@ class FitResult:
     fit_rows: np.ndarray
     select_rows: np.ndarray
     seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -129,7 +127,7 @@ def _adamw(pred: Predictor, settings: TrainParams) -> torch.optim.AdamW:
 
 def _loss(pred: Predictor, x: Tensor, yh: Tensor, yn: Tensor) -> Tensor:
     h, n = pred(x)
-    return F.mse_loss(h, yh) + F.mse_loss(n, yn)
+    return torch.nn.functional.mse_loss(h, yh) + torch.nn.functional.mse_loss(n, yn)
 
 
 def _snapshot(module: torch.nn.Module) -> dict[str, Tensor]:
