@@ -12,16 +12,18 @@ import click
 
 from stages.common import load_params, params_option, reported
 
+DIR = click.Path(file_okay=False, path_type=Path)
+
 
 @click.command("aggregate")
 @params_option
-@click.option("--traces", "traces_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="scores dir")
+@click.option("--traces", "traces_dir", required=True, type=DIR, help="trace directory (collect)")
+@click.option("--out", "out_dir", required=True, type=DIR, help="scores directory to write")
 @click.option(
     "--plots",
     "plots_dir",
     default=None,
-    type=click.Path(file_okay=False, path_type=Path),
+    type=DIR,
     help="directory for the heat map (default: --out; keep it outside --out so that changing "
     "aggregate.heatmap does not invalidate the scores)",
 )

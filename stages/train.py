@@ -17,15 +17,17 @@ import click
 
 from stages.common import load_params, params_option, reported
 
+DIR, FILE = click.Path(file_okay=False, path_type=Path), click.Path(dir_okay=False, path_type=Path)
+
 
 @click.command("train")
 @params_option
-@click.option("--traces", "traces_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--scores", "scores_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="predictors")
-@click.option("--metrics", "metrics_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--plots", "plots_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="curves")
-@click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--traces", "traces_dir", required=True, type=DIR, help="trace directory (features)")
+@click.option("--scores", "scores_dir", required=True, type=DIR, help="scores directory (targets)")
+@click.option("--out", "out_dir", required=True, type=DIR, help="predictor directory to write")
+@click.option("--metrics", "metrics_path", required=True, type=FILE, help="metrics JSON to write")
+@click.option("--plots", "plots_dir", required=True, type=DIR, help="training-curve directory")
+@click.option("--report", "report_path", default=None, type=FILE, help="Markdown report (default: <out>/report.md)")
 def cli(
     params_path: Path,
     traces_dir: Path,
