@@ -19,20 +19,73 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from pipeline import criteria as crit
+from pipeline.errors import UserError
 from pipeline.io import atomic_path, read_json, write_json
+from pipeline.params import ParamError, Section, nonempty
 from pipeline.traces import Traces
 
 SCORES_SCHEMA = 1
 STATIC_FILE = "static.safetensors"
 META_FILE = "scores.json"
 UNITS = ("heads", "neurons")
+
+
+class InputError(UserError):
+    """A stage input (traces, scores) that is missing or does not hold what is asked of it."""
+
+
+def open_traces(directory: str | Path) -> Traces:
+    """`Traces.open` (metadata only), a missing or inconsistent trace directory as a one-line user error."""
+    try:
+        return Traces.open(directory)
+    except (FileNotFoundError, ValueError) as e:
+        raise InputError(str(e)) from None
+
+
+@dataclass(frozen=True)
+class AggregateParams(Section):
+    """`aggregate:` — the criteria that become per-example predictor targets, the heat map's criterion,
+    the targets' file dtype. `targets` is also the train stage's list of criteria."""
+
+    SECTION: ClassVar[str] = "aggregate"
+    targets: list[str] = nonempty()
+    heatmap: str
+    target_dtype: Literal["float32", "float16"]
+
+    def check(self, where: str) -> None:
+        for name in self.targets:
+            if name not in crit.CRITERIA:
+                raise ParamError(
+                    f"parameter {where}.targets: unknown criterion {name!r}; known: {', '.join(sorted(crit.CRITERIA))}"
+                )
+            if not crit.CRITERIA[name].predictable:
+                raise ParamError(
+                    f"parameter {where}.targets: criterion '{name}' is static-only and cannot be a predictor target"
+                )
+        if len(set(self.targets)) != len(self.targets):
+            raise ParamError(f"parameter {where}.targets has duplicates: {self.targets}")
+
+    def check_collected(self, collected: list[str]) -> None:
+        """Every criterion named here is in the traces."""
+        for name in self.targets:
+            if name not in collected:
+                raise ParamError(
+                    f"parameter aggregate.targets: criterion '{name}' is not in the traces "
+                    f"(collected: {', '.join(collected)}); add it to collect.criteria"
+                )
+        if self.heatmap not in collected:
+            raise ParamError(
+                f"parameter aggregate.heatmap: criterion {self.heatmap!r} is not in the traces "
+                f"(collected: {', '.join(collected)})"
+            )
 
 
 def target_file(criterion: str) -> str:
@@ -144,13 +197,16 @@ def save_scores(
 
 
 def load_meta(path_dir: str | Path) -> dict[str, Any]:
-    return read_json(Path(path_dir) / META_FILE, missing=f"no scores in {path_dir}: run the aggregate stage first")
+    try:
+        return read_json(Path(path_dir) / META_FILE, missing=f"no scores in {path_dir}: run the aggregate stage first")
+    except FileNotFoundError as e:
+        raise InputError(str(e)) from None
 
 
 def _check_model(meta: dict[str, Any], model_fingerprint: str | None, what: str) -> None:
     have = meta["model"]["fingerprint"]
     if model_fingerprint is not None and model_fingerprint != have:
-        raise ValueError(f"{what} were computed for model fingerprint {have}, not for this model ({model_fingerprint})")
+        raise InputError(f"{what} were computed for model fingerprint {have}, not for this model ({model_fingerprint})")
 
 
 STATIC_VARIANTS = {"train_mean": "", "raw_mean": "raw/"}
@@ -164,14 +220,14 @@ def load_static(
     meta = load_meta(path_dir)
     _check_model(meta, model_fingerprint, f"static scores in {path_dir}")
     if criterion not in meta["criteria"]:
-        raise ValueError(
+        raise InputError(
             f"no static scores for criterion '{criterion}' in {path_dir}; have {', '.join(meta['criteria'])}"
         )
     prefix = STATIC_VARIANTS[variant]
     data = load_file(str(Path(path_dir) / STATIC_FILE))
     out = {u: data[f"{prefix}{criterion}/{u}"] for u in UNITS if f"{prefix}{criterion}/{u}" in data}
     if not out:
-        raise ValueError(f"no {variant} static scores for '{criterion}' in {path_dir} (rerun the aggregate stage)")
+        raise InputError(f"no {variant} static scores for '{criterion}' in {path_dir} (rerun the aggregate stage)")
     return out
 
 
@@ -179,8 +235,40 @@ def load_targets(path_dir: str | Path, criterion: str) -> dict[str, np.ndarray]:
     """{"heads": [N, L, H], "neurons": [N, L, F]} float32 per-layer min-max targets, rows in trace order."""
     meta = load_meta(path_dir)
     if criterion not in meta["targets"]:
-        raise ValueError(
+        raise InputError(
             f"no predictor targets for criterion '{criterion}' in {path_dir}; have "
             f"{', '.join(meta['targets']) or 'none'} (params: aggregate.targets)"
         )
     return {u: a.astype(np.float32) for u, a in load_file(str(Path(path_dir) / target_file(criterion))).items()}
+
+
+def heatmap(static: dict[str, np.ndarray], criterion: str, path: str | Path) -> None:
+    """Layer x unit image of static scores (each layer min-max scaled, so every row uses the full colour range)."""
+    from pipeline.plots import figure, save_png
+
+    units = list(static)
+    fig, axes = figure(ncols=len(units), figsize=(6 * len(units), 4), squeeze=False)
+    for ax, unit in zip(axes[0], units):
+        img = ax.imshow(
+            minmax_per_layer(static[unit][None])[0],
+            aspect="auto",
+            interpolation="nearest",
+            cmap="viridis",
+            origin="lower",
+        )
+        ax.set(xlabel=unit[:-1] + " index", ylabel="layer", title=f"{criterion}: static {unit} (per-layer min-max)")
+        fig.colorbar(img, ax=ax)
+    save_png(fig, path, dpi=110)
+
+
+def aggregate(traces: Traces, params: AggregateParams, out_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Static scores of every collected criterion (train mean and raw mean) and the targets of
+    `params.targets`, written to `out_dir` -> (the scores metadata, {criterion: static scores})."""
+    static = {c: static_scores(traces, c) for c in traces.criteria}
+    raw_static = {c: static_scores(traces, c, raw=True) for c in traces.criteria}
+    tgt, non_finite = {}, {}
+    for c in params.targets:
+        tgt[c], non_finite[c] = targets(traces, c)
+    meta = scores_meta(traces, list(static), params.targets, non_finite=non_finite)
+    save_scores(out_dir, static, tgt, meta, dtype=params.target_dtype, raw_static=raw_static)
+    return meta, static

@@ -8,8 +8,8 @@ units) and return plain floats. Layer 0 is normally excluded by the caller (it a
 - `spearman_per_layer`: per example and layer, ρ over that layer's units (the ranking a *local*
   mask uses), then the mean over layers and examples.
 - `topk_recall`: at sparsity s, the kept set is the top-k, with k the units a mask keeps at s
-  (`pipeline.units`, the masks' own count): `pool='local'` ranks each layer and keeps
-  k = n_kept(U, s) of it; `pool='global'` ranks all units of all given layers jointly and keeps
+  (`pipeline.units`, the masks' own count): `scope='local'` ranks each layer and keeps
+  k = n_kept(U, s) of it; `scope='global'` ranks all units of all given layers jointly and keeps
   k = L · n_kept(U, s), the total a global mask keeps over those layers (without its one-per-layer
   floor: recall scores the ranking). recall = |predicted kept ∩ true kept| / k, averaged over examples.
 Rows whose true (or predicted) scores are constant have no defined ρ and are skipped (nan-mean).
@@ -112,14 +112,14 @@ def spearman_per_layer(pred: np.ndarray, true: np.ndarray) -> float:
     return _nanmean(_rowwise_spearman(pred.reshape(-1, u), true.reshape(-1, u)))
 
 
-def n_keep(n_layers: int, n_units: int, sparsity: float, pool: str = "global") -> int:
+def n_keep(n_layers: int, n_units: int, sparsity: float, scope: str = "global") -> int:
     """k of the top-k recall over `n_layers` layers of `n_units`: per layer (`local`) n_kept(U, s),
     over all of them (`global`) L · n_kept(U, s) — what a mask of that scope keeps (`pipeline.units`)."""
-    if pool == "local":
+    if scope == "local":
         return n_kept(n_units, sparsity)
-    if pool == "global":
+    if scope == "global":
         return pool_kept(n_layers, n_units, sparsity)
-    raise ValueError(f"pool must be 'global' or 'local', got {pool!r}")
+    raise ValueError(f"scope must be 'global' or 'local', got {scope!r}")
 
 
 def _recall_rows(pred: np.ndarray, true: np.ndarray, k: int) -> np.ndarray:
@@ -131,11 +131,11 @@ def _recall_rows(pred: np.ndarray, true: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(hit, top_p, axis=-1).sum(-1) / k
 
 
-def topk_recall(pred: np.ndarray, true: np.ndarray, sparsity: float, pool: str = "global") -> float:
-    """Mean recall of the true kept set at `sparsity`. pred/true: [N, L, U]; pool 'global' or 'local'."""
-    k = n_keep(pred.shape[-2], pred.shape[-1], sparsity, pool)
-    rows = pred.shape[0] if pool == "global" else -1  # global: one row per example; local: per example and layer
-    cols = -1 if pool == "global" else pred.shape[-1]
+def topk_recall(pred: np.ndarray, true: np.ndarray, sparsity: float, scope: str = "global") -> float:
+    """Mean recall of the true kept set at `sparsity`. pred/true: [N, L, U]; scope 'global' or 'local'."""
+    k = n_keep(pred.shape[-2], pred.shape[-1], sparsity, scope)
+    rows = pred.shape[0] if scope == "global" else -1  # global: one row per example; local: per example and layer
+    cols = -1 if scope == "global" else pred.shape[-1]
     return float(_recall_rows(pred.reshape(rows, cols), true.reshape(rows, cols), k).mean())
 
 

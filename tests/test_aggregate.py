@@ -15,6 +15,7 @@ from pipeline import aggregate as agg
 from tests.conftest import section_params, tiny_model
 
 CRITERIA = ["plainact", "l2_norm", "jacov"]  # jacov: static-only (heads only)
+AGG = {"targets": ["plainact", "l2_norm"], "heatmap": "plainact", "target_dtype": "float32"}
 FINGERPRINT = "tiny-llama-fp"
 
 
@@ -146,9 +147,7 @@ def test_scores_round_trip_and_refusals(tmp_path, trace_dir):
 def test_aggregate_stage_end_to_end(tmp_path, trace_dir):
     from stages.aggregate import cli
 
-    params = write_params(
-        tmp_path / "params.yaml", aggregate={"targets": ["plainact", "l2_norm"], "heatmap": "plainact"}
-    )
+    params = write_params(tmp_path / "params.yaml", aggregate=AGG)
     out = tmp_path / "scores"
     res = CliRunner().invoke(
         cli,
@@ -169,13 +168,27 @@ def test_aggregate_stage_end_to_end(tmp_path, trace_dir):
         ({"targets": ["fisher"]}, "aggregate.targets: criterion 'fisher' is not in the traces"),
         ({"targets": ["nope"]}, "aggregate.targets: unknown criterion 'nope'"),
         ({"targets": ["plainact"], "heatmap": "grasp"}, "aggregate.heatmap"),
+        ({"target_dtype": "int8"}, "aggregate.target_dtype must be one of 'float32', 'float16'"),
+        ({"targets": ["plainact", "plainact"]}, "aggregate.targets has duplicates"),
+        ({"heatmap_criterion": "plainact"}, "unknown parameter aggregate.heatmap_criterion"),
+        ({"heatmap": None}, "aggregate.heatmap must be a string"),
     ],
 )
 def test_aggregate_stage_bad_params(tmp_path, trace_dir, section, message):
     from stages.aggregate import cli
 
-    params = write_params(tmp_path / "params.yaml", aggregate=section)
+    params = write_params(tmp_path / "params.yaml", aggregate={**AGG, **section})
     res = CliRunner().invoke(cli, ["--params", str(params), "--traces", str(trace_dir), "--out", str(tmp_path / "s")])
     assert res.exit_code == 1 and message in res.output
     assert len(res.output.strip().splitlines()) == 1
     assert not (tmp_path / "s").exists()
+
+
+def test_aggregate_params_have_no_code_defaults():
+    """Every key of `aggregate:` is required: params.yaml is the one source of defaults."""
+    from pipeline.params import ParamError
+
+    assert section_params(agg.AggregateParams).targets  # the repository's section is valid
+    for key in AGG:
+        with pytest.raises(ParamError, match=f"missing parameter aggregate.{key}"):
+            agg.AggregateParams.from_mapping({k: v for k, v in AGG.items() if k != key}, "aggregate")

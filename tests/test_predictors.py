@@ -11,13 +11,15 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.predictors import build, load_predictor, save_predictor
-from pipeline.predictors.fit import FitSettings, evaluate, fit, split_indices
+from pipeline.predictors.fit import evaluate, fit, split_indices
+from pipeline.predictors.params import TrainParams
 from pipeline.predictors.size import cost, layer_params
 from pipeline.ranking import spearman_joint, spearman_per_layer, topk_recall
+from tests.conftest import section_params
 from tests.test_aggregate import FINGERPRINT, _no_tracking, trace_dir, write_params  # noqa: F401 (fixtures)
 
 DIMS = {"arch": "llama", "n_layers": 3, "n_heads": 8, "n_kv_heads": 2, "head_dim": 4, "hidden": 32, "ffn_dim": 24}
-SMALL = {"hidden_heads": 16, "hidden_neurons": 16}
+SMALL = {"hidden_heads": 16, "hidden_neurons": 16, "rank_heads": 0, "rank_neurons": 0}
 
 
 @pytest.fixture(autouse=True)
@@ -53,8 +55,8 @@ def test_shadowllm_learns_a_linear_target_and_not_a_shuffled_one(shuffle):
         yh, yn = yh[perm], yn[perm]
     train, val = split_indices(len(x), 0.25, seed=0)
     torch.manual_seed(0)
-    pred = build("shadowllm", "plainact", DIMS, {"hidden_heads": 128, "hidden_neurons": 128})
-    fit(pred, x, yh, yn, train, FitSettings(epochs=30, lr=1e-2, batch_size=16, seed=0))
+    pred = build("shadowllm", "plainact", DIMS, {**SMALL, "hidden_heads": 128, "hidden_neurons": 128})
+    fit(pred, x, yh, yn, train, section_params(TrainParams, epochs=30, lr=1e-2, batch_size=16, target_transform="none"))
     m = evaluate(pred, x[val], yh[val], yn[val], [0.5])
     rho = [m["heads"]["spearman_joint"], m["neurons"]["spearman_joint"]]
     if shuffle:
@@ -182,8 +184,8 @@ def test_ranking_metrics_by_hand():
     # sparsity 0.5 keeps 2 of 4: true {2, 3}, predicted {2, 3} -> 1; pred2 keeps {0, 3} -> 0.5
     assert topk_recall(pred, true, 0.5) == pytest.approx(1.0)
     assert topk_recall(np.array([[[5.0, 0.0, 1.0, 9.0]]]), true, 0.5) == pytest.approx(0.5)
-    # local pool: top-1 of each layer of t2 (units 1 and 1); p2 picks unit 0 then 1 -> 0.5
-    assert topk_recall(p2, t2, 0.5, pool="local") == pytest.approx(0.5)
+    # local scope: top-1 of each layer of t2 (units 1 and 1); p2 picks unit 0 then 1 -> 0.5
+    assert topk_recall(p2, t2, 0.5, scope="local") == pytest.approx(0.5)
 
 
 def test_ranks_average_ties_like_scipy_on_either_backend():
@@ -227,7 +229,7 @@ def test_layer_params_counts_gqa_and_gating():
 TRAIN = {
     "kinds": ["shadowllm", "dejavu", "dejavu_lookahead"],
     "widths": {
-        k: {"hidden_heads": 16, "hidden_neurons": 32, "rank_neurons": 8}
+        k: {"hidden_heads": 16, "hidden_neurons": 32, "rank_heads": 0, "rank_neurons": 8}
         for k in ("shadowllm", "dejavu", "dejavu_lookahead")
     },
     "epochs": 3,
@@ -243,17 +245,15 @@ TRAIN = {
     "select_fraction": 0.15,
     "ridge_alphas": [1.0, 100.0],
 }
-AGG = {"targets": ["plainact", "l2_norm"], "heatmap": "plainact"}
+AGG = {"targets": ["plainact", "l2_norm"], "heatmap": "plainact", "target_dtype": "float32"}
 
 
 @pytest.fixture(scope="module")
 def scores_dir(trace_dir, tmp_path_factory) -> Path:
-    from stages.aggregate import run
+    from pipeline import aggregate as agg
 
     out = tmp_path_factory.mktemp("scores")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SHADOWLLM_TRACKING", "0")
-        run(str(write_params(out.parent / "agg-params.yaml", aggregate=AGG)), str(trace_dir), str(out))
+    agg.aggregate(agg.open_traces(trace_dir), agg.AggregateParams.from_mapping(AGG, "aggregate"), out)
     return out
 
 
@@ -322,15 +322,23 @@ def test_train_stage_end_to_end(tmp_path, trace_dir, scores_dir):
     "change, message",
     [
         ({"kinds": ["shadowllm", "magic"]}, "train.kinds: unknown predictor kind 'magic'"),
-        ({"sparsities": [0.5, 1.0]}, "train.sparsities must be in [0, 1)"),
-        ({"aggregate": {"targets": ["jacov"]}}, "aggregate.targets: criterion 'jacov' is static-only"),
-        ({"aggregate": {"targets": ["fisher"]}}, "aggregate.targets: no targets for 'fisher'"),
+        ({"sparsities": [0.5, 1.0]}, "train.sparsities must be < 1.0, got 1.0"),
+        ({"aggregate": {**AGG, "targets": ["jacov"]}}, "aggregate.targets: criterion 'jacov' is static-only"),
+        ({"aggregate": {**AGG, "targets": ["fisher"]}}, "aggregate.targets: no targets for 'fisher'"),
         ({"widths": {"shadowllm": {"hidden_heads": 8}}}, "train.widths"),
-        ({"epochs": 0}, "train.epochs must be an integer >= 1"),
+        ({"epochs": 0}, "train.epochs must be >= 1, got 0"),
         ({"standardize": "yes"}, "train.standardize must be true or false"),
         ({"target_transform": "sqrt"}, "train.target_transform must be one of none, log, rank"),
         ({"select_fraction": 0.0}, "train.select_fraction must be > 0"),
-        ({"ridge_alphas": [1.0, -1.0]}, "train.ridge_alphas must be a non-empty list of numbers > 0"),
+        ({"ridge_alphas": [1.0, -1.0]}, "train.ridge_alphas must be > 0.0, got -1.0"),
+        (
+            {"widths": {**TRAIN["widths"], "shadowllm": {**TRAIN["widths"]["shadowllm"], "hiden_heads": 8}}},
+            "unknown parameter train.widths.shadowllm.hiden_heads (did you mean 'hidden_heads'?)",
+        ),
+        ({"widths": {**TRAIN["widths"], "magic": SMALL}}, "train.widths: unknown predictor kind 'magic'"),
+        ({"kinds": ["dejavu", "dejavu"]}, "train.kinds has duplicates"),
+        ({"device": "tpu"}, "train.device must be 'cpu' or 'cuda[:N]'"),
+        ({"seeed": 1}, "unknown parameter train.seeed (did you mean 'seed'?)"),
     ],
 )
 def test_train_stage_bad_params(tmp_path, trace_dir, scores_dir, change, message):
@@ -338,6 +346,27 @@ def test_train_stage_bad_params(tmp_path, trace_dir, scores_dir, change, message
     assert res.exit_code == 1 and message in res.output, res.output
     assert len(res.output.strip().splitlines()) == 1
     assert not (tmp_path / "pred").exists() and not (tmp_path / "metrics.json").exists()
+
+
+def test_train_params_have_no_code_defaults_and_kinds_carry_their_features():
+    """Every key of `train:` (and of each kind's widths) is required: params.yaml is their one source;
+    each registered kind names the trace column it reads."""
+    from pipeline.params import ParamError, schema_defaults
+    from pipeline.predictors import PREDICTORS, PredictorWidths
+
+    p = section_params(TrainParams)
+    assert not schema_defaults(TrainParams) and not schema_defaults(PredictorWidths)
+    for key in TRAIN:
+        with pytest.raises(ParamError, match=f"missing parameter train.{key}"):
+            TrainParams.from_mapping({k: v for k, v in TRAIN.items() if k != key}, "train")
+    assert set(p.kinds) <= set(PREDICTORS) and {PREDICTORS[k].feature_column for k in p.kinds} <= {
+        "feat_l0",
+        "feat_layers",
+    }
+    with pytest.raises(ParamError, match="missing parameter widths of dejavu.rank_heads"):
+        build("dejavu", "plainact", DIMS, {"hidden_heads": 4, "hidden_neurons": 4, "rank_neurons": 0})
+    with pytest.raises(ValueError, match="unknown predictor kind 'magic'"):
+        build("magic", "plainact", DIMS, SMALL)
 
 
 @pytest.mark.gpu

@@ -4,31 +4,27 @@ the held-out rows, target transforms keep rankings, ridge is the closed-form sol
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-from pipeline.params import load
 from pipeline.predictors import build
 from pipeline.predictors.fit import (
     TARGET_TRANSFORMS,
     FitResult,
-    FitSettings,
     evaluate,
     evaluate_train_mean,
     fit,
     selection_split,
     split_indices,
 )
+from pipeline.predictors.params import TrainParams
 from pipeline.predictors.ridge import Ridge, _features
 from pipeline.ranking import Spearman, spearman_joint, spearman_per_layer
-from stages.train import fit_settings, parse_params
+from tests.conftest import section_params
 
 DIMS = {"arch": "llama", "n_layers": 3, "n_heads": 8, "n_kv_heads": 2, "head_dim": 4, "hidden": 32, "ffn_dim": 24}
-SMALL = {"hidden_heads": 64, "hidden_neurons": 64}
-PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+SMALL = {"hidden_heads": 64, "hidden_neurons": 64, "rank_heads": 0, "rank_neurons": 0}
 RHO = ("spearman_joint", "spearman_per_layer")
 
 
@@ -40,10 +36,9 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def default_recipe(**change) -> FitSettings:
+def default_recipe(**change) -> TrainParams:
     """The recipe exactly as params.yaml `train:` sets it (widths aside: the tests use small MLPs)."""
-    s = fit_settings(parse_params(load(PARAMS)))
-    return FitSettings(**{**s.__dict__, **change})
+    return section_params(TrainParams, **change)
 
 
 def _minmax(y: np.ndarray) -> np.ndarray:
@@ -71,7 +66,7 @@ def synthetic(n: int = 400, heavy: float = 0.0, seed: int = 0) -> tuple[np.ndarr
     return x, out[0], out[1]
 
 
-def _train_and_score(x, yh, yn, settings: FitSettings):
+def _train_and_score(x, yh, yn, settings: TrainParams):
     train, val = split_indices(len(x), 0.2, 0)
     torch.manual_seed(0)
     pred = build("shadowllm", "plainact", DIMS, SMALL)
@@ -180,7 +175,7 @@ def test_ridge_is_the_closed_form_solution_on_the_predictor_input(kind):
     x = pred.inputs(feats)
     fit_rows, sel_rows = np.arange(25), np.arange(25, 40)
     pred.set_standardisation(x[fit_rows])
-    settings = FitSettings(target_transform="none", ridge_alphas=(0.5, 50.0))
+    settings = default_recipe(target_transform="none", ridge_alphas=(0.5, 50.0))
     ridge = Ridge.fit(pred, x, yh, yn, FitResult([], {}, {}, fit_rows, sel_rows), settings)
     z = _features(pred, x)
     g = 1 if kind == "dejavu" else 0

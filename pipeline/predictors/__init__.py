@@ -1,7 +1,7 @@
 """Importance predictors (SPEC §6): ShadowLLM (one predictor after layer 0) and DejaVu-style
 per-layer / look-ahead baselines, their files, and their training."""
 
-from pipeline.predictors.base import Predictor, minmax_features
+from pipeline.predictors.base import Predictor, PredictorWidths, minmax_features
 from pipeline.predictors.dejavu import DejaVuLookahead, DejaVuPredictor
 from pipeline.predictors.registry import PREDICTORS, build
 from pipeline.predictors.shadowllm import ShadowLLMPredictor
@@ -12,6 +12,7 @@ __all__ = [
     "DejaVuLookahead",
     "DejaVuPredictor",
     "Predictor",
+    "PredictorWidths",
     "ShadowLLMPredictor",
     "build",
     "load_config",

@@ -16,13 +16,27 @@ transform of them that is monotone per example — `fit.TARGET_TRANSFORMS`); cal
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pipeline.params import Section, at_least
 from pipeline.predictors.mlp import StackedMLP
+from pipeline.registry import Registry
+
+
+@dataclass(frozen=True)
+class PredictorWidths(Section):
+    """The widths of a predictor's two MLPs (`train.widths.<kind>`; a saved predictor's `config.json`
+    `widths`): in -> hidden (ReLU) -> [rank, linear; 0 = full-rank output] -> out, heads and neurons."""
+
+    hidden_heads: int = at_least(1)
+    hidden_neurons: int = at_least(1)
+    rank_heads: int = at_least(0)
+    rank_neurons: int = at_least(0)
 
 
 def minmax_features(x: Tensor) -> Tensor:
@@ -35,12 +49,14 @@ def minmax_features(x: Tensor) -> Tensor:
 class Predictor(nn.Module):
     """Maps raw features to importance of heads [.., H] and neurons [.., F] of the layers in `layers`.
 
-    Subclasses set `kind`, `input_kind` and implement `groups()`, `inputs()` and the two predict calls.
-    `forward(x)` is the training view: x as returned by `inputs()` -> heads [B, len(layers), H],
+    Subclasses set `kind`, `input_kind`, `feature_column`, implement `predicted_layers()`, `shape()`,
+    `inputs()` and the predict calls, and are registered with `@registered` (that is all a new kind
+    needs). `forward(x)` is the training view: x as returned by `inputs()` -> heads [B, len(layers), H],
     neurons [B, len(layers), F] for exactly `self.layers`."""
 
     kind: ClassVar[str]
     input_kind: ClassVar[str]  # "l0_heads" (layer-0 head outputs [.., H*D]) or "layer_input" ([.., E])
+    feature_column: ClassVar[str]  # the trace column `inputs()` reads: "feat_l0" or "feat_layers"
 
     def __init__(
         self,
@@ -49,8 +65,8 @@ class Predictor(nn.Module):
         *,
         hidden_heads: int,
         hidden_neurons: int,
-        rank_heads: int = 0,
-        rank_neurons: int = 0,
+        rank_heads: int,
+        rank_neurons: int,
     ):
         super().__init__()
         self.criterion = criterion
@@ -99,10 +115,6 @@ class Predictor(nn.Module):
         self.in_mean.copy_(z.mean(0).to(self.in_mean))
         self.in_std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)).to(self.in_std))
 
-    @property
-    def in_dim(self) -> int:
-        return self.heads.in_dim
-
     def predict_all(self, x: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError(f"{self.kind} predicts one layer at a time; use predict_layer")
 
@@ -129,3 +141,12 @@ class Predictor(nn.Module):
             "n_params": self.n_params(),
             "bytes": self.n_bytes(),
         }
+
+
+PREDICTORS: Registry[type[Predictor]] = Registry("predictor kind")
+
+
+def registered(cls: type[Predictor]) -> type[Predictor]:
+    """Class decorator: make `cls` a predictor kind, by its `kind` (`PREDICTORS`, `build`, `train.kinds`)."""
+    PREDICTORS.register(cls.kind, cls)
+    return cls

@@ -11,12 +11,14 @@ from __future__ import annotations
 import numpy as np
 from torch import Tensor
 
-from pipeline.predictors.base import Predictor
+from pipeline.predictors.base import Predictor, registered
 
 
+@registered
 class DejaVuPredictor(Predictor):
     kind = "dejavu"
     input_kind = "layer_input"
+    feature_column = "feat_layers"
     offset = 0  # the predictor of layer l reads the input of layer l - offset
 
     def predicted_layers(self) -> list[int]:
@@ -31,7 +33,8 @@ class DejaVuPredictor(Predictor):
 
     def inputs(self, feats: dict[str, np.ndarray]) -> np.ndarray:
         """[N, L*E] layer inputs -> [N, len(layers), E], row g = input of layer layers[g] - offset."""
-        x = feats["feat_layers"].reshape(len(feats["feat_layers"]), self.n_layers, self.dims["hidden"])
+        rows = feats[self.feature_column]
+        x = rows.reshape(len(rows), self.n_layers, self.dims["hidden"])
         return x[:, self.source_layers()]
 
     def _group(self, l: int) -> int:
@@ -53,6 +56,7 @@ class DejaVuPredictor(Predictor):
         return self.heads(z), self.neurons(z)
 
 
+@registered
 class DejaVuLookahead(DejaVuPredictor):
     kind = "dejavu_lookahead"
     offset = 1

@@ -1,6 +1,6 @@
 """Training and held-out evaluation of one predictor (SPEC §6), and its two baselines.
 
-The recipe (defaults in params.yaml `train:`; measurements behind them in docs/train.md):
+The recipe (`TrainParams`, params.yaml `train:`; measurements behind it in docs/train.md):
 - the training rows are split once more (seeded) into *fit* rows and a *selection* slice; the
   held-out rows (`train.val_fraction`) are never seen by training or by any choice made in it;
 - input standardisation: per-feature mean/std of the min-max inputs over the fit rows, stored in the
@@ -21,17 +21,19 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.stats import rankdata
 from torch import Tensor
 
 from pipeline.predictors.base import Predictor
 from pipeline.ranking import Spearman, ranking_metrics
+
+if TYPE_CHECKING:
+    from pipeline.predictors.params import TrainParams
 
 POOLS = ("heads", "neurons")
 LOG_EPS = 1e-3  # `log` transform: log1p(y / eps); fisher neuron targets have median ~1e-3 (issue 9)
@@ -64,27 +66,6 @@ TARGET_TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
-@dataclass(frozen=True)
-class FitSettings:
-    epochs: int = 30
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    batch_size: int = 64
-    val_fraction: float = 0.2
-    seed: int = 0
-    device: str = "cpu"
-    standardize: bool = True
-    target_transform: str = "none"
-    select_fraction: float = 0.15
-    ridge_alphas: tuple[float, ...] = (1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
-
-    def __post_init__(self):
-        if self.target_transform not in TARGET_TRANSFORMS:
-            raise ValueError(
-                f"unknown target transform '{self.target_transform}'; known: {', '.join(TARGET_TRANSFORMS)}"
-            )
-
-
 @dataclass
 class FitResult:
     curves: list[dict[str, float]]
@@ -93,7 +74,6 @@ class FitResult:
     fit_rows: np.ndarray
     select_rows: np.ndarray
     seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -105,7 +85,7 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-def selection_split(train: np.ndarray, settings: FitSettings) -> tuple[np.ndarray, np.ndarray]:
+def selection_split(train: np.ndarray, settings: TrainParams) -> tuple[np.ndarray, np.ndarray]:
     """The training rows -> (fit rows, selection slice), seeded (seed + 1: independent of the held-out split)."""
     fit_i, sel_i = split_indices(len(train), settings.select_fraction, settings.seed + 1)
     return train[fit_i], train[sel_i]
@@ -137,7 +117,7 @@ def predict(
     return np.concatenate(hs), np.concatenate(ns)
 
 
-def _adamw(pred: Predictor, settings: FitSettings) -> torch.optim.AdamW:
+def _adamw(pred: Predictor, settings: TrainParams) -> torch.optim.AdamW:
     """AdamW, fused where this torch supports it (several times faster on CPU for large predictors)."""
     try:
         return torch.optim.AdamW(pred.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, fused=True)
@@ -147,7 +127,7 @@ def _adamw(pred: Predictor, settings: FitSettings) -> torch.optim.AdamW:
 
 def _loss(pred: Predictor, x: Tensor, yh: Tensor, yn: Tensor) -> Tensor:
     h, n = pred(x)
-    return F.mse_loss(h, yh) + F.mse_loss(n, yn)
+    return torch.nn.functional.mse_loss(h, yh) + torch.nn.functional.mse_loss(n, yn)
 
 
 def _snapshot(module: torch.nn.Module) -> dict[str, Tensor]:
@@ -160,7 +140,7 @@ def fit(
     y_heads: np.ndarray,
     y_neurons: np.ndarray,
     train: np.ndarray,
-    settings: FitSettings,
+    settings: TrainParams,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> FitResult:
     """Train `pred` in place on the training rows `train` (targets: per-layer min-max scores already

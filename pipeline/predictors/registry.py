@@ -1,18 +1,18 @@
-"""Predictor kinds by name."""
+"""Predictor kinds by name: `PREDICTORS` (a `pipeline.registry.Registry`), filled by `@registered` where
+each kind is defined; importing the kind modules here registers them."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from pipeline.predictors.base import Predictor
-from pipeline.predictors.dejavu import DejaVuLookahead, DejaVuPredictor
-from pipeline.predictors.shadowllm import ShadowLLMPredictor
-
-PREDICTORS: dict[str, type[Predictor]] = {c.kind: c for c in (ShadowLLMPredictor, DejaVuPredictor, DejaVuLookahead)}
-WIDTH_KEYS = ("hidden_heads", "hidden_neurons", "rank_heads", "rank_neurons")
+from pipeline.predictors import dejavu, shadowllm  # noqa: F401 (importing a kind's module registers it)
+from pipeline.predictors.base import PREDICTORS, Predictor, PredictorWidths
 
 
-def build(kind: str, criterion: str, dims: dict[str, Any], widths: dict[str, int]) -> Predictor:
-    if kind not in PREDICTORS:
-        raise ValueError(f"unknown predictor kind '{kind}'; known: {', '.join(PREDICTORS)}")
-    return PREDICTORS[kind](criterion, dims, **{k: int(widths[k]) for k in WIDTH_KEYS if k in widths})
+def build(kind: str, criterion: str, dims: dict[str, Any], widths: Mapping[str, int] | PredictorWidths) -> Predictor:
+    """A new predictor of `kind`; `widths`: all four of `PredictorWidths` (a mapping is checked like params)."""
+    cls = PREDICTORS.get(kind)
+    if not isinstance(widths, PredictorWidths):
+        widths = PredictorWidths.from_mapping(dict(widths), f"widths of {kind}")
+    return cls(criterion, dims, **widths.as_dict())

@@ -11,13 +11,17 @@ is fine: the solution lives in the row space), one α per unit pool.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from pipeline.predictors.base import Predictor, minmax_features
-from pipeline.predictors.fit import POOLS, TARGET_TRANSFORMS, FitResult, FitSettings, evaluated, selection_score
+from pipeline.predictors.fit import POOLS, TARGET_TRANSFORMS, FitResult, evaluated, selection_score
 from pipeline.ranking import Spearman
+
+if TYPE_CHECKING:
+    from pipeline.predictors.params import TrainParams
 
 
 @dataclass
@@ -67,7 +71,7 @@ class Ridge:
         y_heads: np.ndarray,
         y_neurons: np.ndarray,
         result: FitResult,
-        settings: FitSettings,
+        settings: TrainParams,
     ) -> Ridge:
         """`pred` after `fit.fit` (its standardisation set); `result` gives the fit rows and selection slice."""
         transform = TARGET_TRANSFORMS[settings.target_transform]

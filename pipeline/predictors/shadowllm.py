@@ -7,12 +7,14 @@ from __future__ import annotations
 import numpy as np
 from torch import Tensor
 
-from pipeline.predictors.base import Predictor
+from pipeline.predictors.base import Predictor, registered
 
 
+@registered
 class ShadowLLMPredictor(Predictor):
     kind = "shadowllm"
     input_kind = "l0_heads"
+    feature_column = "feat_l0"
 
     def predicted_layers(self) -> list[int]:
         return list(range(self.n_layers))
@@ -22,7 +24,7 @@ class ShadowLLMPredictor(Predictor):
         return 1, in_dim, self.n_layers * self.n_heads, self.n_layers * self.ffn_dim
 
     def inputs(self, feats: dict[str, np.ndarray]) -> np.ndarray:
-        return feats["feat_l0"]
+        return feats[self.feature_column]
 
     def predict_all(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [..., H*D] raw layer-0 head outputs -> heads [..., L, H], neurons [..., L, F]."""

@@ -1,0 +1,128 @@
+"""The train stage's work for one predictor: inputs checked to belong together, the seeded rows, and
+`train_predictor` — build, fit, evaluate held out, size, and the ridge baseline of one (kind, criterion)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import aggregate as agg
+from pipeline.params import ParamError
+from pipeline.predictors.base import Predictor
+from pipeline.predictors.fit import (
+    FitResult,
+    evaluate,
+    fit,
+    score_predictions,
+    selection_split,
+    split_indices,
+)
+from pipeline.predictors.params import TrainParams
+from pipeline.predictors.registry import PREDICTORS, build
+from pipeline.predictors.ridge import Ridge
+from pipeline.predictors.size import cost
+from pipeline.traces import Traces
+
+
+def feature_columns(kinds: list[str]) -> list[str]:
+    """The trace columns the predictors of `kinds` read, sorted."""
+    return sorted({PREDICTORS.get(k).feature_column for k in kinds})
+
+
+def check_inputs(params: TrainParams, criteria: list[str], traces: Traces, scores_meta: dict[str, Any]) -> None:
+    """The scores come from these traces, hold every target, and the traces hold every needed feature."""
+    import pyarrow.parquet as pq
+
+    if scores_meta["trace_params_hash"] != traces.meta["params_hash"]:
+        raise ParamError(
+            f"scores were aggregated from traces {scores_meta['trace_params_hash']}, not from these "
+            f"({traces.meta['params_hash']}): rerun the aggregate stage"
+        )
+    for c in criteria:
+        if c not in scores_meta["targets"]:
+            raise ParamError(
+                f"parameter aggregate.targets: no targets for '{c}' in the scores "
+                f"(have {', '.join(scores_meta['targets'])}): rerun the aggregate stage"
+            )
+    columns = set(pq.read_schema(traces.shards[0]).names)
+    for k in params.kinds:
+        col = PREDICTORS.get(k).feature_column
+        if col not in columns:
+            raise ParamError(
+                f"parameter train.kinds: '{k}' needs trace column {col}, absent (collect with layer_inputs)"
+            )
+    if params.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ParamError(f"parameter train.device is {params.device!r} but no CUDA device is available")
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The seeded rows: held out (`val`), training (`train`) = fit rows + selection slice."""
+
+    train: np.ndarray
+    val: np.ndarray
+    fit: np.ndarray
+    select: np.ndarray
+    record: dict[str, Any]  # the metrics' `split`
+
+    @classmethod
+    def of(cls, example_ids: list[str], params: TrainParams) -> Rows:
+        train, val = split_indices(len(example_ids), params.val_fraction, params.seed)
+        fit_rows, select = selection_split(train, params)
+        record = {
+            "n_train": len(train),
+            "n_val": len(val),
+            "seed": params.seed,
+            "val_example_order": agg.order_hash([example_ids[i] for i in val]),
+            "n_fit": len(fit_rows),
+            "n_select": len(select),
+        }
+        return cls(train, val, fit_rows, select, record)
+
+
+@dataclass
+class Trained:
+    """One trained (kind, criterion): the predictor at its best epochs, its held-out metrics (with
+    `size` and `train`), its ridge baseline's metrics (with `alpha`) and the fit's curves."""
+
+    pred: Predictor
+    metrics: dict[str, Any]
+    ridge: dict[str, Any]
+    result: FitResult
+
+
+def train_predictor(
+    kind: str,
+    criterion: str,
+    feats: dict[str, np.ndarray],
+    targets: dict[str, np.ndarray],
+    rows: Rows,
+    params: TrainParams,
+    model_meta: dict[str, Any],
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> Trained:
+    """Seeded build, `fit` on the training rows, held-out metrics, size, ridge on the same rows."""
+    torch.manual_seed(params.seed)
+    pred = build(kind, criterion, model_meta["dims"], params.widths[kind])
+    x = pred.inputs(feats)
+    yh, yn = targets["heads"][:, pred.layers], targets["neurons"][:, pred.layers]
+    res = fit(pred, x, yh, yn, rows.train, params, on_epoch=on_epoch)
+    val_h, val_n = targets["heads"][rows.val], targets["neurons"][rows.val]
+    m = evaluate(pred, x[rows.val], val_h, val_n, params.sparsities, params.device)
+    m["size"] = cost(pred.n_params(), pred.n_bytes(), model_meta)
+    m["train"] = {
+        "epochs": params.epochs,
+        "seconds": res.seconds,
+        "best_epoch": res.best_epoch,
+        "selection_score": res.best_score,
+        "final_train_loss": res.curves[-1]["train_loss"],
+        "final_val_loss": res.curves[-1]["val_loss"],
+    }
+    ridge = Ridge.fit(pred, x, yh, yn, res, params)
+    r = score_predictions(pred, *ridge.predict(x[rows.val]), val_h, val_n, params.sparsities)
+    r["alpha"] = dict(ridge.alpha)
+    return Trained(pred.cpu(), m, r, res)
