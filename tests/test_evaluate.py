@@ -72,7 +72,14 @@ class FakeDejaVu(nn.Module):
 def _ctx(model, granularity="per_token", criterion="plainact", pred=None, kind="shadowllm"):
     layout = resolve(model)
     ctx = methods.MethodContext(
-        model=model, layout=layout, fingerprint="test", criterion=criterion, granularity=granularity
+        model=model,
+        layout=layout,
+        fingerprint="test",
+        scores_dir=None,
+        predictors_dir=None,
+        criterion=criterion,
+        granularity=granularity,
+        calibration=None,
     )
     if pred is not None:
         ctx.cache[f"pred/{kind}/{criterion}"] = pred
@@ -376,15 +383,19 @@ def test_real_predictors_through_registry(tmp_path, kind, granularity):
 
     model = tiny_model("llama")
     layout = resolve(model)
-    pred = build(kind, "plainact", layout.dims(), {"hidden_heads": 16, "hidden_neurons": 16})
+    pred = build(
+        kind, "plainact", layout.dims(), {"hidden_heads": 16, "hidden_neurons": 16, "rank_heads": 0, "rank_neurons": 0}
+    )
     save_predictor(pred, tmp_path / f"{kind}-plainact", {"model_fingerprint": "fpX"})
     ctx = methods.MethodContext(
         model=model,
         layout=layout,
         fingerprint="fpX",
+        scores_dir=None,
         predictors_dir=str(tmp_path),
         criterion="plainact",
         granularity=granularity,
+        calibration=None,
     )
     dense = _logits(model, dense_masking(), IDS)
     assert torch.equal(

@@ -198,7 +198,14 @@ def test_static_mask_equals_the_train_mean_keep_mask(tmp_path):
     meta = {"model": {"fingerprint": "fp", "dims": layout.dims()}}
     agg.save_scores(tmp_path, {"plainact": train_mean}, {}, meta, raw_static={"plainact": raw})
     ctx = methods.MethodContext(
-        model=model, layout=layout, fingerprint="fp", scores_dir=str(tmp_path), criterion="plainact"
+        model=model,
+        layout=layout,
+        fingerprint="fp",
+        scores_dir=str(tmp_path),
+        predictors_dir=None,
+        criterion="plainact",
+        granularity="per_sequence",
+        calibration=None,
     )
     static = methods.build("static", ctx, SPEC)
     for pool, _U in (("heads", H), ("neurons", F)):

@@ -32,7 +32,14 @@ def _seqs(n: int, T: int, seed: int) -> list[list[int]]:
 
 def _ctx(model, calib=(64, 32, 0)):
     return methods.MethodContext(
-        model=model, layout=resolve(model), fingerprint="test", calibration=lambda: _seqs(*calib)
+        model=model,
+        layout=resolve(model),
+        fingerprint="test",
+        scores_dir=None,
+        predictors_dir=None,
+        criterion=None,
+        granularity="per_token",
+        calibration=lambda: _seqs(*calib),
     )
 
 

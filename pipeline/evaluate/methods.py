@@ -60,13 +60,13 @@ class MethodContext:
     model: nn.Module
     layout: Layout
     fingerprint: str
-    scores_dir: str | None = None
-    predictors_dir: str | None = None
-    criterion: str | None = None
-    granularity: str = "per_sequence"
-    oracle_batch: int = 8
+    scores_dir: str | None  # evaluate.scores_dir / predictors_dir; None where no method needs them
+    predictors_dir: str | None
+    criterion: str | None  # the method being built's (the runner sets it per method)
+    granularity: str  # per_token | per_sequence, likewise
+    calibration: Callable[[], list[list[int]]] | None  # thresholders' calibration token lists
+    oracle_batch: int = 8  # sequences per oracle scoring batch (memory, not results)
     cache: dict[str, Any] = field(default_factory=dict)  # loaded predictors / static scores
-    calibration: Callable[[], list[list[int]]] | None = None  # thresholders' calibration token lists (runner sets it)
 
 
 # --------------------------------------------------------------------------------------- helpers

@@ -125,6 +125,8 @@ class Evaluator:
             fingerprint=fingerprint,
             scores_dir=cfg.scores_dir,
             predictors_dir=cfg.predictors_dir,
+            criterion=None,
+            granularity=cfg.granularity,
             calibration=self.calibration_sequences,
         )
         self._weight_bytes = None
