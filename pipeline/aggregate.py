@@ -29,13 +29,15 @@ from safetensors.numpy import load_file, save_file
 from pipeline import criteria as crit
 from pipeline.errors import UserError
 from pipeline.io import atomic_path, read_json, write_json
+from pipeline.normalize import minmax
 from pipeline.params import ParamError, Section, nonempty
 from pipeline.traces import Traces
+from pipeline.units import POOLS
 
 SCORES_SCHEMA = 1
 STATIC_FILE = "static.safetensors"
 META_FILE = "scores.json"
-UNITS = ("heads", "neurons")
+UNITS = POOLS
 
 
 class InputError(UserError):
@@ -109,14 +111,7 @@ def clean(scores: np.ndarray) -> tuple[np.ndarray, int]:
     return x, n_bad
 
 
-def minmax_per_layer(scores: np.ndarray) -> np.ndarray:
-    """[N, L, U] -> per example and layer, (x - min) / (max - min) in [0, 1]; a constant layer -> 0."""
-    x = np.asarray(scores, dtype=np.float32)
-    lo = x.min(-1, keepdims=True)
-    span = x.max(-1, keepdims=True) - lo
-    out = np.zeros_like(x)
-    np.divide(x - lo, span, out=out, where=span > 0)
-    return out
+minmax_per_layer = minmax  # [N, L, U]: per example and layer (pipeline.normalize)
 
 
 def units_of(criterion: str) -> tuple[str, ...]:

@@ -28,9 +28,9 @@ import torch
 from torch import Tensor
 
 from pipeline.errors import UserError
-from pipeline.units import SCOPES, layer_floor, n_removed, pool_removed, removed_total
+from pipeline.normalize import minmax
+from pipeline.units import POOLS, SCOPES, layer_floor, n_removed, pool_removed, removed_total
 
-POOLS = ("heads", "neurons")
 NORMALIZE = ("minmax", "none")
 
 
@@ -101,13 +101,7 @@ def removal_counts(
 
 def normalize_scores(scores: Tensor, how: str = "minmax") -> Tensor:
     """[..., L, U] -> per layer min-max to [0, 1] (a constant layer -> 0), or unchanged for 'none'."""
-    if how == "none":
-        return scores
-    lo = scores.amin(-1, keepdim=True)
-    span = scores.amax(-1, keepdim=True) - lo
-    return torch.where(
-        span > 0, (scores - lo) / span.clamp_min(torch.finfo(scores.dtype).tiny), torch.zeros_like(scores)
-    )
+    return scores if how == "none" else minmax(scores)
 
 
 def keep_mask(

@@ -22,7 +22,7 @@ import torch
 from scipy.stats import rankdata
 from torch import Tensor
 
-from pipeline.units import n_kept, pool_kept
+from pipeline.units import n_kept, pool_kept, sparsity_key
 
 
 def average_ranks(x: Tensor) -> Tensor:
@@ -143,6 +143,6 @@ def ranking_metrics(pred: np.ndarray, true: np.ndarray, sparsities: list[float])
     """All ranking metrics for one unit pool ([N, L, U] arrays), flat names."""
     out = {"spearman_joint": spearman_joint(pred, true), "spearman_per_layer": spearman_per_layer(pred, true)}
     for s in sparsities:
-        out[f"recall_global_s{s:g}"] = topk_recall(pred, true, s, "global")
-        out[f"recall_local_s{s:g}"] = topk_recall(pred, true, s, "local")
+        out[f"recall_global_{sparsity_key(s)}"] = topk_recall(pred, true, s, "global")
+        out[f"recall_local_{sparsity_key(s)}"] = topk_recall(pred, true, s, "local")
     return out

@@ -24,7 +24,15 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
-SCOPES = ("local", "global", "hybrid")
+POOLS = ("heads", "neurons")  # the unit pools: attention heads, FFN neurons
+SCOPES = ("local", "global", "hybrid")  # where a mask ranks units: per layer, across layers, across with a floor
+
+
+def sparsity_key(s: float) -> str:
+    """A sparsity as it appears in metric names: whole percents in two digits (0 -> "s00", 0.05 -> "s05",
+    0.5 -> "s50"), others as printed (0.125 -> "s12.5")."""
+    pct = round(100 * float(s), 6)
+    return f"s{int(pct):02d}" if pct == int(pct) else f"s{pct:g}"
 
 
 def _decimal(x: float) -> Fraction:

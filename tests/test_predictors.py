@@ -296,7 +296,7 @@ def test_train_stage_end_to_end(tmp_path, trace_dir, scores_dir):
         for k in TRAIN["kinds"]:
             m = metrics["predictors"][c][k]
             for unit in ("heads", "neurons"):
-                assert -1 <= m[unit]["spearman_joint"] <= 1 and 0 <= m[unit]["recall_global_s0.5"] <= 1
+                assert -1 <= m[unit]["spearman_joint"] <= 1 and 0 <= m[unit]["recall_global_s50"] <= 1
             assert m["size"]["params"] > 0 and m["size"]["share_of_model"] > 0
             pred = load_predictor(tmp_path / "pred" / f"{k}-{c}", model_fingerprint=FINGERPRINT)
             assert pred.kind == k and pred.criterion == c
@@ -308,7 +308,7 @@ def test_train_stage_end_to_end(tmp_path, trace_dir, scores_dir):
                 0 <= min(m["train"]["best_epoch"].values()) <= max(m["train"]["best_epoch"].values()) <= TRAIN["epochs"]
             )
             assert (tmp_path / "plots" / f"{k}-{c}.png").is_file()
-        assert 0 <= metrics["train_mean"][c]["heads"]["recall_local_s0.3"] <= 1
+        assert 0 <= metrics["train_mean"][c]["heads"]["recall_local_s30"] <= 1
     assert (
         metrics["predictors"]["plainact"]["dejavu"]["size"]["params"]
         > metrics["predictors"]["plainact"]["dejavu_lookahead"]["size"]["params"]

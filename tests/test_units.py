@@ -118,3 +118,22 @@ def test_hybrid_cap_is_reported():
     assert d["heads"]["requested"] == 21 and d["heads"]["removed"] == 15  # each layer keeps 5 of 10, not 3
     assert d["heads"]["effective"] == pytest.approx(15 / 40)
     assert pool_removed(3, 10, 0.7) == 21
+
+
+def test_sparsity_key_is_the_one_metric_spelling():
+    from pipeline.units import sparsity_key
+
+    assert [sparsity_key(s) for s in (0.0, 0.05, 0.3, 0.5, 0.7, 0.125)] == ["s00", "s05", "s30", "s50", "s70", "s12.5"]
+
+
+def test_minmax_is_one_rule_for_arrays_and_tensors():
+    import numpy as np
+    import torch
+
+    from pipeline.normalize import minmax
+
+    x = np.array([[1.0, 3.0, 2.0], [5.0, 5.0, 5.0]], dtype=np.float32)
+    want = np.array([[0.0, 1.0, 0.5], [0.0, 0.0, 0.0]], dtype=np.float32)  # a constant row -> 0
+    assert np.array_equal(minmax(x), want)
+    assert torch.equal(minmax(torch.from_numpy(x)), torch.from_numpy(want))
+    assert minmax(torch.from_numpy(x).double()).dtype == torch.float64

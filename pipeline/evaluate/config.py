@@ -14,8 +14,9 @@ from pipeline.collect import CollectParams
 from pipeline.data import tasks as task_registry
 from pipeline.errors import UserError
 from pipeline.evaluate.methods import METHODS, MethodSpec
-from pipeline.masks import POOLS, MaskSpec
+from pipeline.masks import MaskSpec
 from pipeline.params import DataParams, ModelParams, ParamError, Section, at_least, fraction, nonempty
+from pipeline.units import POOLS
 
 
 @dataclass(frozen=True)

@@ -42,9 +42,10 @@ from torch import Tensor, nn
 from pipeline.errors import UserError
 from pipeline.evaluate.forward import ForwardInfo, Masking, MaskState
 from pipeline.hooks import UnitCapture, UnitMasker
-from pipeline.masks import POOLS, MaskSpec, contextual_masks, keep_mask, static_masks
+from pipeline.masks import MaskSpec, contextual_masks, keep_mask, static_masks
 from pipeline.models.adapters import Layout
 from pipeline.registry import Registry
+from pipeline.units import POOLS
 
 GRANULARITIES = ("per_token", "per_sequence")
 

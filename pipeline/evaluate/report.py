@@ -11,6 +11,7 @@ from typing import Any
 
 from pipeline.evaluate.methods import is_reference
 from pipeline.io import write_json, write_text
+from pipeline.units import sparsity_key
 
 COLUMNS = [
     "model",
@@ -172,7 +173,7 @@ def metrics_json(summ: list[dict[str, Any]], records: list[dict[str, Any]]) -> d
     """Nested for DVC: {label: {s<pct>: {mean_acc, word_perplexity, <task>_<metric>...}}}."""
     out: dict[str, Any] = {}
     for row in summ:
-        d = out.setdefault(row["label"], {}).setdefault(f"s{round(row['sparsity'] * 100):02d}", {})
+        d = out.setdefault(row["label"], {}).setdefault(sparsity_key(row["sparsity"]), {})
         for k in (
             "mean_acc",
             "mean_acc_stderr",
@@ -188,7 +189,7 @@ def metrics_json(summ: list[dict[str, Any]], records: list[dict[str, Any]]) -> d
             if row.get(k) is not None:
                 d[k] = round(float(row[k]), 6)
     for r in records:
-        d = out[r["label"]][f"s{round(r['sparsity'] * 100):02d}"]
+        d = out[r["label"]][sparsity_key(r["sparsity"])]
         for m, v in r["metrics"].items():
             d[f"{r['task']}_{m}"] = round(float(v["value"]), 6)
     return out

@@ -56,9 +56,9 @@ from pipeline.evaluate.forward import ForwardInfo, Masking
 from pipeline.evaluate.loglik import pad_batch
 from pipeline.evaluate.methods import MethodContext, MethodError, MethodSpec, register
 from pipeline.hooks import UnitMasker, _HookSet, notify, observe_masks
-from pipeline.masks import POOLS, MaskSpec, keep_mask, prunable_layers
+from pipeline.masks import MaskSpec, keep_mask, prunable_layers
 from pipeline.models.adapters import Layout
-from pipeline.units import n_kept
+from pipeline.units import POOLS, n_kept
 
 ATTN_ROLES = ("q", "k", "v")
 POOL_OF = {

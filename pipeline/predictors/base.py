@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pipeline.normalize import minmax
 from pipeline.params import Section, at_least
 from pipeline.predictors.mlp import StackedMLP
 from pipeline.registry import Registry
@@ -39,11 +40,7 @@ class PredictorWidths(Section):
     rank_neurons: int = at_least(0)
 
 
-def minmax_features(x: Tensor) -> Tensor:
-    """Per example (over the last dim) min-max to [0, 1]; a constant vector -> 0."""
-    lo = x.amin(-1, keepdim=True)
-    span = x.amax(-1, keepdim=True) - lo
-    return torch.where(span > 0, (x - lo) / span.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(x))
+minmax_features = minmax  # per example, over the features (pipeline.normalize)
 
 
 class Predictor(nn.Module):

@@ -31,11 +31,11 @@ from torch import Tensor
 
 from pipeline.predictors.base import Predictor
 from pipeline.ranking import Spearman, ranking_metrics
+from pipeline.units import POOLS
 
 if TYPE_CHECKING:
     from pipeline.predictors.params import TrainParams
 
-POOLS = ("heads", "neurons")
 LOG_EPS = 1e-3  # `log` transform: log1p(y / eps); fisher neuron targets have median ~1e-3 (issue 9)
 
 

@@ -10,6 +10,7 @@ from typing import Any
 from pipeline.io import atomic_path
 from pipeline.plots import figure, save_png
 from pipeline.predictors.params import TrainParams
+from pipeline.units import sparsity_key
 
 
 def write_curves(curves: list[dict[str, float]], csv_path: Path, png_path: Path, title: str) -> None:
@@ -76,7 +77,8 @@ def report(metrics: dict[str, Any], p: TrainParams, criteria: list[str], model_i
 
     def row(c: str, name: str, m: dict[str, Any], rest: str) -> str:
         h, n = m["heads"], m["neurons"]
-        rec = f" {h[f'recall_global_s{mid:g}']:.3f} / {n[f'recall_global_s{mid:g}']:.3f} |" if mid is not None else ""
+        key = f"recall_global_{sparsity_key(mid)}" if mid is not None else None
+        rec = f" {h[key]:.3f} / {n[key]:.3f} |" if key is not None else ""
         return (
             f"| {c} | {name} | {h['spearman_joint']:.3f} | {h['spearman_per_layer']:.3f} | "
             f"{n['spearman_joint']:.3f} | {n['spearman_per_layer']:.3f} |{rec} {rest} |"

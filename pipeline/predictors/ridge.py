@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from pipeline.predictors.base import Predictor, minmax_features
-from pipeline.predictors.fit import POOLS, TARGET_TRANSFORMS, FitResult, evaluated, selection_score
+from pipeline.predictors.fit import TARGET_TRANSFORMS, FitResult, evaluated, selection_score
 from pipeline.ranking import Spearman
+from pipeline.units import POOLS
 
 if TYPE_CHECKING:
     from pipeline.predictors.params import TrainParams
