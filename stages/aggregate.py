@@ -24,8 +24,8 @@ DIR = click.Path(file_okay=False, path_type=Path)
     "plots_dir",
     default=None,
     type=DIR,
-    help="directory for the heat map (default: --out; keep it outside --out so that changing "
-    "aggregate.heatmap does not invalidate the scores)",
+    help="directory for the heat map (default: --out; "
+    "keep it outside --out so that changing aggregate.heatmap does not invalidate the scores)",
 )
 def cli(params_path: Path, traces_dir: Path, out_dir: Path, plots_dir: Path | None) -> None:
     """Static importance and per-layer-normalised predictor targets from the traces."""

@@ -5,6 +5,7 @@
 
 The first form loads `model.id` and builds the calibration sequences of `data:` / `collect:` (`--n-per-task`
 each); the second times random weights of a config over sequences saved by the first (no checkpoint needed).
+Criteria sets (`--sets`): plainact, predictable (5 cheap per-example criteria), all (nine).
 """
 
 from __future__ import annotations
@@ -13,31 +14,19 @@ from pathlib import Path
 
 import click
 
-from stages.common import load_params, params_option, reported
+from stages.common import load_params, params_option, path, reported, set_option
 
 
 @click.command("bench-collect")
 @params_option
-@click.option("--set", "overrides", multiple=True, help="key=value (YAML) override, e.g. collect.batch_size=8")
+@set_option
 @click.option("--n-per-task", type=int, default=4, show_default=True, help="calibration examples per task")
-@click.option(
-    "--sets",
-    default="plainact,predictable,all",
-    show_default=True,
-    help="criteria sets: plainact, predictable (5 cheap per-example criteria), all (nine)",
-)
+@click.option("--sets", default="plainact,predictable,all", show_default=True, help="criteria sets (see the docstring)")
 @click.option("--repeats", type=int, default=1, show_default=True, help="best of this many timings")
-@click.option("--out", "out_path", type=click.Path(path_type=Path), default=None, help="write the JSON result here")
-@click.option(
-    "--save-sequences",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="also save the tokenised sequences (to time the same batches elsewhere, e.g. on a GPU)",
-)
+@path("--out", "out_path", "write the JSON result here", kind="file")
+@path("--save-sequences", "save_sequences", "also save the tokenised sequences (to time them elsewhere)", kind="file")
 @click.option("--config", default=None, help="random weights of this config (directory with config.json, or id)")
-@click.option(
-    "--sequences", type=click.Path(path_type=Path), default=None, help="with --config: sequences from --save-sequences"
-)
+@path("--sequences", "sequences", "with --config: sequences from --save-sequences", kind="file")
 def cli(
     params_path: Path,
     overrides: tuple[str, ...],

@@ -27,6 +27,25 @@ def params_option(f: Any) -> Any:
     )(f)
 
 
+def set_option(f: Any) -> Any:
+    """`--set key=value` (repeatable, value parsed as YAML): a parameter override."""
+    return click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="override a parameter, e.g. --set evaluate.limit=200 (YAML value); repeatable",
+    )(f)
+
+
+def path(name: str, dest: str, help: str, *, required: bool = False, default: Any = None, kind: str = "any") -> Any:
+    """A path option in one line: kind 'dir' / 'file' restricts it, `default` is shown."""
+    t = click.Path(path_type=Path, file_okay=kind != "dir", dir_okay=kind != "file")
+    return click.option(
+        name, dest, type=t, required=required, default=default, show_default=default is not None, help=help
+    )
+
+
 def load_params(path: Path, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """params.yaml with `--set key=value` overrides applied (values parsed as YAML)."""
     from pipeline.params import load, set_override

@@ -14,43 +14,17 @@ from pathlib import Path
 
 import click
 
-from stages.common import load_params, params_option, reported
+from stages.common import load_params, params_option, path, reported, set_option
 
 
 @click.command("evaluate")
 @params_option
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(path_type=Path),
-    default=Path("results/evaluate"),
-    show_default=True,
-    help="report directory (results.csv, summary.csv, report.md, plots/)",
-)
-@click.option(
-    "--metrics",
-    "metrics_path",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="metrics JSON (default: OUT/metrics.json)",
-)
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="override a parameter, e.g. --set evaluate.limit=200 (value parsed as YAML); repeatable",
-)
+@path("--out", "out_dir", "report directory (results.csv, report.md, plots/)", default=Path("results/evaluate"))
+@path("--metrics", "metrics_path", "metrics JSON (default: OUT/metrics.json)", kind="file")
+@set_option
 @click.option("--force", is_flag=True, help="ignore cached points")
 @click.option("--threads", type=int, default=None, help="torch CPU threads")
-@click.option(
-    "--records",
-    "records_path",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="also write every point record (per-example outcomes, per-window logliks) as gzipped JSON, "
-    "the input of `shadowllm claims`",
-)
+@path("--records", "records_path", "every point record as gzipped JSON (for `shadowllm claims`)", kind="file")
 def cli(
     params_path: Path,
     out_dir: Path,
@@ -99,15 +73,8 @@ def cli(
     )
     with stage_run("evaluate", tags={"model_fingerprint": m.fingerprint}) as run:
         run.log_params({**cfg.logged(), "add_bos": ev.cfg.add_bos})  # the resolved model.add_bos
-        run.log_metrics(
-            {
-                **flat_metrics(out["metrics"]),
-                "load_seconds": m.load_seconds,
-                "eval_seconds": eval_s,
-                "points_evaluated": n_new,
-                "points_cached": len(records) - n_new,
-            }
-        )
+        timing = {"load_seconds": m.load_seconds, "eval_seconds": eval_s, "points_evaluated": n_new}
+        run.log_metrics({**flat_metrics(out["metrics"]), **timing, "points_cached": len(records) - n_new})
         run.log_artifact(out_dir)
 
 

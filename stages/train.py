@@ -75,18 +75,15 @@ def cli(
 
                 t = train_predictor(k, c, feats, y, rows, p, model_meta, on_epoch=log_epoch)
                 metrics["predictors"][c][k], metrics["ridge"][c][k] = t.metrics, t.ridge
-                save_predictor(
-                    t.pred,
-                    predictor_dir(out_dir, k, c),
-                    {
-                        "model_id": model_meta.get("id"),
-                        "model_fingerprint": model_meta["fingerprint"],
-                        "trace_params_hash": traces.meta["params_hash"],
-                        "train": params["train"],  # as written in params.yaml (config.json unchanged)
-                        "split": rows.record,
-                        "metrics": t.metrics,
-                    },
-                )
+                meta = {
+                    "model_id": model_meta.get("id"),
+                    "model_fingerprint": model_meta["fingerprint"],
+                    "trace_params_hash": traces.meta["params_hash"],
+                    "split": rows.record,
+                    "metrics": t.metrics,
+                    "train": params["train"],
+                }  # as written in params.yaml (config.json unchanged)
+                save_predictor(t.pred, predictor_dir(out_dir, k, c), meta)
                 write_curves(t.result.curves, plots_dir / f"{name}.csv", plots_dir / f"{name}.png", name)
                 run.log_metrics({name: t.metrics, f"ridge-{name}": t.ridge})
                 click.echo(summary(name, t.metrics, t.ridge))

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 from pipeline.io import write_text
 from pipeline.plots import figure, save_png
@@ -281,3 +282,43 @@ def short_table(results: dict) -> str:
         if v.get("target") is not None:
             lines.append(f"target {k}: {_fmt(v.get('value'), 3)} (goal {v['target']}) met={v.get('met')}")
     return "\n".join(lines)
+
+
+def metrics_of(results: dict[str, Any]) -> dict[str, Any]:
+    """The DVC metrics: targets and the headline numbers (full table in the out dir)."""
+    ok = [r for r in results.get("rows", []) if r.get("status") == "ok"]
+    return {
+        "skipped": False,
+        "device": results.get("device"),
+        "copy_gbps": results.get("copy", {}).get("copy_gbps"),
+        "targets": {
+            k: {"value": v.get("value"), "target": v.get("target"), "met": v.get("met")}
+            for k, v in results.get("summary", {}).items()
+        },
+        "configs": {
+            f"{r['model']}/b{r['batch']}/{r['method']}@{round(r['head_sparsity'] * 100)}": {
+                "ms_per_token": r["ms_per_token"],
+                "frac_of_bound": r["frac_of_bound"],
+                "speedup_vs_dense": r.get("speedup_vs_dense"),
+            }
+            for r in ok
+            if r["head_sparsity"] in (0.0, 0.5)
+        },
+        "n_measured": len(ok),
+        "n_not_measured": len(results.get("rows", [])) - len(ok),
+    }
+
+
+def flat_metrics(results: dict[str, Any] | None, metrics: dict[str, Any]) -> dict[str, float]:
+    """The numbers logged to MLflow: target values, ms/token and fraction of the bound per configuration."""
+    flat = {f"target.{k}": v["value"] for k, v in metrics.get("targets", {}).items() if _is_num(v.get("value"))}
+    for r in (results or {}).get("rows", []):
+        if r.get("status") == "ok":
+            key = f"{r['model']}.b{r['batch']}.{r['method']}.s{round(r['head_sparsity'] * 100)}"
+            flat[f"ms.{key}"] = r["ms_per_token"]
+            flat[f"frac_bound.{key}"] = r["frac_of_bound"]
+    return flat
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
