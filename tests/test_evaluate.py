@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from pipeline.data.tasks import Example
-from pipeline.evaluate import methods
+from pipeline.evaluate import catalog, methods, registry
 from pipeline.evaluate.forward import ForwardInfo, dense_masking
 from pipeline.evaluate.loglik import loglikelihoods
 from pipeline.evaluate.perplexity import count_words, perplexity
@@ -71,7 +71,7 @@ class FakeDejaVu(nn.Module):
 
 def _ctx(model, granularity="per_token", criterion="plainact", pred=None, kind="shadowllm"):
     layout = resolve(model)
-    ctx = methods.MethodContext(
+    ctx = registry.MethodContext(
         model=model,
         layout=layout,
         fingerprint="test",
@@ -387,7 +387,7 @@ def test_real_predictors_through_registry(tmp_path, kind, granularity):
         kind, "plainact", layout.dims(), {"hidden_heads": 16, "hidden_neurons": 16, "rank_heads": 0, "rank_neurons": 0}
     )
     save_predictor(pred, tmp_path / f"{kind}-plainact", {"model_fingerprint": "fpX"})
-    ctx = methods.MethodContext(
+    ctx = registry.MethodContext(
         model=model,
         layout=layout,
         fingerprint="fpX",
@@ -399,12 +399,12 @@ def test_real_predictors_through_registry(tmp_path, kind, granularity):
     )
     dense = _logits(model, dense_masking(), IDS)
     assert torch.equal(
-        _logits(model, methods.build(kind, ctx, MaskSpec(sparsity={"heads": 0.0, "neurons": 0.0})), IDS), dense
+        _logits(model, catalog.build(kind, ctx, MaskSpec(sparsity={"heads": 0.0, "neurons": 0.0})), IDS), dense
     )
     scope = "local" if kind != "shadowllm" and granularity == "per_token" else "global"  # DejaVu on sparse inputs
-    sparse = methods.build(kind, ctx, MaskSpec(sparsity={"heads": 0.5, "neurons": 0.5}, scope=scope))
+    sparse = catalog.build(kind, ctx, MaskSpec(sparsity={"heads": 0.5, "neurons": 0.5}, scope=scope))
     assert not torch.allclose(_logits(model, sparse, IDS), dense, atol=1e-4)
     ctx.fingerprint = "other"
     ctx.cache.clear()
     with pytest.raises(ValueError, match="fingerprint"):
-        methods.build(kind, ctx, MaskSpec(sparsity={"heads": 0.5, "neurons": 0.5}))
+        catalog.build(kind, ctx, MaskSpec(sparsity={"heads": 0.5, "neurons": 0.5}))

@@ -14,7 +14,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from pipeline.evaluate import methods
+from pipeline.evaluate import catalog, registry
 from pipeline.evaluate.config import EvaluateParams, PerplexityParams
 from pipeline.evaluate.forward import Masking
 from pipeline.hooks import UnitMasker
@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 class KeepFirst(Masking):
     """Keeps the first units of every prunable layer (a fixed mask, ranked within the layer)."""
 
-    def __init__(self, ctx: methods.MethodContext, spec):
+    def __init__(self, ctx: registry.MethodContext, spec):
         self.ctx, lay = ctx, ctx.layout
         self.keep = {}
         for pool, units in (("heads", lay.n_heads), ("neurons", lay.ffn_dim)):
@@ -52,8 +52,8 @@ class KeepFirst(Masking):
 
 @pytest.fixture
 def keep_first(monkeypatch):
-    spec = methods.MethodSpec("keep_first", KeepFirst, fixed_granularity="none", title_of=lambda g: "keep_first (k)")
-    monkeypatch.setitem(methods.METHODS._items, spec.name, spec)  # registered for this test only
+    spec = registry.MethodSpec("keep_first", KeepFirst, fixed_granularity="none", title_of=lambda g: "keep_first (k)")
+    monkeypatch.setitem(catalog.METHODS._items, spec.name, spec)  # registered for this test only
     return spec
 
 
@@ -139,12 +139,12 @@ def test_evaluate_schema_has_no_defaults_and_covers_params_yaml():
 
 
 def test_every_registered_method_states_its_needs():
-    for name, spec in methods.METHODS.items():
+    for name, spec in catalog.METHODS.items():
         assert spec.needs in ("nothing", "scores", "predictor", "calibration"), name
         assert spec.fixed_granularity in (None, "none") or spec.fixed_granularity in spec.granularities, name
         if spec.needs == "predictor":
             assert spec.criterion and spec.predictor_kind == name
-    assert [n for n, s in methods.METHODS.items() if s.reference] == ["dense"]
+    assert [n for n, s in catalog.METHODS.items() if s.reference] == ["dense"]
 
 
 def test_compare_lmeval_subcommand(tmp_path):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pipeline import collect
-from pipeline.evaluate import methods
+from pipeline.evaluate import catalog, methods, registry
 from pipeline.evaluate.loglik import loglikelihoods
 from pipeline.evaluate.perplexity import window_logliks
 from pipeline.masks import MaskSpec, keep_mask
@@ -197,7 +197,7 @@ def test_static_mask_equals_the_train_mean_keep_mask(tmp_path):
     raw = {"heads": heads.mean(0), "neurons": neurons.mean(0)}
     meta = {"model": {"fingerprint": "fp", "dims": layout.dims()}}
     agg.save_scores(tmp_path, {"plainact": train_mean}, {}, meta, raw_static={"plainact": raw})
-    ctx = methods.MethodContext(
+    ctx = registry.MethodContext(
         model=model,
         layout=layout,
         fingerprint="fp",
@@ -207,18 +207,18 @@ def test_static_mask_equals_the_train_mean_keep_mask(tmp_path):
         granularity="per_sequence",
         calibration=None,
     )
-    static = methods.build("static", ctx, SPEC)
+    static = catalog.build("static", ctx, SPEC)
     for pool, _U in (("heads", H), ("neurons", F)):
         want = keep_mask(torch.as_tensor(train_mean[pool]), 0.5, "global")
         assert torch.equal(static.keep[pool], want), pool
-    raw_m = methods.build("static_raw", ctx, SPEC)
+    raw_m = catalog.build("static_raw", ctx, SPEC)
     assert not all(torch.equal(static.keep[p], raw_m.keep[p]) for p in ("heads", "neurons"))
 
 
 def test_dejavu_labels_say_which_inputs_it_saw():
-    assert methods.title("dejavu", "l2_norm", "per_sequence") == "dejavu-l2_norm (dense inputs)"
-    assert methods.title("dejavu_lookahead", "l2_norm", "per_token") == "dejavu_lookahead-l2_norm (sparse inputs)"
-    assert methods.title("shadowllm", "plainact", "per_sequence") == "shadowllm-plainact"
+    assert catalog.title("dejavu", "l2_norm", "per_sequence") == "dejavu-l2_norm (dense inputs)"
+    assert catalog.title("dejavu_lookahead", "l2_norm", "per_token") == "dejavu_lookahead-l2_norm (sparse inputs)"
+    assert catalog.title("shadowllm", "plainact", "per_sequence") == "shadowllm-plainact"
 
 
 def test_dejavu_per_token_runs_on_the_sparse_models_own_layer_inputs():
@@ -241,5 +241,5 @@ def test_dejavu_per_token_runs_on_the_sparse_models_own_layer_inputs():
     for l in range(1, layout.n_layers):
         assert torch.allclose(got[l], cap.layer_inputs[l].float())  # the sparse model's own input ...
     assert not torch.allclose(got[2], dense.layer_inputs[2].float(), atol=1e-4)  # ... not the dense one
-    with pytest.raises(methods.MethodError, match="scope local"):
+    with pytest.raises(registry.MethodError, match="scope local"):
         methods.DejaVuMasking(_ctx(model, "per_token"), SPEC, FakeDejaVu(layout))

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.evaluate import methods, thresholds
+from pipeline.evaluate import catalog, methods, registry, thresholds
 from pipeline.evaluate.forward import ForwardInfo, dense_masking
 from pipeline.evaluate.loglik import loglikelihoods
 from pipeline.hooks import observe_masks
@@ -31,7 +31,7 @@ def _seqs(n: int, T: int, seed: int) -> list[list[int]]:
 
 
 def _ctx(model, calib=(64, 32, 0)):
-    return methods.MethodContext(
+    return registry.MethodContext(
         model=model,
         layout=resolve(model),
         fingerprint="test",
@@ -44,8 +44,8 @@ def _ctx(model, calib=(64, 32, 0)):
 
 
 def _build(name, ctx, s, pools=("heads", "neurons")):
-    ctx.granularity = methods.granularity(name, "per_sequence")
-    return methods.build(name, ctx, MaskSpec(sparsity={p: (s if p in pools else 0.0) for p in ("heads", "neurons")}))
+    ctx.granularity = catalog.granularity(name, "per_sequence")
+    return catalog.build(name, ctx, MaskSpec(sparsity={p: (s if p in pools else 0.0) for p in ("heads", "neurons")}))
 
 
 def _realised(model, masking, ids):
@@ -344,7 +344,7 @@ def test_a_gated_mlp_without_an_activation_module_says_why_cats_does_not_apply()
     for layer in model.model.layers:
         del layer.mlp._modules["act_fn"]
         object.__setattr__(layer.mlp, "act_fn", torch.nn.functional.silu)
-    with pytest.raises(methods.MethodError, match="act_fn"):
+    with pytest.raises(registry.MethodError, match="act_fn"):
         _build("cats", _ctx(model), 0.5)
 
 
@@ -436,10 +436,10 @@ def test_bad_threshold_params_one_line_naming_parameter(tmp_path, bad, match):
 
 def test_registry_lists_the_thresholders_with_their_granularity():
     for name in METHODS:
-        assert name in methods.METHODS and not methods.METHODS.get(name).criterion
-    assert methods.granularity("griffin", "per_token") == "per_sequence"
-    assert methods.granularity("teal", "per_sequence") == "per_token"
-    assert methods.title("wina", None, "per_token") == "wina (no transform)"
+        assert name in catalog.METHODS and not catalog.METHODS.get(name).criterion
+    assert catalog.granularity("griffin", "per_token") == "per_sequence"
+    assert catalog.granularity("teal", "per_sequence") == "per_token"
+    assert catalog.title("wina", None, "per_token") == "wina (no transform)"
 
 
 def test_report_pools_byte_sparsity_over_tasks():

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from pipeline.errors import UserError
-from pipeline.evaluate.methods import is_reference
+from pipeline.evaluate.catalog import is_reference
 
 
 def _load_lmeval(out_dir: Path) -> tuple[dict, dict]:

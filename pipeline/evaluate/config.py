@@ -13,7 +13,8 @@ from pipeline.calibration import CalibrationPlan
 from pipeline.collect import CollectParams
 from pipeline.data import tasks as task_registry
 from pipeline.errors import UserError
-from pipeline.evaluate.methods import METHODS, MethodSpec
+from pipeline.evaluate.catalog import METHODS
+from pipeline.evaluate.registry import MethodSpec
 from pipeline.masks import MaskSpec
 from pipeline.params import DataParams, ModelParams, ParamError, Section, at_least, fraction, nonempty
 from pipeline.units import POOLS

@@ -21,54 +21,27 @@ build the masks, the masked pass applies them (the paper's simulation; tables sa
 static mean and the oracle's scores are min-max normalised per layer (`evaluate.normalize`) before a global
 ranking; the train mean and predictor outputs are already on that scale.
 
-A method is one `MethodSpec` in the `METHODS` registry (`register(MethodSpec(...))`): what it needs (and so
-what preflight checks and what enters its cache key), its granularities, whether its scores are normalised,
-its table title and the factory that builds its `Masking`; callers ask the spec, never the name. Adding a
-method touches its own module only (tests/test_method_registry.py registers one from a test).
+Each method here is one `register(MethodSpec(...))` into the `METHODS` registry of `pipeline.evaluate.registry`
+(what it needs, its granularities, whether its scores are normalised, its title, its factory); the name lookups
+live in `pipeline.evaluate.catalog`, which imports this module and `pipeline.evaluate.thresholds` so that every
+built-in method is registered.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, Literal
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from pipeline.errors import UserError
 from pipeline.evaluate.forward import ForwardInfo, Masking, MaskState
+from pipeline.evaluate.registry import Factory, MethodContext, MethodError, MethodSpec, register
 from pipeline.hooks import UnitCapture, UnitMasker
 from pipeline.masks import MaskSpec, contextual_masks, keep_mask, static_masks
-from pipeline.models.adapters import Layout
-from pipeline.registry import Registry
 from pipeline.units import POOLS
-
-GRANULARITIES = ("per_token", "per_sequence")
-
-
-class MethodError(UserError):
-    """A bad method configuration; the message names the parameter."""
-
-
-@dataclass
-class MethodContext:
-    """What a method may need: the model, its layout and fingerprint, where scores/predictors live."""
-
-    model: nn.Module
-    layout: Layout
-    fingerprint: str
-    scores_dir: str | None  # evaluate.scores_dir / predictors_dir; None where no method needs them
-    predictors_dir: str | None
-    criterion: str | None  # the method being built's (the runner sets it per method)
-    granularity: str  # per_token | per_sequence, likewise
-    calibration: Callable[[], list[list[int]]] | None  # thresholders' calibration token lists
-    oracle_batch: int = 8  # sequences per oracle scoring batch (memory, not results)
-    cache: dict[str, Any] = field(default_factory=dict)  # loaded predictors / static scores
-
 
 # --------------------------------------------------------------------------------------- helpers
 
@@ -338,124 +311,7 @@ class OracleMasking(Masking):
             yield store.state
 
 
-# --------------------------------------------------------------------------------------- registry
-
-Factory = Callable[[MethodContext, MaskSpec], Masking]
-Needs = Literal["nothing", "scores", "predictor", "calibration"]
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """One evaluation method and what it can do; callers ask it, never the method's name.
-
-    `needs`: "scores" (the aggregate stage's `evaluate.scores_dir`), "predictor" (a trained predictor of
-    `predictor_kind` under `evaluate.predictors_dir`, `pipeline.predictors.predictor_dir`), "calibration"
-    (a seeded sample of collect's calibration split) or "nothing". `criterion`: it is configured as
-    `name:criterion`. `fixed_granularity`: the granularity it always has ("none": masks fixed per model),
-    else `evaluate.granularity` applies (one of `granularities`). `normalizes`: its raw scores are made
-    comparable across layers by `evaluate.normalize` (part of its cache key). `reference`: the unpruned
-    model, evaluated once at sparsity 0, with no mask settings in its key. `title_of(granularity)`: what
-    tables call it (default: its name). `factory(ctx, spec)` builds its `Masking`."""
-
-    name: str
-    factory: Factory
-    needs: Needs = "nothing"
-    criterion: bool = False
-    granularities: tuple[str, ...] = GRANULARITIES
-    fixed_granularity: str | None = None
-    normalizes: bool = False
-    reference: bool = False
-    predictor_kind: str | None = None
-    title_of: Callable[[str], str] | None = None
-
-    def __post_init__(self):
-        if self.needs == "predictor" and self.predictor_kind is None:
-            object.__setattr__(self, "predictor_kind", self.name)
-
-    def granularity(self, configured: str) -> str:
-        """The granularity it runs at when `evaluate.granularity` is `configured`."""
-        return self.fixed_granularity or configured
-
-    def title(self, criterion: str | None, gran: str) -> str:
-        """Its name in tables: e.g. 'dejavu-l2_norm (dense inputs)'."""
-        t = self.title_of(gran) if self.title_of else self.name
-        if not criterion:
-            return t
-        base, _, note = t.partition(" ")
-        return f"{base}-{criterion}" + (f" {note}" if note else "")
-
-    def artifact(self, criterion: str | None, *, scores_dir: str | None, predictors_dir: str | None) -> Path | None:
-        """The directory of what it reads (static scores, its predictor), None if it reads none or the
-        directory parameter is unset."""
-        if self.needs == "scores":
-            return None if scores_dir is None else Path(scores_dir)
-        if self.needs == "predictor":
-            from pipeline.predictors import predictor_dir
-
-            return None if predictors_dir is None else predictor_dir(predictors_dir, self.predictor_kind, criterion)
-        return None
-
-    def check_artifact(self, criterion: str | None, *, scores_dir: str | None, predictors_dir: str | None) -> None:
-        """Preflight: what it reads exists (ParamError naming the parameter, before any weights are read)."""
-        from pipeline.params import ParamError
-
-        param = {"scores": "evaluate.scores_dir", "predictor": "evaluate.predictors_dir"}.get(self.needs)
-        if param is None:
-            return
-        label = f"{self.name}-{criterion}" if criterion else self.name
-        d = self.artifact(criterion, scores_dir=scores_dir, predictors_dir=predictors_dir)
-        if d is None:
-            raise ParamError(f"parameter {param} is required by method {label}")
-        if self.needs == "scores" and not (d / "scores.json").is_file():
-            raise ParamError(f"parameter {param}: {d}/scores.json not found (run the aggregate stage first)")
-        if self.needs == "predictor" and not d.is_dir():
-            raise ParamError(
-                f"parameter {param}: no predictor {d} for method {label} "
-                f"(run the train stage for {self.predictor_kind} with criterion {criterion})"
-            )
-
-    def build(self, ctx: MethodContext, spec: MaskSpec) -> Masking:
-        """A bound `Masking` at `spec` (dense when the spec prunes nothing)."""
-        if self.criterion and not ctx.criterion:
-            raise MethodError(f"method {self.name} needs a criterion (params: evaluate.methods)")
-        if ctx.granularity not in self.granularities:
-            raise MethodError(
-                f"method {self.name} supports granularity {', '.join(self.granularities)}, "
-                f"not {ctx.granularity} (params: evaluate.granularity)"
-            )
-        return self.factory(ctx, spec)
-
-
-METHODS: Registry[MethodSpec] = Registry("method", error=MethodError)
-
-
-def register(spec: MethodSpec) -> MethodSpec:
-    return METHODS.register(spec.name, spec)
-
-
-def granularity(name: str, configured: str) -> str:
-    """The granularity method `name` runs at when `evaluate.granularity` is `configured`."""
-    return METHODS.get(name, "evaluate.methods").granularity(configured)
-
-
-def title(name: str, criterion: str | None, gran: str) -> str:
-    """The method's name in tables: e.g. 'dejavu-l2_norm (dense inputs)'."""
-    return METHODS.get(name, "evaluate.methods").title(criterion, gran)
-
-
-def build(name: str, ctx: MethodContext, spec: MaskSpec) -> Masking:
-    """A bound `Masking` of method `name` at `spec` (dense when the spec prunes nothing)."""
-    return METHODS.get(name, "evaluate.methods").build(ctx, spec)
-
-
-def reference() -> MethodSpec:
-    """The unpruned reference every sweep evaluates once, at sparsity 0."""
-    return next(spec for _, spec in METHODS.items() if spec.reference)
-
-
-def is_reference(name: str) -> bool:
-    """Whether a record's method is the unpruned reference (a name this registry does not know is not)."""
-    return name in METHODS and METHODS.get(name).reference
+# --------------------------------------------------------------------------------------- registration
 
 
 def _load_predictor(ctx: MethodContext, kind: str):
@@ -548,6 +404,3 @@ register(
         title_of=lambda g: _dejavu_title(g).replace("dejavu", "dejavu_lookahead"),
     )
 )
-
-
-from pipeline.evaluate import thresholds as _thresholds  # noqa: E402,F401  (registers teal, cats, griffin, wina)

@@ -9,7 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from pipeline.evaluate.methods import is_reference
+from pipeline.evaluate.catalog import is_reference
 from pipeline.io import write_json, write_text
 from pipeline.units import sparsity_key
 

@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from pipeline.evaluate.catalog import reference
 from pipeline.evaluate.config import EvalConfig, MethodRef
 from pipeline.evaluate.forward import Masking
-from pipeline.evaluate.methods import reference
 from pipeline.io import write_json
 from pipeline.masks import describe
 
@@ -114,7 +114,7 @@ class Evaluator:
         log: Callable[[str], None] = print,
     ):
         from pipeline.data.tokenize import resolve_add_bos
-        from pipeline.evaluate.methods import MethodContext
+        from pipeline.evaluate.registry import MethodContext
 
         cfg = replace(cfg, add_bos=resolve_add_bos(cfg.add_bos, tokenizer))  # one BOS policy, resolved once
         self.cfg, self.model, self.tok, self.layout, self.fp = cfg, model, tokenizer, layout, fingerprint

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from pipeline.evaluate.forward import ForwardInfo, Masking
 from pipeline.evaluate.loglik import pad_batch
-from pipeline.evaluate.methods import MethodContext, MethodError, MethodSpec, register
+from pipeline.evaluate.registry import MethodContext, MethodError, MethodSpec, register
 from pipeline.hooks import UnitMasker, _HookSet, notify, observe_masks
 from pipeline.masks import MaskSpec, keep_mask, prunable_layers
 from pipeline.models.adapters import Layout
