@@ -10,7 +10,6 @@ import torch
 
 from pipeline.predictors import build
 from pipeline.predictors.fit import (
-    TARGET_TRANSFORMS,
     FitResult,
     evaluate,
     evaluate_train_mean,
@@ -20,6 +19,7 @@ from pipeline.predictors.fit import (
 )
 from pipeline.predictors.params import TrainParams
 from pipeline.predictors.ridge import Ridge, _features
+from pipeline.predictors.targets import TARGET_TRANSFORMS
 from pipeline.ranking import Spearman, spearman_joint, spearman_per_layer
 from tests.conftest import section_params
 

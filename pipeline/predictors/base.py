@@ -11,7 +11,7 @@ per-example variation, so every min-max vector looks alike and the MLP learned l
 hundred steps (measurements in docs/train.md).
 
 Outputs are importance estimates in the training targets' space (per-layer min-max scores, or a
-transform of them that is monotone per example — `fit.TARGET_TRANSFORMS`); callers only rank them.
+transform of them that is monotone per example — `targets.TARGET_TRANSFORMS`); callers only rank them.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ The recipe (`TrainParams`, params.yaml `train:`; measurements behind it in docs/
   held-out rows (`train.val_fraction`) are never seen by training or by any choice made in it;
 - input standardisation: per-feature mean/std of the min-max inputs over the fit rows, stored in the
   predictor (`Predictor.set_standardisation`), applied in its forward;
-- targets optionally transformed (`TARGET_TRANSFORMS`, monotone per example so rankings are kept);
+- targets optionally transformed (`pipeline.predictors.targets`, monotone per example so rankings are kept);
 - the output layer starts at the fit rows' mean target with zero weights (epoch 0 = the static
   train-mean ranking), MSE (heads and neurons losses added, each a mean), AdamW, a cosine
   learning-rate schedule over all steps, seeded initialisation and batch order;
@@ -26,44 +26,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 from torch import Tensor
 
 from pipeline.predictors.base import Predictor
+from pipeline.predictors.targets import TARGET_TRANSFORMS
 from pipeline.ranking import Spearman, ranking_metrics
 from pipeline.units import POOLS
 
 if TYPE_CHECKING:
     from pipeline.predictors.params import TrainParams
-
-LOG_EPS = 1e-3  # `log` transform: log1p(y / eps); fisher neuron targets have median ~1e-3 (issue 9)
-
-
-def _identity(y: np.ndarray) -> np.ndarray:
-    return np.asarray(y, dtype=np.float32)
-
-
-def log_targets(y: np.ndarray) -> np.ndarray:
-    """log1p(y / eps) / log1p(1 / eps): [0, 1] -> [0, 1], elementwise increasing; spreads the bulk of
-    heavy-tailed scores (fisher) that MSE on raw values ignores."""
-    return (np.log1p(np.asarray(y, dtype=np.float64) / LOG_EPS) / math.log1p(1 / LOG_EPS)).astype(np.float32)
-
-
-def rank_targets(y: np.ndarray) -> np.ndarray:
-    """[N, G, U] -> per example, the rank of each unit among *all* units of all G layers (ties
-    averaged), scaled to [0, 1]. Monotone per example across layers, so both the joint (global) and
-    the per-layer (local) ranking of every example are exactly those of y."""
-    n = len(y)
-    flat = np.asarray(y).reshape(n, -1)
-    r = (rankdata(flat, axis=-1) - 1) / max(1, flat.shape[-1] - 1)
-    return r.reshape(y.shape).astype(np.float32)
-
-
-TARGET_TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "none": _identity,
-    "log": log_targets,
-    "rank": rank_targets,
-}
 
 
 @dataclass

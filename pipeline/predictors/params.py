@@ -8,8 +8,8 @@ from typing import ClassVar
 
 from pipeline.params import ParamError, Section, at_least, fraction, nonempty
 from pipeline.predictors.base import PredictorWidths
-from pipeline.predictors.fit import TARGET_TRANSFORMS
 from pipeline.predictors.registry import PREDICTORS
+from pipeline.predictors.targets import TARGET_TRANSFORMS
 
 
 @dataclass(frozen=True)

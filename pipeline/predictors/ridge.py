@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from pipeline.predictors.base import Predictor, minmax_features
-from pipeline.predictors.fit import TARGET_TRANSFORMS, FitResult, evaluated, selection_score
+from pipeline.predictors.fit import FitResult, evaluated, selection_score
+from pipeline.predictors.targets import TARGET_TRANSFORMS
 from pipeline.ranking import Spearman
 from pipeline.units import POOLS
 
