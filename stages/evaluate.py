@@ -72,7 +72,7 @@ def cli(
                 save_records(records_path, [{k: v for k, v in r.items() if k != "cached"} for r in records])
             n_new = sum(not r["cached"] for r in records)
             timing = {"load_seconds": m.load_seconds, "eval_seconds": eval_s, "points_evaluated": n_new}
-            run.log_metrics({**flat_metrics(out["metrics"]), **timing, "points_cached": len(records) - n_new})
+            run.log_metrics({**flat_metrics(out["metrics_full"]), **timing, "points_cached": len(records) - n_new})
             run.log_artifact(out_dir)
     click.echo(
         f"evaluate: {len(records)} points ({n_new} evaluated, {len(records) - n_new} cached) in {eval_s:.1f}s "

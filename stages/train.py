@@ -2,10 +2,12 @@
 held-out ranking metrics beside two baselines, training curves, a Markdown report.
 
 shadowllm train --params params.yaml --traces data/traces --scores data/scores --out data/predictors \
-    --metrics results/train.json --plots results/plots/train --report results/train_report.md
+    --metrics results/train.json --plots results/plots/train --report results/train_report.md \
+    --tables results/train_tables.json
 
 Criteria trained: `aggregate.targets` (one place to swap the criterion); everything else: `train.*`.
-Writes <out>/<kind>-<criterion>/{model.safetensors,config.json}, the report (default <out>/report.md),
+Writes <out>/<kind>-<criterion>/{model.safetensors,config.json}, the report (default <out>/report.md), the
+headline metrics (--metrics, for `dvc metrics show`) and the full tables (--tables),
 <plots>/<kind>-<criterion>.csv (DVC plot: one row per epoch) and .png.
 """
 
@@ -28,6 +30,14 @@ DIR, FILE = click.Path(file_okay=False, path_type=Path), click.Path(dir_okay=Fal
 @click.option("--metrics", "metrics_path", required=True, type=FILE, help="metrics JSON to write")
 @click.option("--plots", "plots_dir", required=True, type=DIR, help="training-curve directory")
 @click.option("--report", "report_path", default=None, type=FILE, help="Markdown report (default: <out>/report.md)")
+@click.option(
+    "--tables",
+    "tables_path",
+    default=None,
+    type=FILE,
+    help="every held-out metric, size and training record as JSON (default: <metrics>_tables.json); "
+    "--metrics holds the headline figures only",
+)
 @set_option
 def cli(
     params_path: Path,
@@ -37,6 +47,7 @@ def cli(
     metrics_path: Path,
     plots_dir: Path,
     report_path: Path | None,
+    tables_path: Path | None,
     overrides: tuple[str, ...],
 ) -> None:
     """Train every predictor kind on every target criterion and measure held-out ranking quality."""
@@ -45,7 +56,7 @@ def cli(
     from pipeline.predictors import predictor_dir, save_predictor
     from pipeline.predictors.fit import evaluate_train_mean
     from pipeline.predictors.params import TrainParams
-    from pipeline.predictors.report import report, summary, write_curves
+    from pipeline.predictors.report import headlines, report, summary, write_curves
     from pipeline.predictors.training import Rows, check_inputs, feature_columns, train_predictor
     from pipeline.tracking import stage_run
 
@@ -95,8 +106,10 @@ def cli(
                     click.echo(summary(name, t.metrics, t.ridge))
             report_file = report_path or out_dir / "report.md"
             write_text(report_file, report(metrics, p, criteria, model_meta.get("id")))
-            write_json(metrics_path, metrics)
-            for artifact in (report_file, metrics_path, plots_dir):
+            tables = tables_path or metrics_path.with_name(f"{metrics_path.stem}_tables.json")
+            write_json(tables, metrics)
+            write_json(metrics_path, headlines(metrics, p.sparsities))
+            for artifact in (report_file, metrics_path, tables, plots_dir):
                 run.log_artifact(artifact)
 
 
