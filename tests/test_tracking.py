@@ -49,7 +49,7 @@ def test_stage_runs_span_the_work_and_a_failure_is_failed(tmp_path, monkeypatch,
 
     monkeypatch.setattr(pipeline.collect, "collect", dies)
     res = CliRunner().invoke(cli, args)
-    assert res.exit_code != 0 and res.output.strip().splitlines()[-1] == "Error: collect.tasks: boom"  # after mlflow logs
+    assert res.exit_code != 0 and res.output.strip().splitlines()[-1] == "Error: collect.tasks: boom"
     monkeypatch.setattr(pipeline.collect, "collect", real_collect)
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
