@@ -44,7 +44,7 @@ def test_stage_runs_span_the_work_and_a_failure_is_failed(tmp_path, monkeypatch,
 
     def dies(*a, **k):
         time.sleep(0.05)
-        failed_at.append(time.time() * 1000)
+        failed_at.append(int(time.time() * 1000))  # ms, as MLflow stores times
         raise UserError("collect.tasks: boom")
 
     monkeypatch.setattr(pipeline.collect, "collect", dies)
