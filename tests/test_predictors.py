@@ -283,7 +283,22 @@ def _train(tmp_path: Path, trace_dir: Path, scores_dir: Path, **train):
 def test_train_stage_end_to_end(tmp_path, trace_dir, scores_dir):
     res = _train(tmp_path, trace_dir, scores_dir)
     assert res.exit_code == 0, res.output
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "metrics_tables.json").read_text())  # the full tables (default path)
+    headline = json.loads((tmp_path / "metrics.json").read_text())  # DVC metrics: a few figures per predictor
+    assert headline["split"] == {"n_train": 48, "n_val": 16}
+    for c in AGG["targets"]:
+        for k in TRAIN["kinds"]:
+            h, m = headline["predictors"][c][k], metrics["predictors"][c][k]
+            assert h == {
+                "heads": {key: m["heads"][key] for key in ("spearman_joint", "recall_global_s50")},
+                "neurons": {key: m["neurons"][key] for key in ("spearman_joint", "recall_global_s50")},
+                "params": m["size"]["params"],
+            }
+            assert headline["ridge"][c][k]["heads"] == {
+                "spearman_joint": metrics["ridge"][c][k]["heads"]["spearman_joint"]
+            }
+        assert set(headline["train_mean"][c]["neurons"]) == {"spearman_joint"}
+    assert len(json.dumps(headline)) < len(json.dumps(metrics)) / 3
     assert metrics["split"] == {
         "n_train": 48,
         "n_val": 16,
