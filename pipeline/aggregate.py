@@ -46,7 +46,8 @@ class InputError(UserError):
 
 
 def open_traces(directory: str | Path) -> Traces:
-    """`Traces.open` (metadata only), a missing or inconsistent trace directory as a one-line user error."""
+    """`Traces.open` (manifest and shard hashes checked, no column read); a missing, incomplete, corrupt or
+    inconsistent trace directory is a one-line user error."""
     try:
         return Traces.open(directory)
     except TraceError:
