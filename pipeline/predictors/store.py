@@ -53,7 +53,7 @@ def load_predictor(out_dir: str | Path, *, model_fingerprint: str | None = None)
     cfg = load_config(out_dir)
     have = cfg.get("model_fingerprint")
     if model_fingerprint is not None and have != model_fingerprint:
-        raise ValueError(
+        raise PredictorError(
             f"predictor {out_dir} was trained for model fingerprint {have}, "
             f"not for this model (fingerprint {model_fingerprint})"
         )
