@@ -125,3 +125,20 @@ def test_code_mirrors_of_params_carry_no_other_defaults():
                             f"(params.yaml {sec}.{f.name}: {PARAMS[sec][f.name]!r})"
                         )
     assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("overlay", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_overlay_applies_to_params_yaml_and_parses(tmp_path, overlay):
+    import sys
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from derive_params import derive
+    finally:
+        sys.path.pop(0)
+    derived = derive(REPO / "params.yaml", tmp_path / "p.yaml", [str(overlay), "model.id=qwen2.5-coder-0.5b"])
+    for cls in TOP.values():
+        cls.from_params(derived)
+    with pytest.raises(ParamError, match="colect"):
+        (tmp_path / "bad.yaml").write_text("colect: {n_per_task: 3}\n")
+        derive(REPO / "params.yaml", tmp_path / "p2.yaml", [str(tmp_path / "bad.yaml")])
