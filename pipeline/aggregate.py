@@ -10,7 +10,8 @@
 A scores directory holds `static.safetensors` (keys `<criterion>/heads`, `<criterion>/neurons`: the
 train mean; `raw/<criterion>/heads`, `raw/<criterion>/neurons`: the raw mean),
 `targets-<criterion>.safetensors` (keys `heads`, `neurons`; rows in trace order) and `scores.json`
-(the criteria, the trace params_hash, the model id/fingerprint/dims, a hash of the example order).
+(the criteria, the trace params_hash, the model id/fingerprint/dims, a hash of the example order, and
+`sha256`: each safetensors file's sha256, checked on load, so a corrupt or truncated file is refused by name).
 Non-finite trace values (e.g. float16 overflow, log|det| of a singular kernel) are clipped to the
 layer's finite range, counted, and the count is stored in the metadata.
 """
@@ -28,10 +29,10 @@ from safetensors.numpy import load_file, save_file
 
 from pipeline import criteria as crit
 from pipeline.errors import UserError
-from pipeline.io import atomic_path, read_json, write_json
+from pipeline.io import atomic_path, read_json, sha256_file, write_json
 from pipeline.normalize import minmax
 from pipeline.params import ParamError, Section, nonempty
-from pipeline.traces import Traces
+from pipeline.traces import TraceError, Traces
 from pipeline.units import POOLS
 
 SCORES_SCHEMA = 1
@@ -45,9 +46,12 @@ class InputError(UserError):
 
 
 def open_traces(directory: str | Path) -> Traces:
-    """`Traces.open` (metadata only), a missing or inconsistent trace directory as a one-line user error."""
+    """`Traces.open` (manifest and shard hashes checked, no column read); a missing, incomplete, corrupt or
+    inconsistent trace directory is a one-line user error."""
     try:
         return Traces.open(directory)
+    except TraceError:
+        raise
     except (FileNotFoundError, ValueError) as e:
         raise InputError(str(e)) from None
 
@@ -179,7 +183,7 @@ def save_scores(
     of the chosen ones, and the metadata.
 
     `static` / `raw_static` / `targets`: criterion -> {"heads": ..., "neurons": ...}. Each file is written
-    atomically; `scores.json` last, so a directory with it is complete."""
+    atomically; `scores.json` last (with each file's sha256), so a directory with it is complete."""
     d = Path(path_dir)
     d.mkdir(parents=True, exist_ok=True)
     meta = dict(meta, criteria=sorted(static), targets=sorted(targets), target_dtype=dtype)
@@ -188,7 +192,8 @@ def save_scores(
     _save(d / STATIC_FILE, tensors, meta)
     for c, units in targets.items():
         _save(d / target_file(c), {u: a.astype(dtype) for u, a in units.items()}, meta)
-    write_json(d / META_FILE, meta)
+    files = [STATIC_FILE, *(target_file(c) for c in targets)]
+    write_json(d / META_FILE, dict(meta, sha256={f: sha256_file(d / f) for f in files}))
 
 
 def load_meta(path_dir: str | Path) -> dict[str, Any]:
@@ -202,6 +207,24 @@ def _check_model(meta: dict[str, Any], model_fingerprint: str | None, what: str)
     have = meta["model"]["fingerprint"]
     if model_fingerprint is not None and model_fingerprint != have:
         raise InputError(f"{what} were computed for model fingerprint {have}, not for this model ({model_fingerprint})")
+
+
+def _load(path_dir: str | Path, name: str, meta: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The tensors of scores file `name` once its bytes match the sha256 in `scores.json`."""
+    path = Path(path_dir) / name
+    want = (meta.get("sha256") or {}).get(name)
+    if want is None:
+        raise InputError(f"{path}: no sha256 for it in {META_FILE} (older scores); rerun the aggregate stage")
+    if not path.is_file():
+        raise InputError(f"{path} is missing; rerun the aggregate stage")
+    if sha256_file(path) != want:
+        raise InputError(
+            f"{path}: content differs from its sha256 in {META_FILE} (corrupt or truncated); rerun the aggregate stage"
+        )
+    try:
+        return load_file(str(path))
+    except Exception as e:  # the hash matched: only a file written wrongly gets here
+        raise InputError(f"{path}: unreadable ({str(e).strip()[:200]}); rerun the aggregate stage") from None
 
 
 STATIC_VARIANTS = {"train_mean": "", "raw_mean": "raw/"}
@@ -219,7 +242,7 @@ def load_static(
             f"no static scores for criterion '{criterion}' in {path_dir}; have {', '.join(meta['criteria'])}"
         )
     prefix = STATIC_VARIANTS[variant]
-    data = load_file(str(Path(path_dir) / STATIC_FILE))
+    data = _load(path_dir, STATIC_FILE, meta)
     out = {u: data[f"{prefix}{criterion}/{u}"] for u in UNITS if f"{prefix}{criterion}/{u}" in data}
     if not out:
         raise InputError(f"no {variant} static scores for '{criterion}' in {path_dir} (rerun the aggregate stage)")
@@ -234,7 +257,7 @@ def load_targets(path_dir: str | Path, criterion: str) -> dict[str, np.ndarray]:
             f"no predictor targets for criterion '{criterion}' in {path_dir}; have "
             f"{', '.join(meta['targets']) or 'none'} (params: aggregate.targets)"
         )
-    return {u: a.astype(np.float32) for u, a in load_file(str(Path(path_dir) / target_file(criterion))).items()}
+    return {u: a.astype(np.float32) for u, a in _load(path_dir, target_file(criterion), meta).items()}
 
 
 def heatmap(static: dict[str, np.ndarray], criterion: str, path: str | Path) -> None:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline.params import ParamError
 from pipeline.scoring import Sequence, mc_sequence, text_sequence
 
 if TYPE_CHECKING:
@@ -85,5 +86,19 @@ def build(plan: CalibrationPlan, tokenizer: Any) -> tuple[list[Sequence], list[d
             seqs.append(mc_sequence(ex.id, name, ctx, cont, plan.max_tokens, bos_id=bos_id))
         records.append(record.to_dict())
     if not seqs:
-        raise ValueError("no calibration examples (params: collect.n_per_task, data.calib_fraction)")
+        raise ParamError("no calibration examples (params: collect.n_per_task, data.calib_fraction)")
     return seqs, records
+
+
+def capped_tasks(plan: CalibrationPlan, records: list[dict[str, Any]]) -> list[str]:
+    """One line per task whose calibration pool is smaller than `collect.n_per_task` (`build` then uses the
+    whole pool: the default 80 per task exceeds COPA's 50), so the shortfall is said, not silent."""
+    lines = []
+    for r in records:
+        n, total = len(r["calib_ids"]), len(r["calib_ids"]) + len(r["eval_ids"])
+        if n < plan.n_per_task:
+            lines.append(
+                f"{r['task']} has {n} calibration examples (data.calib_fraction {plan.calib_fraction} of {total}), "
+                f"fewer than collect.n_per_task {plan.n_per_task}: using {n}"
+            )
+    return lines

@@ -1,8 +1,9 @@
 """Collect per-example importance traces: forward + backward with hooks, criteria, Parquet shards.
 
 Data flow: tokenised `Sequence`s -> `pipeline.scoring.score_batch` (one forward, one activation-only
-backward, an optional Hessian-vector product) -> per-example columns -> atomically written shards. A rerun
-skips every complete shard whose parameters match, so a killed run resumes where it stopped.
+backward, an optional Hessian-vector product) -> per-example columns -> atomically written shards, then
+`manifest.json` (`pipeline.traces`) last. A rerun skips every complete, intact shard whose parameters
+match, so a killed run resumes where it stopped; the manifest is removed first and rewritten at the end.
 """
 
 from __future__ import annotations
@@ -25,7 +26,15 @@ from pipeline import criteria as crit
 from pipeline.models.adapters import Layout
 from pipeline.params import ParamError, Section, at_least, nonempty
 from pipeline.scoring import NonFiniteError, ScoreSettings, Sequence, mc_sequence, score_batch, text_sequence
-from pipeline.traces import SCHEMA_VERSION, read_meta, shard_name, write_shard
+from pipeline.traces import (
+    MANIFEST,
+    SCHEMA_VERSION,
+    read_meta,
+    shard_is_intact,
+    shard_name,
+    write_manifest,
+    write_shard,
+)
 
 __all__ = ["CollectParams", "NonFiniteError", "Sequence", "collect", "mc_sequence", "text_sequence"]
 
@@ -162,19 +171,25 @@ def collect(
     meta.setdefault("code_hash", code_hash())
     meta["params_hash"] = params_hash({k: v for k, v in meta.items() if k != "shard"})
     n_shards = math.ceil(len(seqs) / settings.shard_size)
-    for stale in out_dir.glob(".part-*.tmp"):
+    # First of all: until this run has written every shard, the directory is not a trace set.
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    for stale in [*out_dir.glob(".part-*.tmp"), *out_dir.glob(f".{MANIFEST}.*.tmp")]:
         stale.unlink()
     done = set()
     discarded: dict[str, int] = {}
     for p in sorted(out_dir.glob("part-*.parquet")):
         m = read_meta(p)
         k = int(p.stem.split("-")[1])
-        if m is not None and m.get("params_hash") == meta["params_hash"] and k < n_shards:
+        same = m is not None and m.get("params_hash") == meta["params_hash"] and k < n_shards
+        # A reused shard goes into the new manifest's hashes: read it whole first, so a corrupt one is rewritten.
+        if same and shard_is_intact(p):
             done.add(k)
             continue
         reason = (
             "unreadable"
             if m is None
+            else "corrupt"
+            if same
             else "code changed"
             if m.get("code_hash") != meta["code_hash"]
             else "params changed"
@@ -210,5 +225,6 @@ def collect(
         stats.bytes_written += write_shard(out_dir / shard_name(k), columns, dict(meta, shard=k), settings.storage)
         stats.shards_written += 1
     bar.close()
+    write_manifest(out_dir, n_examples=len(seqs))
     stats.seconds = time.perf_counter() - t0
     return stats

@@ -26,7 +26,10 @@ def load(path: str | Path = "params.yaml") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ParamError(f"params file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ParamError(f"{path}: invalid YAML{_yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ParamError(f"{path}: top level must be a mapping")
     return data
@@ -58,18 +61,37 @@ def check_fraction(value: Any, name: str) -> float:
     return v
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """' at line L, column C: problem' of a YAML error, on one line (lines and columns from 1)."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(e, "problem", None) or str(e)
+    context = getattr(e, "context", None)
+    return f"{where}: {' '.join(f'{context}, {problem}'.split()) if context else ' '.join(problem.split())}"
+
+
 def set_override(params: dict[str, Any], assignment: str) -> None:
-    """Apply `a.b.c=value` (value parsed as YAML) to the params mapping, in place."""
+    """Apply `a.b.c=value` (value parsed as YAML) to the params mapping, in place. Every key along the
+    path must already be in `params` (a misspelt `evalute.limit` would otherwise start a new section and
+    change nothing); a whole mapping value (`evaluate.limit={piqa: 3}`) replaces the old value."""
     if "=" not in assignment:
         raise ParamError(f"--set expects key=value, got {assignment!r}")
     key, value = assignment.split("=", 1)
     parts = key.strip().split(".")
-    node = params
-    for part in parts[:-1]:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    node[parts[-1]] = yaml.safe_load(value)
+    node: Any = params
+    for i, part in enumerate(parts):
+        where = ".".join(parts[: i + 1])
+        if not isinstance(node, dict):
+            raise ParamError(f"--set {assignment!r}: parameter {'.'.join(parts[:i])} is not a mapping")
+        if part not in node:
+            known = [str(k) for k in node]
+            raise ParamError(f"unknown parameter {where}{_suggest(part, known)} (--set {assignment!r})")
+        if i < len(parts) - 1:
+            node = node[part]
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ParamError(f"--set {assignment!r}: invalid YAML value{_yaml_problem(e)}") from None
 
 
 # ---- typed section schemas ------------------------------------------------------------------------

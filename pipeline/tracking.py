@@ -1,12 +1,19 @@
 """MLflow tracking, imported lazily so that the library and the GPU path never need mlflow.
 
 One run per stage, nested under a parent run per pipeline execution. The parent is found or
-created by the `SHADOWLLM_PIPELINE_RUN` tag (default: the git commit + the DVC lock state), so all
-stages of one `dvc repro` share a parent.
+created by its `shadowllm_pipeline` tag: `SHADOWLLM_PIPELINE_RUN` when set, else the git commit plus a
+hash of params.yaml and dvc.yaml (`pipeline_key`), so all stages of one `dvc repro` share a parent and a
+`dvc exp run -S ...` variant of the same commit gets its own. (Not dvc.lock: `dvc repro` rewrites it after
+every stage, which would give each stage its own parent.)
+
+A stage opens its run before its work (`with stage_run(...)` around the body): the run's duration is
+the stage's, and an exception inside marks the stage run (and the parent) FAILED. The experiment is
+tagged as model development (`mlflow.experimentKind`), so MLflow 3's UI opens on the runs table.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import subprocess
@@ -16,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 EXPERIMENT = "shadowllm"
+PIPELINE_FILES = ("params.yaml", "dvc.yaml")  # with the commit: which pipeline variant a run belongs to
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"  # MLflow 3: runs view, not GenAI
 
 
 def _git_commit() -> str:
@@ -23,6 +32,27 @@ def _git_commit() -> str:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     except Exception:
         return "unknown"
+
+
+def pipeline_key(root: str | Path = ".") -> str:
+    """The parent run's key: `SHADOWLLM_PIPELINE_RUN`, else '<commit>-<hash of params.yaml, dvc.yaml>'."""
+    if os.environ.get("SHADOWLLM_PIPELINE_RUN"):
+        return os.environ["SHADOWLLM_PIPELINE_RUN"]
+    h = hashlib.sha256()
+    for name in PIPELINE_FILES:
+        f = Path(root) / name
+        h.update(name.encode() + b"\0" + (f.read_bytes() if f.is_file() else b"") + b"\0")
+    return f"{_git_commit()}-{h.hexdigest()[:12]}"
+
+
+def _experiment(mlflow) -> None:
+    """Select the experiment, creating it tagged as model development (tagging an existing one lacking it)."""
+    exp = mlflow.get_experiment_by_name(EXPERIMENT)
+    if exp is None:
+        mlflow.create_experiment(EXPERIMENT, tags={KIND_TAG: KIND})
+    elif KIND_TAG not in (exp.tags or {}):
+        mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
+    mlflow.set_experiment(EXPERIMENT)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -92,27 +122,23 @@ def stage_run(stage: str, *, tags: dict[str, str] | None = None) -> Iterator[_Nu
         yield _NullRun()
         return
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
-    mlflow.set_experiment(EXPERIMENT)
+    _experiment(mlflow)
     commit = _git_commit()
-    pipeline_id = os.environ.get("SHADOWLLM_PIPELINE_RUN", commit)
+    pipeline_id = pipeline_key()
     found = mlflow.search_runs(
         filter_string=f"tags.shadowllm_pipeline = '{pipeline_id}' and tags.shadowllm_role = 'pipeline'",
         max_results=1,
         output_format="list",
     )
+    short = pipeline_id if len(pipeline_id) <= 24 else f"{pipeline_id[:10]}-{pipeline_id[-12:]}"
     if found:
-        mlflow.start_run(run_id=found[0].info.run_id)
+        parent = mlflow.start_run(run_id=found[0].info.run_id)
     else:
-        mlflow.start_run(
-            run_name=f"pipeline {pipeline_id[:10]}",
+        parent = mlflow.start_run(
+            run_name=f"pipeline {short}",
             tags={"shadowllm_pipeline": pipeline_id, "shadowllm_role": "pipeline", "git_commit": commit},
         )
-    try:
-        with mlflow.start_run(
-            run_name=stage,
-            nested=True,
-            tags={"dvc_stage": stage, "git_commit": commit, "shadowllm_role": "stage", **(tags or {})},
-        ):
-            yield _Run(mlflow)
-    finally:
-        mlflow.end_run()  # the parent; the nested run ended with its `with`
+    stage_tags = {"dvc_stage": stage, "git_commit": commit, "shadowllm_role": "stage", **(tags or {})}
+    # each run ends FAILED when the stage raised, FINISHED otherwise (mlflow's ActiveRun.__exit__)
+    with parent, mlflow.start_run(run_name=stage, nested=True, tags=stage_tags):
+        yield _Run(mlflow)

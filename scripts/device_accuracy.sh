@@ -94,7 +94,8 @@ PY
 )
       stamp "best recipe $best"
       rm -rf "$WORK/predictors" && cp -r "$WORK/cand/$best/predictors" "$WORK/predictors"
-      cp "$WORK/cand/$best/train.json" "$WORK/train.json"; cp "$WORK/cand/$best/train_report.md" "$WORK/train_report.md"
+      cp "$WORK/cand/$best/train.json" "$WORK/cand/$best/train_tables.json" "$WORK/"
+      cp "$WORK/cand/$best/train_report.md" "$WORK/train_report.md"
       echo "$best" > "$WORK/recipe.txt" ;;
     sweep)
       for pools in $POOLS; do
@@ -110,7 +111,7 @@ PY
       mkdir -p "${OUT:?}"
       tar -C "$WORK" -czf "$OUT/accuracy.tgz" --exclude='*.parquet' --exclude=models --exclude=gguf --exclude=mirror \
         --exclude=predictors --exclude=traces protocol timings.log collect.json train.json \
-        train_report.md recipe.txt cand plots params.yaml scores/scores.json cache 2>/dev/null || true
+        train_tables.json train_report.md recipe.txt cand plots params.yaml scores/scores.json cache 2>/dev/null || true
       ls -la "$OUT" ;;
     *) echo "device_accuracy: unknown step $step" >&2; exit 2 ;;
   esac

@@ -58,13 +58,12 @@ def cli(
             seqs = collect_bench.load_sequences(sequences)
         else:
             check_model(mp)
-    if config is None:
-        m = open_model(mp)
-        model, layout = m.model, m.layout
-        seqs, _ = build(CalibrationPlan.of(dp, cp, add_bos=resolve_add_bos(mp.add_bos, m.tokenizer)), m.tokenizer)
-    if save_sequences:
-        collect_bench.save_sequences(seqs, save_sequences)
-    res = collect_bench.measure(model, layout, seqs, chosen, cp, repeats=repeats)
+            m = open_model(mp)
+            model, layout = m.model, m.layout
+            seqs, _ = build(CalibrationPlan.of(dp, cp, add_bos=resolve_add_bos(mp.add_bos, m.tokenizer)), m.tokenizer)
+        if save_sequences:
+            collect_bench.save_sequences(seqs, save_sequences)
+        res = collect_bench.measure(model, layout, seqs, chosen, cp, repeats=repeats)
     click.echo(collect_bench.format_table(res))
     if out_path:
         write_json(out_path, res)

@@ -36,25 +36,24 @@ def cli(params_path: Path, overrides: tuple[str, ...], out_dir: Path, stem: str,
 
     with reported():
         bp = BenchmarkParams.from_params(load_params(params_path, overrides))
-    results = None
-    if torch.cuda.is_available():
-        from pipeline.bench import run_all
+        with stage_run("benchmark") as run:
+            run.log_params({"benchmark": bp.as_dict()})
+            results = None
+            if torch.cuda.is_available():
+                from pipeline.bench import run_all
 
-        results = run_all.run(bp)
-        write_all(results, out_dir, stem)
-        metrics = metrics_of(results)
-        click.echo(short_table(results))
-    else:
-        click.echo(f"benchmark: skipped, {NO_GPU}")
-        metrics = {"skipped": True, "reason": NO_GPU}
-        write_json(out_dir / f"{stem}.json", {**metrics, "params": bp.as_dict()})
-    write_json(metrics_file, metrics)
-    with stage_run("benchmark") as run:
-        run.log_params({"benchmark": bp.as_dict()})
-        if metrics.get("skipped"):
-            run.set_tags({"skipped": "true", "reason": NO_GPU})
-        run.log_metrics(flat_metrics(results, metrics))
-        run.log_artifact(out_dir)
+                results = run_all.run(bp)
+                write_all(results, out_dir, stem)
+                metrics = metrics_of(results)
+                click.echo(short_table(results))
+            else:
+                click.echo(f"benchmark: skipped, {NO_GPU}")
+                metrics = {"skipped": True, "reason": NO_GPU}
+                write_json(out_dir / f"{stem}.json", {**metrics, "params": bp.as_dict()})
+                run.set_tags({"skipped": "true", "reason": NO_GPU})
+            write_json(metrics_file, metrics)
+            run.log_metrics(flat_metrics(results, metrics))
+            run.log_artifact(out_dir)
 
 
 if __name__ == "__main__":

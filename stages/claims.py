@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from stages.common import reported
+
 
 @click.command("claims")
 @click.argument("records", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -17,11 +19,12 @@ def cli(records: tuple[Path, ...], out_path: Path, header: str) -> None:
     from pipeline.data import tasks as registry
     from pipeline.evaluate.claims import load_records, write_claims
 
-    recs = load_records(list(records))
-    kinds = {r["task"]: registry.get_task(r["task"]).kind for r in recs}
-    tasks = sorted(t for t, k in kinds.items() if k != "perplexity")
-    ppl = next((t for t, k in kinds.items() if k == "perplexity"), None)
-    write_claims(out_path, recs, tasks, ppl, header=header)
+    with reported():
+        recs = load_records(list(records))
+        kinds = {r["task"]: registry.get_task(r["task"]).kind for r in recs}
+        tasks = sorted(t for t, k in kinds.items() if k != "perplexity")
+        ppl = next((t for t, k in kinds.items() if k == "perplexity"), None)
+        write_claims(out_path, recs, tasks, ppl, header=header)
     click.echo(f"claims: {len(recs)} point records, tasks {', '.join(tasks)}{', ' + ppl if ppl else ''} -> {out_path}")
 
 

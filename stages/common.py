@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -9,15 +10,20 @@ from typing import Any
 
 import click
 
+DEBUG_ENV = "SHADOWLLM_DEBUG"
+
 
 @contextmanager
 def reported() -> Iterator[None]:
-    """Run a stage's body; a `UserError` (bad parameter, data, model, name) becomes a one-line click error."""
+    """Run a stage's body; a `UserError` (bad parameter, data, model, name) becomes a one-line click error.
+    With SHADOWLLM_DEBUG=1 it is re-raised with its traceback instead."""
     from pipeline.errors import UserError
 
     try:
         yield
     except UserError as e:
+        if os.environ.get(DEBUG_ENV, "0") not in ("", "0"):
+            raise
         raise click.ClickException(str(e)) from None
 
 

@@ -24,7 +24,7 @@ def cli(lmeval_out: Path, cache: Path, limit: int | None, out: Path) -> None:
 
     with reported():
         table = compare(lmeval_out, cache, limit)
-    write_text(out, table)
+        write_text(out, table)
     click.echo(table, nl=False)
 
 

@@ -45,37 +45,39 @@ def cli(
     from pipeline.models.loading import check_model, open_model
     from pipeline.tracking import stage_run
 
-    with reported():  # every parameter and input path that can be checked without the model's weights
-        cfg = parse(load_params(params_path, overrides))
+    with reported():
+        cfg = parse(load_params(params_path, overrides))  # everything checkable without the model's weights
         cfg.check_inputs()
         check_model(cfg.model)
-    if threads:
-        torch.set_num_threads(threads)
-    m = open_model(cfg.model)
-    with reported():
-        ev = Evaluator(cfg, m.model, m.tokenizer, m.layout, m.fingerprint, model_id=cfg.model.id, log=click.echo)
-        click.echo(
-            f"evaluate: model {cfg.model.id} ({m.fingerprint}) loaded in {m.load_seconds:.1f}s; {ev.plan_line()}"
-        )
-        t0 = time.perf_counter()
-        records = ev.run(force=force)
-        eval_s = time.perf_counter() - t0
-        for t in cfg.tasks:
-            ev.task_data(t)  # the split record of every task, also when all points were cached
-    out = write_all(out_dir, records, cfg, ev.report_info(), metrics_path)
-    write_json(out_dir / "split.json", {"seed": cfg.seed, "calib_fraction": cfg.calib_fraction, "tasks": ev.splits})
-    if records_path is not None:
-        save_records(records_path, [{k: v for k, v in r.items() if k != "cached"} for r in records])
-    n_new = sum(not r["cached"] for r in records)
+        if threads:
+            torch.set_num_threads(threads)
+        with stage_run("evaluate") as run:
+            run.log_params(cfg.logged())
+            m = open_model(cfg.model)
+            run.set_tags({"model_fingerprint": m.fingerprint})
+            ev = Evaluator(cfg, m.model, m.tokenizer, m.layout, m.fingerprint, model_id=cfg.model.id, log=click.echo)
+            run.log_params({"add_bos": ev.cfg.add_bos})  # the resolved model.add_bos
+            click.echo(
+                f"evaluate: model {cfg.model.id} ({m.fingerprint}) loaded in {m.load_seconds:.1f}s; {ev.plan_line()}"
+            )
+            t0 = time.perf_counter()
+            records = ev.run(force=force)
+            eval_s = time.perf_counter() - t0
+            for t in cfg.tasks:
+                ev.task_data(t)  # the split record of every task, also when all points were cached
+            out = write_all(out_dir, records, cfg, ev.report_info(), metrics_path)
+            split = {"seed": cfg.seed, "calib_fraction": cfg.calib_fraction, "tasks": ev.splits}
+            write_json(out_dir / "split.json", split)
+            if records_path is not None:
+                save_records(records_path, [{k: v for k, v in r.items() if k != "cached"} for r in records])
+            n_new = sum(not r["cached"] for r in records)
+            timing = {"load_seconds": m.load_seconds, "eval_seconds": eval_s, "points_evaluated": n_new}
+            run.log_metrics({**flat_metrics(out["metrics_full"]), **timing, "points_cached": len(records) - n_new})
+            run.log_artifact(out_dir)
     click.echo(
         f"evaluate: {len(records)} points ({n_new} evaluated, {len(records) - n_new} cached) in {eval_s:.1f}s "
         f"-> {out_dir}"
     )
-    with stage_run("evaluate", tags={"model_fingerprint": m.fingerprint}) as run:
-        run.log_params({**cfg.logged(), "add_bos": ev.cfg.add_bos})  # the resolved model.add_bos
-        timing = {"load_seconds": m.load_seconds, "eval_seconds": eval_s, "points_evaluated": n_new}
-        run.log_metrics({**flat_metrics(out["metrics"]), **timing, "points_cached": len(records) - n_new})
-        run.log_artifact(out_dir)
 
 
 if __name__ == "__main__":

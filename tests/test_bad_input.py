@@ -12,8 +12,12 @@ from click.testing import CliRunner
 import pipeline.models.loading as loading
 from stages.collect import cli as collect_cli
 
-MIRROR = Path(__file__).resolve().parents[2] / "shared" / "data"
 REPO = Path(__file__).resolve().parents[1]
+# params.yaml's ../shared/data; a git worktree under /work/wt/<name> finds it one level further up
+MIRROR = next(
+    (d for d in (REPO.parent / "shared" / "data", REPO.parents[1] / "shared" / "data") if d.is_dir()),
+    REPO.parent / "shared" / "data",
+)
 
 
 @pytest.fixture
@@ -70,6 +74,20 @@ def _run(tmp_path, params, monkeypatch):
         (lambda p: p["collect"].pop("seed"), "missing parameter collect.seed"),
         (lambda p: p["model"].__setitem__("trust_remote_code", "yes"), "model.trust_remote_code must be true or false"),
         (lambda p: p["collect"].__setitem__("batch_size", 2.5), "collect.batch_size must be an integer, got 2.5"),
+        # quoted booleans and non-integers are refused, not read as truthy strings or truncated (issue 13 item 5)
+        (
+            lambda p: p["model"].__setitem__("trust_remote_code", "false"),
+            "parameter model.trust_remote_code must be true or false, got 'false'",
+        ),
+        (
+            lambda p: p["collect"].__setitem__("layer_inputs", "no"),
+            "parameter collect.layer_inputs must be true or false, got 'no'",
+        ),
+        (
+            lambda p: p["collect"].__setitem__("shard_size", 4.7),
+            "parameter collect.shard_size must be an integer, got 4.7",
+        ),
+        (lambda p: p["model"].__setitem__("id", "models/nope"), "model path not found: models/nope (params: model.id)"),
     ],
 )
 def test_bad_params(tmp_path, params, monkeypatch, edit, expected):

@@ -1,4 +1,4 @@
-"""collect: shards, resume after a kill, run isolation, non-finite detection, trace reader."""
+"""collect: shards, resume after a kill, run isolation, non-finite detection, trace reader, the manifest."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from pipeline import collect as C
 from pipeline.models.adapters import resolve
 from pipeline.scoring import ScoreSettings, pad_batch
-from pipeline.traces import Traces
+from pipeline.traces import MANIFEST, TraceError, Traces
 from tests.conftest import section_params, tiny_model
 
 CRITS = ["plainact", "fisher", "l2_norm", "jacov"]
@@ -68,6 +68,11 @@ def test_killed_run_resumes_without_duplicates(tmp_path, monkeypatch):
         _run(part, model)
     assert [p.name for p in sorted(part.glob("*.parquet"))] == ["part-00000.parquet"]
     assert not list(part.glob(".*tmp"))
+    assert not (part / MANIFEST).exists()
+    with pytest.raises(
+        TraceError, match=r"incomplete trace set: 1 of 3 shards \(missing part-00001.parquet, part-00002"
+    ):
+        Traces.open(part)
     monkeypatch.setattr(C, "score_batch", real)
     stats = _run(part, model)
     assert stats.shards_reused == 1 and stats.shards_written == 2 and stats.examples == 4
@@ -107,12 +112,13 @@ def test_sequence_rejects_empty_target():
 
 
 def test_float16_storage_keeps_tiny_and_huge_scores(tmp_path):
-    from pipeline.traces import write_shard
+    from pipeline.traces import write_manifest, write_shard
 
     vals = np.array([[1e-10, 3e-11, 2e-12], [1e5, -2.5e5, 7.0]], dtype=np.float64)
     dims = {"n_layers": 1, "n_heads": 3, "ffn_dim": 3}
     meta = {"schema_version": 2, "params_hash": "h", "criteria": ["x"], "model": {"dims": dims}}
     write_shard(tmp_path / "part-00000.parquet", {"example_id": ["a", "b"], "x_heads": vals}, meta, "float16")
+    write_manifest(tmp_path)
     back = Traces.open(tmp_path).scores("x", "heads").reshape(2, 3)
     np.testing.assert_allclose(back[0, :2], vals[0, :2], rtol=1e-3)
     np.testing.assert_allclose(back[1, :2], vals[1, :2], rtol=1e-3)
@@ -187,7 +193,7 @@ def test_features_are_read_at_the_last_context_token(tmp_path):
 
 
 def test_float16_row_spanning_1e12_to_1_across_layers_keeps_every_layers_ranks(tmp_path):
-    from pipeline.traces import write_shard
+    from pipeline.traces import write_manifest, write_shard
 
     rng = np.random.default_rng(0)
     L, U = 4, 64
@@ -195,9 +201,103 @@ def test_float16_row_spanning_1e12_to_1_across_layers_keeps_every_layers_ranks(t
     dims = {"n_layers": L, "n_heads": U, "ffn_dim": U}
     meta = {"schema_version": 2, "params_hash": "h", "criteria": ["x"], "model": {"dims": dims}}
     write_shard(tmp_path / "part-00000.parquet", {"example_id": ["a"], "x_heads": row[None]}, meta, "float16")
+    write_manifest(tmp_path)
     back = Traces.open(tmp_path).scores("x", "heads")[0]
     want = row.reshape(L, U)
     for l in range(L):
         assert len(np.unique(back[l])) == U, f"layer {l} has ties"
         assert (np.argsort(back[l]) == np.argsort(want[l])).all()
         np.testing.assert_allclose(back[l], want[l], rtol=1e-3)
+
+
+def _flip(path, n=1000, at=0.5, value=0):
+    """Overwrite `n` bytes of `path` in the middle (a data page) with `value`."""
+    b = bytearray(path.read_bytes())
+    i = int(len(b) * at)
+    b[i : i + n] = bytes([value]) * n
+    path.write_bytes(bytes(b))
+
+
+def _flip_page(path, column="plainact_heads.list.element", n=10):
+    """Overwrite the last `n` bytes of `column`'s (one) data page: past its header, inside its CRC."""
+    import pyarrow.parquet as pq
+
+    rg = pq.read_metadata(path).row_group(0)
+    c = next(rg.column(i) for i in range(rg.num_columns) if rg.column(i).path_in_schema == column)
+    end = c.data_page_offset + c.total_compressed_size
+    b = bytearray(path.read_bytes())
+    b[end - n : end] = bytes(x ^ 0xFF for x in b[end - n : end])
+    path.write_bytes(bytes(b))
+
+
+def test_a_killed_rerun_leaves_no_manifest_of_the_old_run(tmp_path, monkeypatch):
+    model = tiny_model("llama")
+    _run(tmp_path, model)
+    assert (tmp_path / MANIFEST).is_file()
+    real = C.score_batch
+    calls = {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(C, "score_batch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, model, storage="float32")  # new params: old shards go, one new shard written
+    assert not (tmp_path / MANIFEST).exists()
+    with pytest.raises(TraceError, match=r"1 of 3 shards \(missing part-00001.parquet, part-00002.parquet\); rerun"):
+        Traces.open(tmp_path)
+
+
+def test_deleted_extra_or_corrupt_shards_are_refused(tmp_path):
+    model = tiny_model("llama")
+    _run(tmp_path, model)
+    good = {p.name: p.read_bytes() for p in tmp_path.glob("part-*.parquet")}
+    shard = tmp_path / "part-00001.parquet"
+
+    shard.unlink()
+    with pytest.raises(TraceError, match=r"2 of 3 shards \(missing part-00001.parquet\)"):
+        Traces.open(tmp_path)
+    shard.write_bytes(good[shard.name])
+    Traces.open(tmp_path)
+
+    (tmp_path / "part-00003.parquet").write_bytes(good["part-00000.parquet"])
+    with pytest.raises(TraceError, match="shards not in manifest.json: part-00003.parquet"):
+        Traces.open(tmp_path)
+    (tmp_path / "part-00003.parquet").unlink()
+
+    (tmp_path / "part-00002.parquet").write_bytes(good["part-00000.parquet"])  # a whole shard, not this one
+    with pytest.raises(TraceError, match="part-00002.parquet: content differs from its sha256"):
+        Traces.open(tmp_path)
+    (tmp_path / "part-00002.parquet").write_bytes(good["part-00002.parquet"])
+
+    _flip(shard)
+    with pytest.raises(TraceError, match="part-00001.parquet: content differs") as e:
+        Traces.open(tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_page_checksums_catch_corruption_inside_a_shard(tmp_path):
+    """Past the manifest (a shard changed after `Traces.open`), every read checks each page's CRC."""
+    model = tiny_model("llama")
+    _run(tmp_path, model)
+    tr = Traces.open(tmp_path)
+    shard = tmp_path / "part-00001.parquet"
+    _flip_page(shard)
+    with pytest.raises(
+        TraceError, match=r"part-00001.parquet: corrupt shard \(.*CRC.*\); rerun the collect stage"
+    ) as e:
+        tr.scores("plainact", "heads")
+    assert "\n" not in str(e.value)
+
+
+def test_a_corrupt_shard_is_not_reused_by_a_rerun(tmp_path):
+    model = tiny_model("llama")
+    _run(tmp_path, model)
+    _flip_page(tmp_path / "part-00001.parquet")
+    stats = _run(tmp_path, model)
+    assert stats.shards_reused == 2 and stats.shards_written == 1
+    assert stats.resume_line() == "2 shards reused, discarded 1 corrupt"
+    assert len(Traces.open(tmp_path).column("example_id")) == 7

@@ -406,5 +406,5 @@ def test_real_predictors_through_registry(tmp_path, kind, granularity):
     assert not torch.allclose(_logits(model, sparse, IDS), dense, atol=1e-4)
     ctx.fingerprint = "other"
     ctx.cache.clear()
-    with pytest.raises(ValueError, match="fingerprint"):
+    with pytest.raises(registry.MethodError, match=r"fingerprint fpX, not for this model \(other\).*predictors_dir"):
         catalog.build(kind, ctx, MaskSpec(sparsity={"heads": 0.5, "neurons": 0.5}))

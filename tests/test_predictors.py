@@ -170,6 +170,33 @@ def test_save_load_round_trip_and_fingerprint_refusal(tmp_path, kind):
         load_predictor(tmp_path / "p", model_fingerprint="fp-B")
 
 
+@pytest.mark.parametrize("damage", ["flip", "truncate", "old_config"])
+def test_a_corrupt_truncated_or_unchecked_predictor_is_refused_by_name(tmp_path, damage):
+    from pipeline.errors import UserError
+    from pipeline.predictors.store import PredictorError
+
+    pred = build("shadowllm", "fisher", DIMS, SMALL).eval()
+    save_predictor(pred, tmp_path / "p", {"model_fingerprint": "fp"})
+    weights, config = tmp_path / "p" / "model.safetensors", tmp_path / "p" / "config.json"
+    cfg = json.loads(config.read_text())
+    assert len(cfg["weights_sha256"]) == 64
+    b = bytearray(weights.read_bytes())
+    if damage == "flip":
+        b[len(b) // 2 : len(b) // 2 + 1000] = bytes(x ^ 0xFF for x in b[len(b) // 2 : len(b) // 2 + 1000])
+        weights.write_bytes(bytes(b))
+        want = f"{weights}: content differs from weights_sha256 in config.json (corrupt or truncated); rerun the train"
+    elif damage == "truncate":
+        weights.write_bytes(bytes(b[: len(b) // 2]))
+        want = f"{weights}: content differs from weights_sha256"
+    else:
+        del cfg["weights_sha256"]
+        config.write_text(json.dumps(cfg))
+        want = f"{config}: no weights_sha256 (saved by an older version); rerun the train stage"
+    with pytest.raises(PredictorError) as e:
+        load_predictor(tmp_path / "p", model_fingerprint="fp")
+    assert isinstance(e.value, UserError) and want in str(e.value) and "\n" not in str(e.value)
+
+
 def test_ranking_metrics_by_hand():
     true = np.array([[[1.0, 2.0, 3.0, 4.0]]])
     assert spearman_joint(true, true) == pytest.approx(1.0)
@@ -283,7 +310,22 @@ def _train(tmp_path: Path, trace_dir: Path, scores_dir: Path, **train):
 def test_train_stage_end_to_end(tmp_path, trace_dir, scores_dir):
     res = _train(tmp_path, trace_dir, scores_dir)
     assert res.exit_code == 0, res.output
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "metrics_tables.json").read_text())  # the full tables (default path)
+    headline = json.loads((tmp_path / "metrics.json").read_text())  # DVC metrics: a few figures per predictor
+    assert headline["split"] == {"n_train": 48, "n_val": 16}
+    for c in AGG["targets"]:
+        for k in TRAIN["kinds"]:
+            h, m = headline["predictors"][c][k], metrics["predictors"][c][k]
+            assert h == {
+                "heads": {key: m["heads"][key] for key in ("spearman_joint", "recall_global_s50")},
+                "neurons": {key: m["neurons"][key] for key in ("spearman_joint", "recall_global_s50")},
+                "params": m["size"]["params"],
+            }
+            assert headline["ridge"][c][k]["heads"] == {
+                "spearman_joint": metrics["ridge"][c][k]["heads"]["spearman_joint"]
+            }
+        assert set(headline["train_mean"][c]["neurons"]) == {"spearman_joint"}
+    assert len(json.dumps(headline)) < len(json.dumps(metrics)) / 3
     assert metrics["split"] == {
         "n_train": 48,
         "n_val": 16,

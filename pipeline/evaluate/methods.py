@@ -317,11 +317,17 @@ class OracleMasking(Masking):
 def _load_predictor(ctx: MethodContext, kind: str):
     key = f"pred/{kind}/{ctx.criterion}"
     if key not in ctx.cache:
-        from pipeline.predictors import load_predictor, predictor_dir
+        from pipeline.predictors import load_config, load_predictor, predictor_dir
 
         if ctx.predictors_dir is None:
             raise MethodError(f"method {kind} needs evaluate.predictors_dir")
         d = predictor_dir(ctx.predictors_dir, kind, ctx.criterion)
+        have = load_config(d).get("model_fingerprint")
+        if have != ctx.fingerprint:  # a user's mix-up, said as one line (load_predictor refuses it too)
+            raise MethodError(
+                f"predictor {d} was trained for model fingerprint {have}, not for this model ({ctx.fingerprint}): "
+                "retrain it (train stage) or point evaluate.predictors_dir at this model's predictors"
+            )
         pred = load_predictor(str(d), model_fingerprint=ctx.fingerprint)
         if pred.kind != kind:
             raise MethodError(f"predictor in {d} is '{pred.kind}', expected '{kind}'")

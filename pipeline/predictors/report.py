@@ -46,6 +46,29 @@ def summary(name: str, m: dict[str, Any], r: dict[str, Any]) -> str:
     )
 
 
+def headlines(metrics: dict[str, Any], sparsities: list[float]) -> dict[str, Any]:
+    """The DVC metrics of the train stage: a few numbers per predictor (held-out joint ρ and recall at the
+    middle sparsity, heads and neurons; its size), the two baselines' joint ρ, the split's sizes. The full
+    tables (every ρ and recall, training record, sizes) are the stage's `--tables` JSON; same nesting."""
+    mid = sorted(sparsities)[len(sparsities) // 2] if sparsities else None
+    keys = ["spearman_joint"] + ([f"recall_global_{sparsity_key(mid)}"] if mid is not None else [])
+
+    def units(m: dict[str, Any], keys: list[str]) -> dict[str, Any]:
+        return {u: {k: m[u][k] for k in keys} for u in ("heads", "neurons")}
+
+    return {
+        "split": {k: metrics["split"][k] for k in ("n_train", "n_val")},
+        "predictors": {
+            c: {k: {**units(m, keys), "params": m["size"]["params"]} for k, m in by_kind.items()}
+            for c, by_kind in metrics["predictors"].items()
+        },
+        "ridge": {
+            c: {k: units(r, ["spearman_joint"]) for k, r in by_kind.items()} for c, by_kind in metrics["ridge"].items()
+        },
+        "train_mean": {c: units(m, ["spearman_joint"]) for c, m in metrics["train_mean"].items()},
+    }
+
+
 def report(metrics: dict[str, Any], p: TrainParams, criteria: list[str], model_id: str | None) -> str:
     """The Markdown report of the train stage's metrics (`criteria`: `aggregate.targets`)."""
     split = metrics["split"]
