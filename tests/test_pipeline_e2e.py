@@ -70,6 +70,7 @@ def test_dvc_repro_default_pipeline_reduced(tmp_path):
         HF_HUB_OFFLINE="1",
         MLFLOW_DISABLE_TELEMETRY="true",
         SHADOWLLM_PIPELINE_RUN="e2e-test",
+        SHADOWLLM_TRACKING="1",  # conftest turns tracking off for the unit tests; this test checks the runs
         GIT_AUTHOR_NAME="t",
         GIT_AUTHOR_EMAIL="t@t",
         GIT_COMMITTER_NAME="t",
