@@ -29,7 +29,7 @@ from safetensors.numpy import load_file, save_file
 
 from pipeline import criteria as crit
 from pipeline.errors import UserError
-from pipeline.io import atomic_path, read_json, sha256_file, write_json
+from pipeline.io import atomic_path, check_sha256, read_json, sha256_file, write_json
 from pipeline.normalize import minmax
 from pipeline.params import ParamError, Section, nonempty
 from pipeline.traces import TraceError, Traces
@@ -215,12 +215,7 @@ def _load(path_dir: str | Path, name: str, meta: dict[str, Any]) -> dict[str, np
     want = (meta.get("sha256") or {}).get(name)
     if want is None:
         raise InputError(f"{path}: no sha256 for it in {META_FILE} (older scores); rerun the aggregate stage")
-    if not path.is_file():
-        raise InputError(f"{path} is missing; rerun the aggregate stage")
-    if sha256_file(path) != want:
-        raise InputError(
-            f"{path}: content differs from its sha256 in {META_FILE} (corrupt or truncated); rerun the aggregate stage"
-        )
+    check_sha256(path, want, f"its sha256 in {META_FILE}", InputError, "rerun the aggregate stage")
     try:
         return load_file(str(path))
     except Exception as e:  # the hash matched: only a file written wrongly gets here

@@ -61,6 +61,15 @@ def sha256_file(path: str | Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def check_sha256(path: Path, want: str, recorded: str, error: type[Exception], rerun: str) -> None:
+    """Refuse `path` unless it exists and its bytes hash to `want` (`recorded` says where that hash is kept):
+    `error`'s one-line message names the file and ends with `rerun`."""
+    if not path.is_file():
+        raise error(f"{path} is missing; {rerun}")
+    if sha256_file(path) != want:
+        raise error(f"{path}: content differs from {recorded} (corrupt or truncated); {rerun}")
+
+
 def _default(o: Any) -> Any:
     if hasattr(o, "tolist"):
         return o.tolist()

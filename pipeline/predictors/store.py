@@ -10,7 +10,7 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import UserError
-from pipeline.io import atomic_path, read_json, sha256_file, write_json
+from pipeline.io import atomic_path, check_sha256, read_json, sha256_file, write_json
 from pipeline.predictors.base import Predictor
 from pipeline.predictors.registry import build
 
@@ -61,12 +61,7 @@ def load_predictor(out_dir: str | Path, *, model_fingerprint: str | None = None)
     want = cfg.get("weights_sha256")
     if want is None:
         raise PredictorError(f"{Path(out_dir) / CONFIG}: no weights_sha256 (saved by an older version); {RERUN}")
-    if not weights.is_file():
-        raise PredictorError(f"{weights} is missing; {RERUN}")
-    if sha256_file(weights) != want:
-        raise PredictorError(
-            f"{weights}: content differs from weights_sha256 in {CONFIG} (corrupt or truncated); {RERUN}"
-        )
+    check_sha256(weights, want, f"weights_sha256 in {CONFIG}", PredictorError, RERUN)
     pred = build(cfg["kind"], cfg["criterion"], cfg["dims"], cfg["widths"])
     try:
         pred.load_state_dict(load_file(str(weights)))
