@@ -1,26 +1,34 @@
 #!/usr/bin/env bash
-# The accuracy stages (collect -> aggregate -> train -> evaluate) of the default model on the GPU machine,
-# and the protocol comparison (results/evaluate/protocol/). Runs *there*, from the repo root, over
-# back-to-back `device` calls: files outside the repo ($WORK, $SHIP) survive while the machine stays warm.
-# That machine has no dvc/mlflow/gguf: tracking is off, gguf travels as a wheel in .whl/, the GGUF model
-# and the data mirror travel in .ship/ (prepared here by `bash scripts/device_accuracy.sh ship`).
+# The accuracy stages (collect -> aggregate -> train -> evaluate) of a named model on the GPU machine:
+# the protocol comparison (results/evaluate/protocol/, MODEL=smollm2-135m, the default) and the research
+# runs (results/research/<model>/, MODEL=qwen2.5-coder-0.5b OVERLAY=configs/research.yaml). Runs *there*,
+# from the repo root, over back-to-back `device` calls: files outside the repo ($WORK, $SHIP) survive
+# while the machine stays warm. That machine has no dvc/mlflow/gguf: tracking is off, gguf travels as a
+# wheel in .whl/, the GGUF model (in parts of PART_MIB MiB) and the data mirror (.ship/data.tar.xz)
+# travel in .ship/ (prepared here by `MODEL=... bash scripts/device_accuracy.sh ship`).
 #
-#   ship              (here) split the GGUF into .ship/smollm2, copy the mirror to .ship/data, gguf wheel to .whl
+#   ship              (here) split the model's GGUF into .ship/$MODEL, pack the mirror, gguf wheel to .whl
 #   stash             (there) keep this call's model part(s) in $SHIP
-#   prepare           assemble + verify the GGUF, convert it to safetensors, write $WORK/params.yaml (device cuda)
-#   stages            collect, aggregate, train with the repo's params.yaml on cuda
+#   prepare           assemble + verify the GGUF, convert it to safetensors, write $WORK/params.yaml:
+#                     params.yaml, then $OVERLAY (if set), the device paths, then $SETS (key=value ...)
+#   collect           collect + aggregate with $WORK/params.yaml on cuda
+#   train             train the predictors on those traces
+#   stages            collect, train
 #   recipes           train the candidate recipes (RECIPES) on the same traces; the one with the best mean
 #                     held-out Spearman rho (joint, 3 kinds x 3 targets x heads/neurons) replaces $WORK/predictors
 #   sweep             the comparison: heads-only and heads+neurons at 30/50/70 %, then the claims
+#   criteria          every collected criterion's static ranking at 50 % heads-only (WikiText-2 only)
 #   pack              $WORK's reports -> $OUT/accuracy.tgz
 # e.g. one call: bash scripts/device_accuracy.sh stash prepare stages sweep pack
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-/tmp/shadowllm}
 SHIP=${SHIP:-/tmp/ship}
-GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
+MODEL=${MODEL:-smollm2-135m}
+PART_MIB=${PART_MIB:-45}
+GGUF=$(python3 -c "from pipeline.models.named import get; print(get('$MODEL').gguf)")
 export SHADOWLLM_TRACKING=0 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-cli() { python3 -m stages.cli "$@"; }
+cli() { python3 scripts/peak.py "$1" "$WORK/peaks.log" -- "$@"; }   # + peak host/GPU memory
 stamp() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$WORK/timings.log"; }
 
 # The comparison (issue 9): every method, both pool settings, enough examples for a mean-accuracy stderr
@@ -42,34 +50,41 @@ RECIPES=("e25-none train.epochs=25 train.target_transform=none"
 for step in "$@"; do
   case "$step" in
     ship)
-      python3 scripts/ship.py split "$(python3 -c 'import pipeline.models.default as d; print(d.find_gguf("models/.cache"))')" \
-        --out .ship/smollm2 --part-mib 45
-      rm -rf .ship/data && cp -r ../shared/data .ship/data
+      file=$(python3 -c "from pipeline.models.named import fetch_gguf; print(fetch_gguf('$MODEL', 'models/.cache'))")
+      python3 scripts/ship.py split "$file" --out ".ship/$MODEL" --part-mib "$PART_MIB"
+      # only the mirror files the registered tasks read (the whole mirror would not fit beside the last part)
+      python3 -c "import pipeline.data.tasks as t; print('\n'.join(sorted({'data/' + f \
+for n in t.list_tasks() for f in t.get_task(n).mirror_files.values()})))" > .ship/data.list
+      tar -C ../shared -cJf .ship/data.tar.xz -T .ship/data.list
       mkdir -p .whl && python3 -m pip download -q --no-deps -d .whl "gguf==0.19.0" ;;
     stash)
       mkdir -p "$WORK"
-      python3 scripts/ship.py stash .ship/smollm2 --into "$SHIP/smollm2" ;;
+      python3 scripts/ship.py stash ".ship/$MODEL" --into "$SHIP/$MODEL" ;;
     prepare)
       mkdir -p "$WORK"
       stamp prepare
-      python3 scripts/ship.py assemble "$SHIP/smollm2" --to "$WORK/gguf/$GGUF"
+      python3 scripts/ship.py assemble "$SHIP/$MODEL" --to "$WORK/gguf/$GGUF"
       python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/gguf-*.whl
-      rm -rf "$WORK/mirror" && cp -r .ship/data "$WORK/mirror"
+      rm -rf "$WORK/data" "$WORK/mirror" && tar -C "$WORK" -xJf .ship/data.tar.xz && mv "$WORK/data" "$WORK/mirror"
       PYTHONPATH=/tmp/site python3 -c "from pipeline.models.default import convert_gguf; \
-convert_gguf('$WORK/gguf/$GGUF', '$WORK/models/smollm2-135m')"
-      python3 scripts/derive_params.py params.yaml "$WORK/params.yaml" "model.id=$WORK/models/smollm2-135m" \
+convert_gguf('$WORK/gguf/$GGUF', '$WORK/models/$MODEL')"
+      # shellcheck disable=SC2086
+      python3 scripts/derive_params.py params.yaml "$WORK/params.yaml" ${OVERLAY:-} "model.id=$WORK/models/$MODEL" \
         model.device=cuda train.device=cuda "data.mirror_dir=$WORK/mirror" "evaluate.scores_dir=$WORK/scores" \
-        "evaluate.predictors_dir=$WORK/predictors" "evaluate.cache_dir=$WORK/cache"
+        "evaluate.predictors_dir=$WORK/predictors" "evaluate.cache_dir=$WORK/cache" ${SETS:-}
       stamp prepared ;;
-    stages)
+    stages) bash "$0" collect train ;;
+    collect)
       stamp collect
       cli collect --params "$WORK/params.yaml" --out "$WORK/traces" --metrics "$WORK/collect.json" --no-progress
       stamp aggregate
       cli aggregate --params "$WORK/params.yaml" --traces "$WORK/traces" --out "$WORK/scores" --plots "$WORK/plots/aggregate"
+      stamp collected ;;
+    train)
       stamp train
       cli train --params "$WORK/params.yaml" --traces "$WORK/traces" --scores "$WORK/scores" --out "$WORK/predictors" \
         --metrics "$WORK/train.json" --plots "$WORK/plots/train" --report "$WORK/train_report.md"
-      stamp stages-done ;;
+      stamp trained ;;
     recipes)
       for r in "${RECIPES[@]}"; do
         read -r name sets <<<"$r"
@@ -105,12 +120,20 @@ PY
           "${SWEEP[@]}" --records "$WORK/protocol/$name/records.json.gz"
       done
       stamp sweep-done ;;
+    criteria)
+      stamp criteria
+      crits=$(python3 -c "import yaml; print(','.join('\"static:%s\"' % c for c in \
+yaml.safe_load(open('$WORK/params.yaml'))['collect']['criteria']))")
+      cli evaluate --params "$WORK/params.yaml" --out "$WORK/protocol/criteria" --set 'evaluate.tasks=[]' \
+        --set "evaluate.methods=[dense,$crits]" --set 'evaluate.sparsities=[0.5]' --set 'evaluate.pools=[heads]' \
+        --set "evaluate.perplexity.max_windows=${WINDOWS:-128}" --records "$WORK/protocol/criteria/records.json.gz"
+      stamp criteria-done ;;
     claims)
       cli claims "$WORK"/protocol/*/records.json.gz --out "$WORK/protocol/claims.md" ;;
     pack)
       mkdir -p "${OUT:?}"
       tar -C "$WORK" -czf "$OUT/accuracy.tgz" --exclude='*.parquet' --exclude=models --exclude=gguf --exclude=mirror \
-        --exclude=predictors --exclude=traces protocol timings.log collect.json train.json \
+        --exclude=predictors --exclude=traces protocol timings.log peaks.log collect.json train.json \
         train_tables.json train_report.md recipe.txt cand plots params.yaml scores/scores.json cache 2>/dev/null || true
       ls -la "$OUT" ;;
     *) echo "device_accuracy: unknown step $step" >&2; exit 2 ;;
