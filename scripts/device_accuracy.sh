@@ -28,7 +28,8 @@ MODEL=${MODEL:-smollm2-135m}
 PART_MIB=${PART_MIB:-45}
 GGUF=$(python3 -c "from pipeline.models.named import get; print(get('$MODEL').gguf)")
 export SHADOWLLM_TRACKING=0 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-cli() { python3 scripts/peak.py "$1" "$WORK/peaks.log" -- "$@"; }   # + peak host/GPU memory
+# + peak host/GPU memory; peak.py runs from scripts/, so the repo root goes on the path (no install there)
+cli() { PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" python3 scripts/peak.py "$1" "$WORK/peaks.log" -- "$@"; }
 stamp() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$WORK/timings.log"; }
 
 # The comparison (issue 9): every method, both pool settings, enough examples for a mean-accuracy stderr
