@@ -28,8 +28,10 @@ def main() -> int:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         gpu = f"{torch.cuda.max_memory_allocated() / 2**30:.2f}"
-    line = (f"{label}: wall {time.perf_counter() - t0:.1f} s, peak RSS "
-            f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB, peak GPU {gpu} GiB, exit {rc}")
+    line = (
+        f"{label}: wall {time.perf_counter() - t0:.1f} s, peak RSS "
+        f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB, peak GPU {gpu} GiB, exit {rc}"
+    )
     print(line, file=sys.stderr)
     with open(log, "a") as f:
         f.write(line + "\n")
