@@ -302,7 +302,7 @@ def test_byte_sparsity_by_hand_on_a_small_config():
     assert bs["n_tokens"] == 2 * 11  # every real token of both requests (no padding)
 
 
-def test_byte_sparsity_of_a_threshold_method_is_the_mean_over_tokens_of_its_own_masks():
+def test_byte_sparsity_unit_a_threshold_method_is_the_mean_over_tokens_of_its_own_masks():
     model = tiny_model("opt")
     lay = resolve(model)
     wb = thresholds.WeightBytes.of(model, lay)
@@ -469,3 +469,73 @@ def test_method_titles_become_valid_mlflow_metric_names():
     for key in ("wina (no transform)/s50/mean_acc", "dejavu-l2_norm (dense inputs)/s50/byte_sparsity"):
         assert re.fullmatch(r"[0-9A-Za-z_\-. :/]+", metric_name(key))
     assert metric_name("dense/s00/mean_acc") == "dense/s00/mean_acc"
+
+
+# ----------------------------------------------------------------------------- byte-sparsity targets
+
+
+def test_unit_sparsity_for_a_byte_target_by_hand_on_a_small_config():
+    # tiny Llama: per layer q 1,024, k 512, v 512, o 1,024 (attention 3,072), MLP 3 x 32 x 48 = 4,608;
+    # 3 layers + LM head 3,072 = 26,112 elements; layer 0 dense, so layers 1 and 2 count
+    model = tiny_model("llama")
+    wb = thresholds.WeightBytes.of(model, resolve(model))
+    assert wb.dense == 26_112 and wb.attn == (3072,) * 3 and wb.cats_neuron == (64,) * 3
+    solve = thresholds.unit_sparsity_for_bytes
+    both = ["heads", "neurons"]
+    # heads (q rows + o columns, 4 x 512) + neurons (4,608) per layer: 2 x 6,656 / 26,112
+    s, most = solve(wb, "units", both, (0,), 0.25)
+    assert most == pytest.approx(13_312 / 26_112) and s == round(0.25 * 26_112 / 13_312, 4)
+    s, most = solve(wb, "inputs", both, (0,), 0.25)  # every column of every linear: 2 x 7,680
+    assert most == pytest.approx(15_360 / 26_112) and s == round(0.25 * 26_112 / 15_360, 4)
+    s, most = solve(wb, "units", ["neurons"], (0,), 0.25)
+    assert s == round(0.25 * 26_112 / 9_216, 4)
+    # CATS: up row + down column per neuron, 2 x 48 x 64 = 6,144 = 23.5 %: 25 % is out of reach
+    s, most = solve(wb, "gated_neurons", both, (0,), 0.25)
+    assert s is None and most == pytest.approx(6_144 / 26_112)
+    assert solve(wb, "gated_neurons", ["heads"], (0,), 0.1) == (None, 0.0)
+
+
+def test_byte_targets_in_the_sweep_every_method_skips_the_target_share(tmp_path):
+    from pipeline.evaluate.config import MethodRef, parse
+    from pipeline.evaluate.runner import Evaluator, point_key
+
+    model = tiny_model("llama")
+    layout = resolve(model)
+    params = _params(
+        tmp_path,
+        methods=["dense", "teal", "cats", "griffin", "wina"],
+        sparsities=[0.2, 0.3],
+        sparsity_unit="bytes",
+        limit=2,
+        perplexity={"task": "wikitext2", "seq_len": 32, "max_windows": 1},
+        calibration_examples=4,
+    )
+    params["collect"].update({"tasks": ["piqa"], "n_per_task": 6, "max_tokens": 64})
+    cfg = parse(params)
+    lines = []
+    ev = Evaluator(cfg, model, CharTokenizer(), layout, "fp0", model_id="tiny", log=lines.append)
+    recs = ev.run()
+    got = {(r["method"], r["sparsity"], r["task"]): r for r in recs}
+    # cats reaches 23.5 % at most (test above): no 0.3 point, and the log says why
+    assert ("cats", 0.3, "piqa") not in got and ("cats", 0.2, "piqa") in got
+    assert any("cats" in x and "out of reach" in x for x in lines)
+    for (name, s, task), r in got.items():
+        if name == "dense":
+            continue
+        b = r["sparsity_detail"]["bytes"]
+        assert b["target"] == s
+        assert b["byte_sparsity"]["mean"] == pytest.approx(s, abs=0.03), (name, s, task, b["byte_sparsity"])
+        assert r["ident"]["mask"]["byte_target"] == s and r["ident"]["mask"]["sparsity"] != s
+    # the same method at the same number is a different point in units mode, and units keys carry no target
+    from dataclasses import replace
+
+    units = replace(ev.cfg, evaluate=replace(ev.cfg.evaluate, sparsity_unit="units"))
+    k_units, ident = point_key(units, "fp0", MethodRef.of("teal"), 0.2, "piqa", None)
+    k_bytes, _ = point_key(ev.cfg, "fp0", MethodRef.of("teal"), 0.2, "piqa", None, 0.34)
+    assert k_units != k_bytes and "byte_target" not in ident["mask"]
+    from pipeline.evaluate.report import write_all
+
+    info = {**ev.report_info(), "granularity": "-"}
+    write_all(tmp_path / "out", recs, cfg, info)
+    assert "byte-sparsity target" in (tmp_path / "out" / "report.md").read_text()
+    assert (tmp_path / "out" / "plots" / "accuracy_bytes.png").stat().st_size > 0

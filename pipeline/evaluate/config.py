@@ -45,6 +45,7 @@ class EvaluateParams(Section):
     perplexity: PerplexityParams
     methods: list[str | dict[str, str | None]] = nonempty()  # "name", "name:criterion" or {name, criterion}
     sparsities: list[float] = fraction()
+    sparsity_unit: Literal["units", "bytes"]  # what `sparsities` are: each pool's unit share, or weight-byte targets
     pools: list[Literal["heads", "neurons"]] = nonempty()
     scope: Literal["local", "global", "hybrid"]
     hybrid_min_keep: float = field(metadata={"min": 0.0, "max": 1.0})
@@ -170,6 +171,7 @@ class EvalConfig:
     max_windows = property(lambda self: self.evaluate.perplexity.max_windows)
     ppl_batch_size = property(lambda self: self.evaluate.perplexity.batch_size)
     sparsities = property(lambda self: sorted(set(self.evaluate.sparsities)))
+    sparsity_unit = property(lambda self: self.evaluate.sparsity_unit)
     pools = property(lambda self: list(self.evaluate.pools))
     scope = property(lambda self: self.evaluate.scope)
     min_keep = property(lambda self: self.evaluate.hybrid_min_keep)

@@ -24,6 +24,7 @@ from pipeline.evaluate.forward import Masking
 from pipeline.masks import MaskSpec
 from pipeline.models.adapters import Layout
 from pipeline.registry import Registry
+from pipeline.units import POOLS
 
 GRANULARITIES = ("per_token", "per_sequence")
 
@@ -63,7 +64,11 @@ class MethodSpec:
     else `evaluate.granularity` applies (one of `granularities`). `normalizes`: its raw scores are made
     comparable across layers by `evaluate.normalize` (part of its cache key). `reference`: the unpruned
     model, evaluated once at sparsity 0, with no mask settings in its key. `title_of(granularity)`: what
-    tables call it (default: its name). `factory(ctx, spec)` builds its `Masking`."""
+    tables call it (default: its name). `factory(ctx, spec)` builds its `Masking`. `prunes`: the pools it can
+    sparsify (CATS and GRIFFIN: neurons only); `skips`: how its masks save weight bytes
+    (`pipeline.evaluate.thresholds.WeightBytes.skippable`: "units" = head/neuron masks known before the layer
+    runs, "inputs" = input channels of every linear, "gated_neurons" = CATS' up rows and down columns), which
+    `evaluate.sparsity_unit: bytes` uses to solve its unit sparsity for a byte-sparsity target."""
 
     name: str
     factory: Factory
@@ -75,6 +80,8 @@ class MethodSpec:
     reference: bool = False
     predictor_kind: str | None = None
     title_of: Callable[[str], str] | None = None
+    prunes: tuple[str, ...] = POOLS
+    skips: Literal["units", "inputs", "gated_neurons"] = "units"
 
     def __post_init__(self):
         if self.needs == "predictor" and self.predictor_kind is None:

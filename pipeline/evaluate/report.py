@@ -222,18 +222,36 @@ def plot_rows(summ: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
         pts = dense + [r for r in summ if r["label"] == label and not is_reference(r["method"])]
         for r in sorted(pts, key=lambda x: x["sparsity"]):
             if r.get(key) is not None:
-                rows.append({"method": label, "sparsity": r["sparsity"], key: r[key]})
+                b = r.get("byte_sparsity")
+                rows.append({"method": label, "sparsity": r["sparsity"], "byte_sparsity": b, key: r[key]})
     return rows
 
 
-def plot(rows: list[dict[str, Any]], key: str, path: Path, title: str, ylabel: str, log: bool = False) -> None:
+X_LABELS = {
+    "sparsity": "sparsity (nominal, heads and neurons)",
+    "byte_sparsity": "byte sparsity (weight bytes a decode step skips, measured mean)",
+    "byte_target": "byte sparsity (target; pools at each method's solved unit sparsity)",
+}
+
+
+def plot(
+    rows: list[dict[str, Any]],
+    key: str,
+    path: Path,
+    title: str,
+    ylabel: str,
+    log: bool = False,
+    x: str = "sparsity",
+    x_label: str | None = None,
+) -> None:
+    """Every method's curve of `key` against `x` on one figure (points without an x value left out)."""
     from pipeline.plots import figure, save_png
 
-    fig, ax = figure(figsize=(6, 4))
+    fig, ax = figure(figsize=(7, 4.5) if x == "byte_sparsity" else (6, 4))
     for label in sorted({r["method"] for r in rows}):
-        pts = [r for r in rows if r["method"] == label]
-        ax.plot([p["sparsity"] for p in pts], [p[key] for p in pts], marker="o", label=label)
-    ax.set_xlabel("sparsity (nominal, heads and neurons)")
+        pts = sorted((r for r in rows if r["method"] == label and r.get(x) is not None), key=lambda r: r[x])
+        ax.plot([p[x] for p in pts], [p[key] for p in pts], marker="o", label=label)
+    ax.set_xlabel(x_label or X_LABELS[x])
     ax.set_ylabel(ylabel)
     if log:
         ax.set_yscale("log")
@@ -266,6 +284,14 @@ def markdown(
         f"Perplexity: {ppl_task or 'off'}, seq_len {info['seq_len']}, windows {info['max_windows'] or 'all'}. "
         f"BOS (resolved model.add_bos): {'on' if info.get('add_bos') else 'off'}."
     )
+    if info.get("sparsity_unit") == "bytes":
+        L.append("")
+        L.append(
+            "**Sparsity = byte-sparsity target** (`evaluate.sparsity_unit: bytes`): each method ran at the unit "
+            "sparsity that skips that share of the weight bytes by the count of what its masks skip "
+            "(`WeightBytes.skippable`); the bytes column is what it measurably skipped. A target a method cannot "
+            "reach (CATS and GRIFFIN prune FFN neurons only) has no row."
+        )
     L.append("")
     L.append("## Mean accuracy and perplexity per method and sparsity")
     L.append("")
@@ -338,10 +364,12 @@ def markdown(
     L.append("")
     L.append("## Plots")
     L.append("")
-    L.append("![accuracy vs sparsity](plots/accuracy.png)")
+    L.append("![accuracy vs sparsity](plots/accuracy.png) ![accuracy vs byte sparsity](plots/accuracy_bytes.png)")
     if ppl_task:
         L.append("")
-        L.append("![perplexity vs sparsity](plots/perplexity.png)")
+        L.append(
+            "![perplexity vs sparsity](plots/perplexity.png) ![perplexity vs byte sparsity](plots/perplexity_bytes.png)"
+        )
     L.append("")
     L.append(
         "Tidy results: `results.csv` (model, method, criterion, sparsity, granularity, task, metric, value, n, "
@@ -382,20 +410,26 @@ def write_all(
         "ppl_windows",
     ]
     write_csv(out / "summary.csv", summ, scols)
+    nominal = X_LABELS["byte_target" if cfg.sparsity_unit == "bytes" else "sparsity"]
     acc_rows = plot_rows(summ, "mean_acc")
-    write_csv(out / "plots" / "accuracy.csv", acc_rows, ["method", "sparsity", "mean_acc"])
-    plot(acc_rows, "mean_acc", out / "plots" / "accuracy.png", "Mean zero-shot accuracy vs sparsity", "mean acc")
+    write_csv(out / "plots" / "accuracy.csv", acc_rows, ["method", "sparsity", "byte_sparsity", "mean_acc"])
+    acc_title = "Mean zero-shot accuracy vs sparsity"
+    plot(acc_rows, "mean_acc", out / "plots" / "accuracy.png", acc_title, "mean acc", x_label=nominal)
+    plot(acc_rows, "mean_acc", out / "plots" / "accuracy_bytes.png", acc_title, "mean acc", x="byte_sparsity")
     if cfg.ppl_task:
         ppl_rows = plot_rows(summ, PPL_METRIC)
-        write_csv(out / "plots" / "perplexity.csv", ppl_rows, ["method", "sparsity", PPL_METRIC])
-        plot(
-            ppl_rows,
-            PPL_METRIC,
-            out / "plots" / "perplexity.png",
-            f"{cfg.ppl_task} word perplexity vs sparsity",
-            "word perplexity (log)",
-            log=True,
-        )
+        write_csv(out / "plots" / "perplexity.csv", ppl_rows, ["method", "sparsity", "byte_sparsity", PPL_METRIC])
+        for name, x, xl in (("perplexity", "sparsity", nominal), ("perplexity_bytes", "byte_sparsity", None)):
+            plot(
+                ppl_rows,
+                PPL_METRIC,
+                out / "plots" / f"{name}.png",
+                f"{cfg.ppl_task} word perplexity vs sparsity",
+                "word perplexity (log)",
+                log=True,
+                x=x,
+                x_label=xl,
+            )
     md = markdown(summ, records, tasks, cfg.ppl_task, info)
     write_text(out / "report.md", md)
     full = metrics_json(summ, records)

@@ -76,7 +76,11 @@ def task_settings(cfg: EvalConfig, task: str) -> dict[str, Any]:
     }
 
 
-def point_key(cfg: EvalConfig, fp: str, m: MethodRef, sparsity: float, task: str, art: str | None) -> tuple[str, dict]:
+def point_key(
+    cfg: EvalConfig, fp: str, m: MethodRef, sparsity: float, task: str, art: str | None, unit: float | None = None
+) -> tuple[str, dict]:
+    """The point's cache key and identity; `unit`: with `evaluate.sparsity_unit: bytes`, the unit sparsity solved
+    for the byte target `sparsity` (both enter the key)."""
     ident = {
         "v": CACHE_VERSION,
         "model": fp,
@@ -95,6 +99,9 @@ def point_key(cfg: EvalConfig, fp: str, m: MethodRef, sparsity: float, task: str
             "normalize": cfg.normalize if m.spec.normalizes else None,
             "granularity": granularity_of(cfg, m),
         }
+        if cfg.sparsity_unit == "bytes":
+            ident["mask"]["sparsity"] = unit
+            ident["mask"]["byte_target"] = sparsity
     blob = json.dumps(ident, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20], ident
 
@@ -159,6 +166,7 @@ class Evaluator:
             "max_windows": cfg.max_windows,
             "cache_dir": cfg.cache_dir,
             "add_bos": cfg.add_bos,
+            "sparsity_unit": cfg.sparsity_unit,
         }
 
     # ---- data ----
@@ -227,11 +235,31 @@ class Evaluator:
     # ---- evaluation ----
     def byte_meter(self, masking: Masking):
         """A fresh per-point meter of the weight bytes `masking` lets a decode step skip (docs/thresholds.md)."""
-        from pipeline.evaluate.thresholds import WeightBytes, meter
+        from pipeline.evaluate.thresholds import meter
+
+        return meter(masking, self.weight_bytes())
+
+    def weight_bytes(self):
+        from pipeline.evaluate.thresholds import WeightBytes
 
         if self._weight_bytes is None:
             self._weight_bytes = WeightBytes.of(self.model, self.layout)
-        return meter(masking, self._weight_bytes)
+        return self._weight_bytes
+
+    def unit_sparsity(self, m: MethodRef, sparsity: float) -> tuple[float | None, str]:
+        """The unit sparsity `m` runs at for the planned `sparsity` (itself, or with `evaluate.sparsity_unit:
+        bytes` the one solved for that byte target from the method's `prunes` and `skips`; None = out of
+        reach), and a note saying so."""
+        if self.cfg.sparsity_unit == "units" or m.spec.reference:
+            return sparsity, ""
+        from pipeline.evaluate.thresholds import unit_sparsity_for_bytes
+
+        pools = [p for p in self.cfg.pools if p in m.spec.prunes]
+        dense = self.cfg.mask_spec(0.0).dense_layers
+        s, most = unit_sparsity_for_bytes(self.weight_bytes(), m.spec.skips, pools, dense, sparsity)
+        if s is None:
+            return None, f"byte sparsity {sparsity:.2f} out of reach: at most {most:.3f} with pools {pools}"
+        return s, f"unit sparsity {s:.4f} for byte sparsity {sparsity:.2f}"
 
     def masking(self, m: MethodRef, sparsity: float) -> Masking:
         self.ctx.criterion = m.criterion
@@ -306,9 +334,13 @@ class Evaluator:
         units = {"heads": self.layout.n_heads, "neurons": self.layout.ffn_dim}
         for m, s in plan(cfg):
             art = artifact_hash(cfg, m)
+            unit, note = self.unit_sparsity(m, s)
+            if unit is None:
+                self.log(f"  skipped {m.label:<24} s={s:.2f}: {note}")
+                continue
             masking = None
             for task in tasks:
-                key, ident = point_key(cfg, self.fp, m, s, task, art)
+                key, ident = point_key(cfg, self.fp, m, s, task, art, unit)
                 path = cache / f"{key}.json"
                 if path.is_file() and not force:
                     rec = json.loads(path.read_text())
@@ -317,16 +349,19 @@ class Evaluator:
                     self.log(f"  cached  {m.label:<24} s={s:.2f} {task}")
                     continue
                 if masking is None:
-                    masking = self.masking(m, s)
+                    masking = self.masking(m, unit)
                 t0 = time.perf_counter()
                 meter = self.byte_meter(masking)
                 res = self.evaluate_task(meter.wrap(masking), task)
-                spec = cfg.mask_spec(s)
+                spec = cfg.mask_spec(unit)
                 desc = describe(spec, self.layout.n_layers, units)
                 for pool in masking.missing:  # e.g. a static criterion without neuron scores
                     desc[pool]["effective"] = 0.0
                     desc[pool]["note"] = masking.missing_note
                 desc["bytes"] = meter.summary()  # weight bytes a decode step skips, per token (mean, std)
+                if cfg.sparsity_unit == "bytes":
+                    desc["bytes"]["target"] = s  # the record's `sparsity`; the pools ran at `unit`
+                    desc["unit_sparsity"] = unit
                 if masking.measured_effective:  # thresholds: the realised count, not a rule's
                     for pool, u in desc["bytes"]["units"].items():
                         if u.get("effective") is not None and pool not in masking.missing:

@@ -156,17 +156,24 @@ class WeightBytes:
     kv_group: tuple[int, ...]  # per layer: elements one kv group owns (k rows + v rows)
     neuron: tuple[int, ...]  # per layer: elements one FFN neuron owns (gate/up or fc1 rows + down column)
     group_size: int  # query heads per kv group
+    n_heads: int  # query heads per layer
+    ffn: tuple[int, ...]  # per layer: FFN neurons
+    attn: tuple[int, ...]  # per layer: elements of q, k, v and o
+    cats_neuron: tuple[int, ...]  # per layer: elements a CATS-dropped neuron skips (up row + down column; OPT: down)
 
     @classmethod
     def of(cls, model: nn.Module, layout: Layout) -> WeightBytes:
         d = layout.head_dim
-        dense, head, kv, neuron = 0, [], [], []
+        dense, head, kv, neuron, ffn, attn, cats = 0, [], [], [], [], [], []
         for lin in layer_linears(layout):
             r = lin.by_role
             dense += sum(m.weight.numel() for m in r.values())
             head.append(d * r["q"].in_features + d * r["o"].out_features)
             kv.append(d * (r["k"].in_features + r["v"].in_features))
             neuron.append(sum(r[x].in_features for x in lin.ffn_in) + r["down"].out_features)
+            ffn.append(r["down"].in_features)
+            attn.append(sum(r[x].weight.numel() for x in (*ATTN_ROLES, "o")))
+            cats.append((r["up"].in_features if lin.gated else 0) + r["down"].out_features)
         lm_head = model.get_output_embeddings()
         if lm_head is not None:
             dense += lm_head.weight.numel()
@@ -178,7 +185,42 @@ class WeightBytes:
             kv_group=tuple(kv),
             neuron=tuple(neuron),
             group_size=layout.n_heads // layout.n_kv_heads,
+            n_heads=layout.n_heads,
+            ffn=tuple(ffn),
+            attn=tuple(attn),
+            cats_neuron=tuple(cats),
         )
+
+    def skippable(self, skips: str, pool: str, layer: int) -> int:
+        """Elements of `layer` that a method skipping the `skips` way (`MethodSpec.skips`) leaves unread when the
+        whole of `pool` is dropped: "units", a head's q rows + o columns (kv groups not counted: they go only
+        when all their query heads do) and a neuron's ffn rows + down column; "inputs", every column of the
+        pool's linears (q, k, v, o; gate, up or fc1, down); "gated_neurons" (CATS), up rows + down columns."""
+        if pool not in ("heads", "neurons"):
+            raise ValueError(f"unknown pool {pool!r}")
+        if skips == "inputs":
+            return self.attn[layer] if pool == "heads" else self.ffn[layer] * self.neuron[layer]
+        if skips == "units":
+            return self.n_heads * self.head[layer] if pool == "heads" else self.ffn[layer] * self.neuron[layer]
+        if skips == "gated_neurons":
+            return 0 if pool == "heads" else self.ffn[layer] * self.cats_neuron[layer]
+        raise ValueError(f"unknown way of skipping {skips!r}")
+
+
+def unit_sparsity_for_bytes(
+    wb: WeightBytes, skips: str, pools: list[str], dense_layers: tuple[int, ...], target: float
+) -> tuple[float | None, float]:
+    """The unit sparsity s (the same in every pool of `pools`) at which a method skipping the `skips` way leaves
+    the share `target` of the weight bytes unread, by the count (`WeightBytes.skippable` over the non-dense
+    layers: s · skippable / dense = target), and the largest share it can reach (s → 1). s is None where the
+    target is out of reach (s ≥ 1). Heads methods realise a little more than the count (dropped kv groups),
+    thresholders vary per token: the meter measures what each point really skips."""
+    layers = [l for l in range(len(wb.head)) if l not in dense_layers]
+    per_unit = sum(wb.skippable(skips, p, l) for p in pools for l in layers) / wb.dense
+    if per_unit <= 0:
+        return None, 0.0
+    s = target / per_unit
+    return (round(s, 4) if s < 1 else None), per_unit
 
 
 def skipped_elements(wb: WeightBytes, pool: str, layer: int, keep: Tensor, cost: int | None = None) -> Tensor:
@@ -673,6 +715,7 @@ register(
     MethodSpec(
         "teal",
         _calibrated(TealMasking),
+        skips="inputs",
         needs="calibration",
         granularities=("per_token",),
         fixed_granularity="per_token",
@@ -682,16 +725,27 @@ register(
     MethodSpec(
         "cats",
         _calibrated(CatsMasking),
+        skips="gated_neurons",
+        prunes=("neurons",),
         needs="calibration",
         granularities=("per_token",),
         fixed_granularity="per_token",
     )
 )
-register(MethodSpec("griffin", GriffinMasking, granularities=("per_sequence",), fixed_granularity="per_sequence"))
+register(
+    MethodSpec(
+        "griffin",
+        GriffinMasking,
+        prunes=("neurons",),
+        granularities=("per_sequence",),
+        fixed_granularity="per_sequence",
+    )
+)
 register(
     MethodSpec(
         "wina",
         WinaMasking,
+        skips="inputs",
         granularities=("per_token",),
         fixed_granularity="per_token",
         title_of=lambda g: "wina (no transform)",
