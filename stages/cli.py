@@ -24,9 +24,12 @@ STAGES = {
 
 class _LazyGroup(click.Group):
     def list_commands(self, ctx):
-        return sorted(name for name, mod in STAGES.items() if importlib.util.find_spec(mod) is not None)
+        stages = [name for name, mod in STAGES.items() if importlib.util.find_spec(mod) is not None]
+        return sorted(stages + list(self.commands))
 
     def get_command(self, ctx, name):
+        if name in self.commands:
+            return self.commands[name]
         if name not in STAGES or importlib.util.find_spec(STAGES[name]) is None:
             return None
         return importlib.import_module(STAGES[name]).cli
@@ -35,6 +38,18 @@ class _LazyGroup(click.Group):
 @click.group(cls=_LazyGroup)
 def main() -> None:
     """ShadowLLM pipeline stages (normally run by `dvc repro`)."""
+
+
+@main.command("lm-eval", context_settings={"ignore_unknown_options": True}, add_help_option=False)
+@click.argument("argv", nargs=-1, type=click.UNPROCESSED)
+def lm_eval(argv: tuple[str, ...]) -> None:
+    """lm-evaluation-harness's own CLI with `--model shadowllm` registered (docs/lmeval.md)."""
+    from stages.common import reported
+
+    with reported():
+        from pipeline.evaluate.lmeval_lm import harness_main
+
+        harness_main(list(argv))
 
 
 if __name__ == "__main__":
