@@ -9,7 +9,6 @@ sparsity level only evaluates the new points.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import click
@@ -37,11 +36,8 @@ def cli(
     """Evaluate dense/static/oracle/ShadowLLM/DejaVu masks: WikiText-2 perplexity, zero-shot accuracy."""
     import torch
 
-    from pipeline.evaluate.claims import save_records
     from pipeline.evaluate.config import parse
-    from pipeline.evaluate.report import flat_metrics, write_all
-    from pipeline.evaluate.runner import Evaluator
-    from pipeline.io import write_json
+    from pipeline.evaluate.runner import sweep
     from pipeline.models.loading import check_model, open_model
     from pipeline.tracking import stage_run
 
@@ -55,25 +51,8 @@ def cli(
             run.log_params(cfg.logged())
             m = open_model(cfg.model)
             run.set_tags({"model_fingerprint": m.fingerprint})
-            ev = Evaluator(cfg, m.model, m.tokenizer, m.layout, m.fingerprint, model_id=cfg.model.id, log=click.echo)
-            run.log_params({"add_bos": ev.cfg.add_bos})  # the resolved model.add_bos
-            click.echo(
-                f"evaluate: model {cfg.model.id} ({m.fingerprint}) loaded in {m.load_seconds:.1f}s; {ev.plan_line()}"
-            )
-            t0 = time.perf_counter()
-            records = ev.run(force=force)
-            eval_s = time.perf_counter() - t0
-            for t in cfg.tasks:
-                ev.task_data(t)  # the split record of every task, also when all points were cached
-            out = write_all(out_dir, records, cfg, ev.report_info(), metrics_path)
-            split = {"seed": cfg.seed, "calib_fraction": cfg.calib_fraction, "tasks": ev.splits}
-            write_json(out_dir / "split.json", split)
-            if records_path is not None:
-                save_records(records_path, [{k: v for k, v in r.items() if k != "cached"} for r in records])
-            n_new = sum(not r["cached"] for r in records)
-            timing = {"load_seconds": m.load_seconds, "eval_seconds": eval_s, "points_evaluated": n_new}
-            run.log_metrics({**flat_metrics(out["metrics_full"]), **timing, "points_cached": len(records) - n_new})
-            run.log_artifact(out_dir)
+            records, eval_s = sweep(cfg, m, run, out_dir, metrics_path, records_path, force=force, log=click.echo)
+    n_new = sum(not r["cached"] for r in records)
     click.echo(
         f"evaluate: {len(records)} points ({n_new} evaluated, {len(records) - n_new} cached) in {eval_s:.1f}s "
         f"-> {out_dir}"

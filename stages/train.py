@@ -53,57 +53,21 @@ def cli(
     """Train every predictor kind on every target criterion and measure held-out ranking quality."""
     from pipeline import aggregate as agg
     from pipeline.io import write_json, write_text
-    from pipeline.predictors import predictor_dir, save_predictor
-    from pipeline.predictors.fit import evaluate_train_mean
     from pipeline.predictors.params import TrainParams
-    from pipeline.predictors.report import headlines, report, summary, write_curves
-    from pipeline.predictors.training import Rows, check_inputs, feature_columns, train_predictor
+    from pipeline.predictors.report import headlines, report
+    from pipeline.predictors.training import open_inputs, train_all
     from pipeline.tracking import stage_run
 
     with reported():
         params = load_params(params_path, overrides)
         p, criteria = TrainParams.from_params(params), agg.AggregateParams.from_params(params).targets
-        traces, scores_meta = agg.open_traces(traces_dir), agg.load_meta(scores_dir)
-        check_inputs(p, criteria, traces, scores_meta)
-        ids = [str(i) for i in traces.column("example_id")]
-        if agg.order_hash(ids) != scores_meta["example_order"]:
-            raise agg.InputError("scores rows are not in the traces' example order: rerun the aggregate stage")
+        traces, ids = open_inputs(p, criteria, traces_dir, scores_dir)
         model_meta = traces.meta["model"]
         with stage_run("train", tags={"model_fingerprint": model_meta["fingerprint"]}) as run:
             run.log_params({"train": p.as_dict(), "targets": criteria, "trace_params_hash": traces.meta["params_hash"]})
-            feats = {col: traces.array(col) for col in feature_columns(p.kinds)}
-            rows = Rows.of(ids, p)
-            metrics = {"split": rows.record, "predictors": {}, "train_mean": {}, "ridge": {}}
-            plots_dir.mkdir(parents=True, exist_ok=True)
-            for c in criteria:
-                y = agg.load_targets(scores_dir, c)
-                metrics["predictors"][c], metrics["ridge"][c] = {}, {}
-                metrics["train_mean"][c] = evaluate_train_mean(
-                    y["heads"], y["neurons"], rows.train, rows.val, p.sparsities
-                )
-                run.log_metrics({f"train_mean-{c}": metrics["train_mean"][c]})
-                for k in p.kinds:
-                    name = predictor_dir(out_dir, k, c).name
-
-                    def log_epoch(rec: dict[str, float], name: str = name) -> None:
-                        run.log_metrics(
-                            {f"{name}.{key}": v for key, v in rec.items() if key != "epoch"}, int(rec["epoch"])
-                        )
-
-                    t = train_predictor(k, c, feats, y, rows, p, model_meta, on_epoch=log_epoch)
-                    metrics["predictors"][c][k], metrics["ridge"][c][k] = t.metrics, t.ridge
-                    meta = {
-                        "model_id": model_meta.get("id"),
-                        "model_fingerprint": model_meta["fingerprint"],
-                        "trace_params_hash": traces.meta["params_hash"],
-                        "split": rows.record,
-                        "metrics": t.metrics,
-                        "train": params["train"],
-                    }  # as written in params.yaml (config.json unchanged)
-                    save_predictor(t.pred, predictor_dir(out_dir, k, c), meta)
-                    write_curves(t.result.curves, plots_dir / f"{name}.csv", plots_dir / f"{name}.png", name)
-                    run.log_metrics({name: t.metrics, f"ridge-{name}": t.ridge})
-                    click.echo(summary(name, t.metrics, t.ridge))
+            metrics = train_all(
+                p, params["train"], criteria, traces, ids, scores_dir, out_dir, plots_dir, run.log_metrics, click.echo
+            )
             report_file = report_path or out_dir / "report.md"
             write_text(report_file, report(metrics, p, criteria, model_meta.get("id")))
             tables = tables_path or metrics_path.with_name(f"{metrics_path.stem}_tables.json")

@@ -393,3 +393,41 @@ class Evaluator:
                     f"n={main[1]['n']} {rec['wall_seconds']:.1f}s"
                 )
         return records
+
+
+def sweep(
+    cfg: EvalConfig,
+    opened: Any,
+    run: Any,
+    out_dir: Path,
+    metrics_path: Path | None,
+    records_path: Path | None,
+    *,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> tuple[list[dict[str, Any]], float]:
+    """The evaluate stage's work on an opened model (`pipeline.models.loading.open_model`): every point run or
+    read from the cache, the report (`report.write_all`), split.json, the records (`records_path`, for
+    `shadowllm claims`), metrics and the report logged to `run`. Returns the records and the sweep's seconds."""
+    from pipeline.evaluate.claims import save_records
+    from pipeline.evaluate.report import flat_metrics, write_all
+
+    ev = Evaluator(
+        cfg, opened.model, opened.tokenizer, opened.layout, opened.fingerprint, model_id=cfg.model.id, log=log
+    )
+    run.log_params({"add_bos": ev.cfg.add_bos})  # the resolved model.add_bos
+    log(f"evaluate: model {cfg.model.id} ({opened.fingerprint}) loaded in {opened.load_seconds:.1f}s; {ev.plan_line()}")
+    t0 = time.perf_counter()
+    records = ev.run(force=force)
+    eval_s = time.perf_counter() - t0
+    for t in cfg.tasks:
+        ev.task_data(t)  # the split record of every task, also when all points were cached
+    out = write_all(out_dir, records, cfg, ev.report_info(), metrics_path)
+    write_json(out_dir / "split.json", {"seed": cfg.seed, "calib_fraction": cfg.calib_fraction, "tasks": ev.splits})
+    if records_path is not None:
+        save_records(records_path, [{k: v for k, v in r.items() if k != "cached"} for r in records])
+    n_new = sum(not r["cached"] for r in records)
+    timing = {"load_seconds": opened.load_seconds, "eval_seconds": eval_s, "points_evaluated": n_new}
+    run.log_metrics({**flat_metrics(out["metrics_full"]), **timing, "points_cached": len(records) - n_new})
+    run.log_artifact(out_dir)
+    return records, eval_s

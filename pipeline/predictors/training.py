@@ -1,10 +1,12 @@
-"""The train stage's work for one predictor: inputs checked to belong together, the seeded rows, and
-`train_predictor` — build, fit, evaluate held out, size, and the ridge baseline of one (kind, criterion)."""
+"""The train stage's work: inputs checked to belong together (`open_inputs`), the seeded rows, `train_predictor`
+— build, fit, evaluate held out, size, and the ridge baseline of one (kind, criterion) — and `train_all`, every
+(criterion, kind) with its predictor, curves and metrics written."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,6 +18,7 @@ from pipeline.predictors.base import Predictor
 from pipeline.predictors.fit import (
     FitResult,
     evaluate,
+    evaluate_train_mean,
     fit,
     score_predictions,
     selection_split,
@@ -23,8 +26,10 @@ from pipeline.predictors.fit import (
 )
 from pipeline.predictors.params import TrainParams
 from pipeline.predictors.registry import PREDICTORS, build
+from pipeline.predictors.report import summary, write_curves
 from pipeline.predictors.ridge import Ridge
 from pipeline.predictors.size import cost
+from pipeline.predictors.store import predictor_dir, save_predictor
 from pipeline.traces import Traces
 
 
@@ -126,3 +131,66 @@ def train_predictor(
     r = score_predictions(pred, *ridge.predict(x[rows.val]), val_h, val_n, params.sparsities)
     r["alpha"] = dict(ridge.alpha)
     return Trained(pred.cpu(), m, r, res)
+
+
+def open_inputs(
+    params: TrainParams, criteria: list[str], traces_dir: Path, scores_dir: Path
+) -> tuple[Traces, list[str]]:
+    """The traces and their example ids, checked against the scores (`check_inputs`, same example order)."""
+    traces, scores_meta = agg.open_traces(traces_dir), agg.load_meta(scores_dir)
+    check_inputs(params, criteria, traces, scores_meta)
+    ids = [str(i) for i in traces.column("example_id")]
+    if agg.order_hash(ids) != scores_meta["example_order"]:
+        raise agg.InputError("scores rows are not in the traces' example order: rerun the aggregate stage")
+    return traces, ids
+
+
+def train_all(
+    params: TrainParams,
+    train_section: dict[str, Any],
+    criteria: list[str],
+    traces: Traces,
+    ids: list[str],
+    scores_dir: Path,
+    out_dir: Path,
+    plots_dir: Path,
+    log_metrics: Callable[..., None],
+    echo: Callable[[str], None],
+) -> dict[str, Any]:
+    """Every (criterion, kind) of `criteria` x `params.kinds`: trained, saved under `out_dir/<kind>-<criterion>/`
+    (its config.json records `train_section`, the params as written), curves under `plots_dir`, metrics logged
+    (`log_metrics(dict, step=None)`) and a summary line echoed. Returns the metrics: split, predictors,
+    train_mean and ridge per criterion and kind."""
+    model_meta = traces.meta["model"]
+    feats = {col: traces.array(col) for col in feature_columns(params.kinds)}
+    rows = Rows.of(ids, params)
+    metrics: dict[str, Any] = {"split": rows.record, "predictors": {}, "train_mean": {}, "ridge": {}}
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    for c in criteria:
+        y = agg.load_targets(scores_dir, c)
+        metrics["predictors"][c], metrics["ridge"][c] = {}, {}
+        metrics["train_mean"][c] = evaluate_train_mean(
+            y["heads"], y["neurons"], rows.train, rows.val, params.sparsities
+        )
+        log_metrics({f"train_mean-{c}": metrics["train_mean"][c]})
+        for k in params.kinds:
+            name = predictor_dir(out_dir, k, c).name
+
+            def log_epoch(rec: dict[str, float], name: str = name) -> None:
+                log_metrics({f"{name}.{key}": v for key, v in rec.items() if key != "epoch"}, int(rec["epoch"]))
+
+            t = train_predictor(k, c, feats, y, rows, params, model_meta, on_epoch=log_epoch)
+            metrics["predictors"][c][k], metrics["ridge"][c][k] = t.metrics, t.ridge
+            meta = {
+                "model_id": model_meta.get("id"),
+                "model_fingerprint": model_meta["fingerprint"],
+                "trace_params_hash": traces.meta["params_hash"],
+                "split": rows.record,
+                "metrics": t.metrics,
+                "train": train_section,
+            }
+            save_predictor(t.pred, predictor_dir(out_dir, k, c), meta)
+            write_curves(t.result.curves, plots_dir / f"{name}.csv", plots_dir / f"{name}.png", name)
+            log_metrics({name: t.metrics, f"ridge-{name}": t.ridge})
+            echo(summary(name, t.metrics, t.ridge))
+    return metrics
