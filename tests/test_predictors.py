@@ -215,6 +215,28 @@ def test_ranking_metrics_by_hand():
     assert topk_recall(p2, t2, 0.5, scope="local") == pytest.approx(0.5)
 
 
+def test_numpy_ranks_equal_scipy_average_ranks_ties_signed_zeros_nan_rows_and_any_shape():
+    from scipy.stats import rankdata
+
+    from pipeline.ranking import numpy_ranks
+
+    rng = np.random.default_rng(5)
+    cases = [
+        rng.integers(0, 5, size=(30, 40)).astype(np.float32),  # many ties
+        rng.integers(0, 5, size=(4, 3, 7)),  # ints, 3-D
+        np.round(rng.normal(size=(8, 500)), 1),
+        np.zeros((3, 6)),  # one run per row
+        np.array([[0.0, -0.0, 1.0, -0.0]]),  # signed zeros tie
+        rng.normal(size=17),  # 1-D
+    ]
+    for x in cases:
+        assert np.array_equal(numpy_ranks(x), rankdata(x, axis=-1)), x.shape
+    x = rng.normal(size=(3, 6))
+    x[1, 2] = np.nan
+    got, ref = numpy_ranks(x), rankdata(x, axis=-1)
+    assert np.isnan(got[1]).all() and np.isnan(ref[1]).all() and np.array_equal(got[[0, 2]], ref[[0, 2]])
+
+
 def test_ranks_average_ties_like_scipy_on_either_backend():
     """`sorted_ranks` (the accelerator path) and `average_ranks` equal scipy's average ranks, ties
     included; `Spearman` (targets ranked once) gives the functions' ρ; constant or non-finite rows are nan."""

@@ -113,17 +113,19 @@ def fit(
     train: np.ndarray,
     settings: TrainParams,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    transformed: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> FitResult:
     """Train `pred` in place on the training rows `train` (targets: per-layer min-max scores already
     restricted to `pred.layers`) and leave it at its best epoch, per pool, on the selection slice.
 
     Returns the curves — one record per epoch from 0 (the starting point): epoch, lr, train_loss (fit
     rows), val_loss and val_spearman_{heads,neurons} (joint ρ, the *selection slice*, never the
-    held-out rows), seconds — and the chosen epochs."""
+    held-out rows), seconds — and the chosen epochs. `transformed`: the targets after `train.target_transform`
+    when the caller has them already (the transform is per example, so it may cover every row)."""
     t_start = time.perf_counter()
     fit_rows, sel_rows = selection_split(train, settings)
     transform = TARGET_TRANSFORMS[settings.target_transform]
-    th, tn = transform(y_heads), transform(y_neurons)
+    th, tn = transformed if transformed is not None else (transform(y_heads), transform(y_neurons))
     dev = torch.device(settings.device)
     if settings.standardize:
         pred.set_standardisation(x[fit_rows])
@@ -205,24 +207,35 @@ def evaluate(
     Returns {"heads": {...}, "neurons": {...}} with spearman_joint (all units of layers 1..L-1 ranked
     together, per example), spearman_per_layer (mean of per-layer ρ) and recall_{global,local}_s<s>."""
     ph, pn = predict(pred, x, device=device)
-    return score_predictions(pred, ph, pn, y_heads, y_neurons, sparsities)
+    return score_predictions(pred, ph, pn, y_heads, y_neurons, sparsities, device)
 
 
 def score_predictions(
-    pred: Predictor, ph: np.ndarray, pn: np.ndarray, y_heads: np.ndarray, y_neurons: np.ndarray, sparsities: list[float]
+    pred: Predictor,
+    ph: np.ndarray,
+    pn: np.ndarray,
+    y_heads: np.ndarray,
+    y_neurons: np.ndarray,
+    sparsities: list[float],
+    device: str | None = None,
 ) -> dict[str, Any]:
     """`evaluate`'s metrics for predictions ph/pn [N, len(pred.layers), U] (from any model) against
-    full [N, L, U] targets."""
+    full [N, L, U] targets, ρ ranked on `device`."""
     keep = evaluated(pred)
     layers = [pred.layers[i] for i in keep]
     return {
-        "heads": ranking_metrics(ph[:, keep], y_heads[:, layers], sparsities),
-        "neurons": ranking_metrics(pn[:, keep], y_neurons[:, layers], sparsities),
+        "heads": ranking_metrics(ph[:, keep], y_heads[:, layers], sparsities, device),
+        "neurons": ranking_metrics(pn[:, keep], y_neurons[:, layers], sparsities, device),
     }
 
 
 def evaluate_train_mean(
-    y_heads: np.ndarray, y_neurons: np.ndarray, train: np.ndarray, val: np.ndarray, sparsities: list[float]
+    y_heads: np.ndarray,
+    y_neurons: np.ndarray,
+    train: np.ndarray,
+    val: np.ndarray,
+    sparsities: list[float],
+    device: str | None = None,
 ) -> dict[str, Any]:
     """The no-predictor reference: the mean training target (a static ranking) used as the prediction
     for every held-out example, scored exactly like `evaluate` (layers 1..L-1). A predictor is only
@@ -231,5 +244,5 @@ def evaluate_train_mean(
     for unit, y in (("heads", y_heads), ("neurons", y_neurons)):
         true = y[val][:, 1:]
         mean = y[train][:, 1:].mean(0, keepdims=True)
-        out[unit] = ranking_metrics(np.broadcast_to(mean, true.shape), true, sparsities)
+        out[unit] = ranking_metrics(np.broadcast_to(mean, true.shape), true, sparsities, device)
     return out

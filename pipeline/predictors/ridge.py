@@ -74,15 +74,21 @@ class Ridge:
         y_neurons: np.ndarray,
         result: FitResult,
         settings: TrainParams,
+        transformed: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> Ridge:
-        """`pred` after `fit.fit` (its standardisation set); `result` gives the fit rows and selection slice."""
+        """`pred` after `fit.fit` (its standardisation set); `result` gives the fit rows and selection slice;
+        `transformed` as for `fit.fit` (the targets after the transform, every row)."""
         transform = TARGET_TRANSFORMS[settings.target_transform]
+        if transformed is None:
+            transformed = (transform(y_heads[result.fit_rows]), transform(y_neurons[result.fit_rows]))
+        else:
+            transformed = (transformed[0][result.fit_rows], transformed[1][result.fit_rows])
         z = _features(pred, x)
         zf, zs = z[result.fit_rows], z[result.select_rows]
         keep = evaluated(pred)
         groups, alpha, scores = {}, {}, {}
-        for unit, y in (("heads", y_heads), ("neurons", y_neurons)):
-            t = transform(y[result.fit_rows]).astype(np.float64)
+        for unit, y, t in (("heads", y_heads, transformed[0]), ("neurons", y_neurons, transformed[1])):
+            t = t.astype(np.float64)
             shape = t.shape[1:]  # [len(layers), U]
             g = zf.shape[1]
             t = t.reshape(len(t), g, -1)  # ShadowLLM: all layers in its one group

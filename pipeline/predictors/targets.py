@@ -11,7 +11,8 @@ import math
 from collections.abc import Callable
 
 import numpy as np
-from scipy.stats import rankdata
+
+from pipeline.ranking import numpy_ranks
 
 LOG_EPS = 1e-3  # `log` transform: log1p(y / eps); fisher neuron targets have median ~1e-3 (issue 9)
 
@@ -32,7 +33,7 @@ def rank_targets(y: np.ndarray) -> np.ndarray:
     the per-layer (local) ranking of every example are exactly those of y."""
     n = len(y)
     flat = np.asarray(y).reshape(n, -1)
-    r = (rankdata(flat, axis=-1) - 1) / max(1, flat.shape[-1] - 1)
+    r = (numpy_ranks(flat) - 1) / max(1, flat.shape[-1] - 1)
     return r.reshape(y.shape).astype(np.float32)
 
 

@@ -30,6 +30,7 @@ from pipeline.predictors.report import summary, write_curves
 from pipeline.predictors.ridge import Ridge
 from pipeline.predictors.size import cost
 from pipeline.predictors.store import predictor_dir, save_predictor
+from pipeline.predictors.targets import TARGET_TRANSFORMS
 from pipeline.traces import Traces
 
 
@@ -109,13 +110,21 @@ def train_predictor(
     params: TrainParams,
     model_meta: dict[str, Any],
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    transformed: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> Trained:
-    """Seeded build, `fit` on the training rows, held-out metrics, size, ridge on the same rows."""
+    """Seeded build, `fit` on the training rows, held-out metrics, size, ridge on the same rows. `transformed`:
+    a cache of the criterion's targets after `train.target_transform`, by predicted layers (filled here; the
+    predictors of one criterion that predict the same layers share one transform)."""
     torch.manual_seed(params.seed)
     pred = build(kind, criterion, model_meta["dims"], params.widths[kind])
     x = pred.inputs(feats)
     yh, yn = targets["heads"][:, pred.layers], targets["neurons"][:, pred.layers]
-    res = fit(pred, x, yh, yn, rows.train, params, on_epoch=on_epoch)
+    cache = {} if transformed is None else transformed
+    key = tuple(pred.layers)
+    if key not in cache:
+        transform = TARGET_TRANSFORMS[params.target_transform]
+        cache[key] = (transform(yh), transform(yn))
+    res = fit(pred, x, yh, yn, rows.train, params, on_epoch=on_epoch, transformed=cache[key])
     val_h, val_n = targets["heads"][rows.val], targets["neurons"][rows.val]
     m = evaluate(pred, x[rows.val], val_h, val_n, params.sparsities, params.device)
     m["size"] = cost(pred.n_params(), pred.n_bytes(), model_meta)
@@ -127,8 +136,8 @@ def train_predictor(
         "final_train_loss": res.curves[-1]["train_loss"],
         "final_val_loss": res.curves[-1]["val_loss"],
     }
-    ridge = Ridge.fit(pred, x, yh, yn, res, params)
-    r = score_predictions(pred, *ridge.predict(x[rows.val]), val_h, val_n, params.sparsities)
+    ridge = Ridge.fit(pred, x, yh, yn, res, params, transformed=cache[key])
+    r = score_predictions(pred, *ridge.predict(x[rows.val]), val_h, val_n, params.sparsities, params.device)
     r["alpha"] = dict(ridge.alpha)
     return Trained(pred.cpu(), m, r, res)
 
@@ -170,16 +179,17 @@ def train_all(
         y = agg.load_targets(scores_dir, c)
         metrics["predictors"][c], metrics["ridge"][c] = {}, {}
         metrics["train_mean"][c] = evaluate_train_mean(
-            y["heads"], y["neurons"], rows.train, rows.val, params.sparsities
+            y["heads"], y["neurons"], rows.train, rows.val, params.sparsities, params.device
         )
         log_metrics({f"train_mean-{c}": metrics["train_mean"][c]})
+        transformed: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
         for k in params.kinds:
             name = predictor_dir(out_dir, k, c).name
 
             def log_epoch(rec: dict[str, float], name: str = name) -> None:
                 log_metrics({f"{name}.{key}": v for key, v in rec.items() if key != "epoch"}, int(rec["epoch"]))
 
-            t = train_predictor(k, c, feats, y, rows, params, model_meta, on_epoch=log_epoch)
+            t = train_predictor(k, c, feats, y, rows, params, model_meta, log_epoch, transformed)
             metrics["predictors"][c][k], metrics["ridge"][c][k] = t.metrics, t.ridge
             meta = {
                 "model_id": model_meta.get("id"),
