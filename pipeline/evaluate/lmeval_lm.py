@@ -22,8 +22,8 @@ there, from the features at the last context token, and every continuation of th
 prefix's KV cache under that one mask; a context with a single continuation (Winogrande's options, LAMBADA)
 reads its features at the same token. So a mask never depends on the candidate, and the scores equal those of
 `shadowllm evaluate` on the same documents (results/evaluate/lm_eval_frontend.md). The oracle is the exception:
-lm-eval does not say which candidate is gold, so each request's oracle mask comes from its own sequence (it is
-not the project's oracle; use `shadowllm evaluate` for that).
+lm-eval does not say which candidate is gold, so a context's candidates share the oracle mask of the first of them
+lm-eval sent (a lone request: its own), not the gold candidate's; use `shadowllm evaluate` for the oracle.
 
 `loglikelihood_rolling` (perplexity tasks) cuts each document into lm-eval's rolling windows
 (`get_rolling_token_windows`, context length 1, `evaluate.max_length` tokens, the tokenizer's prefix token first)
