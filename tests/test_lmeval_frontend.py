@@ -51,9 +51,11 @@ def make(tmp_path, monkeypatch):
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
 
-    def build(args: str = "", **extra) -> SparseLM:
-        arg = f"params={path}" + (f",{args}" if args else "")
+    def build(args: str | dict = "", **extra) -> SparseLM:
         lm_eval_given = {"batch_size": extra.get("batch_size", 1), "device": "cuda:0"}  # what lm-eval passes
+        if isinstance(args, dict):  # lm-eval's CLI parses --model_args into a dict (brackets kept whole)
+            return get_model(NAME).create_from_arg_obj({"params": str(path), **args}, lm_eval_given)
+        arg = f"params={path}" + (f",{args}" if args else "")
         return get_model(NAME).create_from_arg_string(arg, lm_eval_given)
 
     return build
@@ -138,6 +140,12 @@ def test_loglikelihood_rolling_is_the_project_perplexity_of_each_window(make, ar
         assert got[1] == pytest.approx(sum(s.loglik for s in want), abs=1e-4)
     assert lm.cfg.batch_size == 4  # a dotted params key in the model args; lm-eval's own batch_size is not used
     assert lm.cfg.model.device == "cpu"  # params.yaml's, not lm-eval's default cuda:0
+
+
+def test_one_method_at_one_sparsity(make):
+    assert make({"method": "dense", "evaluate.sparsities": [0.3, 0.5]}).sparsity == 0.0  # the reference needs none
+    with pytest.raises(Exception, match="one method at one sparsity"):
+        make({"method": "static:fisher", "evaluate.sparsities": [0.3, 0.5]})
 
 
 def test_generation_tasks_are_refused_in_one_line(make):

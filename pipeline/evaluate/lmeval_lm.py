@@ -106,7 +106,8 @@ class SparseLM(LM):
         for assignment in overrides(model_args):
             set_override(p, assignment)
         cfg = parse(p)
-        if len(cfg.methods) != 1 or len(cfg.sparsities) != 1:
+        reference = len(cfg.methods) == 1 and cfg.methods[0].spec.reference  # unpruned: no sparsity to pick
+        if len(cfg.methods) != 1 or (not reference and len(cfg.sparsities) != 1):
             raise UserError(f"--model {NAME} runs one method at one sparsity: set method= and sparsity=")
         cfg.check_inputs()
         check_model(cfg.model)
@@ -115,8 +116,8 @@ class SparseLM(LM):
         m = open_model(cfg.model)
         self.ev = Evaluator(cfg, m.model, m.tokenizer, m.layout, m.fingerprint, model_id=cfg.model.id, log=print)
         self.cfg, self.model, self.tok = self.ev.cfg, m.model, m.tokenizer  # cfg: add_bos resolved
-        self.method, target = cfg.methods[0], cfg.sparsities[0]
-        unit, note = self.ev.unit_sparsity(self.method, 0.0 if self.method.spec.reference else target)
+        self.method = cfg.methods[0]
+        unit, note = self.ev.unit_sparsity(self.method, 0.0 if reference else cfg.sparsities[0])
         if unit is None:
             raise UserError(f"--model {NAME}: {note}")
         self.masking = self.ev.masking(self.method, unit)
