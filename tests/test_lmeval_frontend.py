@@ -154,6 +154,47 @@ def test_generation_tasks_are_refused_in_one_line(make):
         lm.generate_until(_instances([("ctx", {"until": ["\n"]})], "generate_until"))
 
 
+TINY_PIQA = """task: tiny_piqa
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    validation: {file}
+output_type: multiple_choice
+validation_split: validation
+doc_to_text: "Question: {{{{goal}}}}\\nAnswer:"
+doc_to_target: label
+doc_to_choice: "{{{{[sol1, sol2]}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def test_lm_evals_evaluator_on_a_mirror_file_gives_the_project_scores(make, tmp_path, monkeypatch):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from pipeline.data.tasks import load_examples
+    from pipeline.evaluate.tasks import aggregate, per_example
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
+    lm = make("method=static:fisher,sparsity=0.5,pools=heads+neurons")
+    mirror = tmp_path / "mirror"
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tiny_piqa.yaml").write_text(TINY_PIQA.format(file=mirror / "piqa" / "piqa_validation.jsonl"))
+    tm = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
+    out = simple_evaluate(model=lm, tasks=["tiny_piqa"], task_manager=tm, log_samples=True)
+    samples = sorted(out["samples"]["tiny_piqa"], key=lambda d: d["doc_id"])
+    got = [float(r[0]) for d in samples for r in d["filtered_resps"]]
+    examples = load_examples("piqa", mirror)  # the project's reading of the same file: the same prompts
+    reqs = requests_of(examples, lm.tok, add_bos=lm.cfg.add_bos)
+    want = [s.loglik for s in loglikelihoods(lm.model, reqs, masking=lm.masking, batch_size=lm.cfg.batch_size)]
+    assert len(samples) == len(examples) == 12 and got == pytest.approx(want, abs=1e-5)
+    acc = aggregate("piqa", per_example(examples, want, [False] * len(want)))["acc"]["value"]
+    assert out["results"]["tiny_piqa"]["acc,none"] == pytest.approx(acc)
+
+
 def test_shadowllm_lm_eval_hands_its_arguments_to_lm_evals_cli(monkeypatch):
     import lm_eval.__main__ as lm_main
     from click.testing import CliRunner
