@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data.tasks import DataError, get_task, list_tasks, load_examples, load_text
+from pipeline.data.tasks import DataError, check_tasks, get_task, list_tasks, load_examples, load_text
 
 MIRROR = Path(os.environ.get("SHADOWLLM_DATA_MIRROR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 needs_mirror = pytest.mark.skipif(not MIRROR.is_dir(), reason=f"data mirror {MIRROR} absent")
@@ -122,6 +122,8 @@ def test_mirror_without_datasets_is_a_clear_error(tmp_path, cache, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "datasets" else real(n, *a))
     with pytest.raises(DataError, match=r"'datasets' package is not installed.*param data\.mirror_dir"):
         load_examples("copa", mirror)
+    with pytest.raises(DataError, match=r"copa are read with 'datasets' and the 'datasets' package is not installed"):
+        check_tasks(["copa"], mirror)  # the preflight, before any weights are read
 
 
 @needs_mirror

@@ -373,3 +373,4 @@ def check_tasks(names: Iterable[str], mirror_dir: str | Path | None, *, param: s
         path = _mirror_path(spec, mirror_dir, None, mirror_param)
         if path.stat().st_size == 0:
             raise DataError(f"empty dataset for task '{spec.name}': {path} is empty (param {mirror_param})")
+    _datasets(mirror_param, f"the mirror files of {', '.join(names)} are read with 'datasets'")  # before any weights
