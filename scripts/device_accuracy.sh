@@ -130,12 +130,14 @@ yaml.safe_load(open('$WORK/params.yaml'))['collect']['criteria']))")
         --set "evaluate.perplexity.max_windows=${WINDOWS:-128}" --records "$WORK/protocol/criteria/records.json.gz"
       stamp criteria-done ;;
     claims)
-      cli claims "$WORK"/protocol/*/records.json.gz --out "$WORK/protocol/claims.md" ;;
+      cli claims "$WORK"/protocol/*/records.json.gz --out "$WORK/protocol/claims.md"
+      cli research-report "$WORK" --title "$MODEL" ;;   # report.md, summary.csv, results.csv, plots/
     pack)
       mkdir -p "${OUT:?}"
       tar -C "$WORK" -czf "$OUT/accuracy.tgz" --exclude='*.parquet' --exclude=models --exclude=gguf --exclude=mirror \
         --exclude=predictors --exclude=traces protocol timings.log peaks.log collect.json train.json \
-        train_tables.json train_report.md recipe.txt cand plots params.yaml scores/scores.json cache 2>/dev/null || true
+        train_tables.json train_report.md recipe.txt cand plots params.yaml scores/scores.json cache \
+        report.md summary.csv results.csv 2>/dev/null || true
       ls -la "$OUT" ;;
     *) echo "device_accuracy: unknown step $step" >&2; exit 2 ;;
   esac

@@ -19,6 +19,7 @@ STAGES = {
     "bench-collect": "stages.bench_collect",
     "claims": "stages.claims",
     "compare-lmeval": "stages.compare_lmeval",
+    "research-report": "stages.research_report",
 }
 
 

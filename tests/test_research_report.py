@@ -1,0 +1,132 @@
+"""`shadowllm research-report`: one command from a research run's records and train tables to its report."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from pipeline.evaluate import research
+from pipeline.evaluate.claims import save_records
+
+TASKS = ["copa", "piqa"]
+
+
+def _rec(method, label, criterion, s, pools, scope, task, correct, *, ppl=None):
+    """A point record as `Evaluator.run` writes it: per-example outcomes, or perplexity with window logliks."""
+    ident = {"task": task, "task_settings": {"limit": len(correct or [0]), "num_fewshot": 0, "add_bos": False}}
+    if method != "dense":
+        ident["mask"] = {"pools": pools, "sparsity": s}
+    key = f"{method}-{criterion}-{s}-{'+'.join(pools)}-{scope}-{task}"
+    rec = {
+        "key": key,
+        "ident": ident,
+        "model": "tiny",
+        "model_fingerprint": "fp",
+        "method": method,
+        "criterion": criterion,
+        "label": label,
+        "sparsity": s,
+        "granularity": "none",
+        "scope": "none" if method == "dense" else scope,
+        "task": task,
+        "sparsity_detail": {"heads": {"effective": s}, "neurons": {"effective": s if "neurons" in pools else 0.0}},
+    }
+    if ppl is not None:
+        lls = [-ppl * 10.0 - i for i in range(4)]
+        m = {k: {"value": ppl, "stderr": None, "n": 4} for k in ("word_perplexity", "token_perplexity")}
+        return {**rec, "metrics": m, "details": {"window_logliks": lls, "seq_len": 11}, "per_example": []}
+    acc = float(np.mean(correct))
+    se = float(np.std(correct, ddof=1) / math.sqrt(len(correct)))
+    rec["metrics"] = {"acc": {"value": acc, "stderr": se, "n": len(correct)}}
+    rec["per_example"] = [{"id": f"{task}/{i}", "acc": float(c), "loglik": [0.0, -1.0]} for i, c in enumerate(correct)]
+    return rec
+
+
+def _point(method, label, criterion, s, pools, scope, accs, ppl):
+    out = [_rec(method, label, criterion, s, pools, scope, t, a) for t, a in zip(TASKS, accs)]
+    return out + [_rec(method, label, criterion, s, pools, scope, "wikitext2", None, ppl=ppl)]
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    heads, hn = [], []
+
+    def accs(p):
+        return [(rng.random(20) < p).astype(float).tolist() for _ in TASKS]
+
+    dense = _point("dense", "dense", "", 0.0, [], "none", accs(0.7), 20.0)
+    for s in (0.3, 0.5):
+        heads += _point("static", "static-plainact", "plainact", s, ["heads"], "global", accs(0.6), 30.0 + 10 * s)
+        heads += _point("static", "static-fisher", "fisher", s, ["heads"], "global", accs(0.6), 28.0 + 10 * s)
+        heads += _point("shadowllm", "shadowllm-plainact", "plainact", s, ["heads"], "global", accs(0.65), 25.0)
+        hn += _point("shadowllm", "shadowllm-plainact", "plainact", s, ["heads", "neurons"], "global", accs(0.5), 60.0)
+    (tmp_path / "heads").mkdir()
+    (tmp_path / "hn").mkdir()
+    save_records(tmp_path / "heads" / "records.json.gz", dense + heads)
+    save_records(tmp_path / "hn" / "records.json.gz", dense + hn)  # the dense point twice: read once
+
+    def rho(j, p):
+        return {"spearman_joint": j, "spearman_per_layer": p}
+
+    tables = {
+        "predictors": {
+            "plainact": {
+                "shadowllm": {
+                    "heads": rho(0.72, 0.68),
+                    "neurons": rho(0.66, 0.52),
+                    "size": {"bytes_bf16": 3 * 2**20, "share_of_model": 0.021},
+                }
+            }
+        },
+        "train_mean": {"plainact": {"heads": rho(0.67, 0.65), "neurons": rho(0.60, 0.50)}},
+        "ridge": {"plainact": {"shadowllm": {"heads": rho(0.71, 0.67), "neurons": rho(0.65, 0.51)}}},
+    }
+    (tmp_path / "train_tables.json").write_text(json.dumps(tables))
+    (tmp_path / "peaks.log").write_text("collect: wall 12.0 s, peak RSS 1.00 GiB, peak GPU 2.00 GiB, exit 0\n")
+    return tmp_path
+
+
+def test_the_report_has_every_pool_setting_the_criteria_the_predictors_and_the_claims(run_dir):
+    out = research.build(run_dir, "tiny")
+    md = (run_dir / "report.md").read_text()
+    n_points = 1 + 3 * 2 + 2  # dense, 3 methods x 2 sparsities heads-only, 2 heads+neurons
+    assert out["records"] == 3 * n_points
+    assert "## heads, global" in md and "## heads+neurons, global" in md
+    # the method table's cells are the summary's: mean over tasks ± sqrt(sum se^2)/T, then the word perplexity
+    row = next(
+        r for r in out["summary"] if r["pools"] == "heads" and r["label"] == "static-fisher" and r["sparsity"] == 0.5
+    )
+    cell = f"{100 * row['mean_acc']:.1f} ± {100 * row['mean_acc_stderr']:.1f} / 33.00"
+    assert any(line.startswith("| static-fisher |") and cell in line for line in md.splitlines())
+    # the static criteria at 50 % heads-only, best perplexity first
+    crit = md.split("## The static criteria at 50% heads-only (global)")[1].split("##")[0]
+    assert crit.index("| fisher | 33.00") < crit.index("| plainact | 35.00")
+    # predictors beside the train mean and ridge, size as a share of the model
+    assert "| plainact | train mean (static) | 0.670 / 0.650 | 0.600 / 0.500 |" in md
+    assert "| plainact | shadowllm | 0.720 / 0.680 | 0.660 / 0.520 | 3.0 MiB | 2.1 % |" in md
+    assert "| plainact | shadowllm: ridge | 0.710 / 0.670 |" in md
+    assert "### a contextual predictor beats the static ranking of its criterion" in md
+    assert "collect: wall 12.0 s" in md
+    for f in ("plots/accuracy-heads-global.png", "plots/perplexity-heads+neurons-global.png", "summary.csv"):
+        assert (run_dir / f).stat().st_size > 0
+    assert len((run_dir / "summary.csv").read_text().splitlines()) == 1 + len(out["summary"])
+    metrics = research.headline_metrics(out["summary"])
+    assert metrics["heads/global/static-fisher/s50/word_perplexity"] == 33.0
+
+
+def test_the_command_writes_the_report_and_an_empty_run_is_one_line(run_dir, tmp_path_factory, monkeypatch):
+    from stages.research_report import cli
+
+    monkeypatch.setenv("SHADOWLLM_TRACKING", "0")
+    res = CliRunner().invoke(cli, [str(run_dir)])
+    assert res.exit_code == 0, res.output
+    assert "27 point records" in res.output and (run_dir / "report.md").is_file()
+    empty = tmp_path_factory.mktemp("empty")
+    res = CliRunner().invoke(cli, [str(empty)])
+    assert res.exit_code != 0 and "no records.json.gz under" in res.output
+    assert len([line for line in res.output.splitlines() if line.strip()]) == 1
