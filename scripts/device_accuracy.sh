@@ -12,7 +12,7 @@
 #   prepare           assemble + verify the GGUF, convert it to safetensors, write $WORK/params.yaml:
 #                     params.yaml, then $OVERLAY (if set), the device paths, then $SETS (key=value ...)
 #   collect           collect + aggregate with $WORK/params.yaml on cuda
-#   train             train the predictors on those traces
+#   train             train the predictors on those traces (TARGETS="a b": one criterion after another)
 #   stages            collect, train
 #   recipes           train the candidate recipes (RECIPES) on the same traces; the one with the best mean
 #                     held-out Spearman rho (joint, 3 kinds x 3 targets x heads/neurons) replaces $WORK/predictors
@@ -29,7 +29,8 @@ PART_MIB=${PART_MIB:-45}
 GGUF=$(python3 -c "from pipeline.models.named import get; print(get('$MODEL').gguf)")
 export SHADOWLLM_TRACKING=0 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # + peak host/GPU memory; peak.py runs from scripts/, so the repo root goes on the path (no install there)
-cli() { PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" python3 scripts/peak.py "$1" "$WORK/peaks.log" -- "$@"; }
+cli_as() { local label=$1; shift; PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" python3 scripts/peak.py "$label" "$WORK/peaks.log" -- "$@"; }
+cli() { cli_as "$1" "$@"; }   # the stage's name as its label
 stamp() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$WORK/timings.log"; }
 
 # The comparison (issue 9): every method, both pool settings, enough examples for a mean-accuracy stderr
@@ -82,9 +83,19 @@ convert_gguf('$WORK/gguf/$GGUF', '$WORK/models/$MODEL')"
       cli aggregate --params "$WORK/params.yaml" --traces "$WORK/traces" --out "$WORK/scores" --plots "$WORK/plots/aggregate"
       stamp collected ;;
     train)
-      stamp train
-      cli train --params "$WORK/params.yaml" --traces "$WORK/traces" --scores "$WORK/scores" --out "$WORK/predictors" \
-        --metrics "$WORK/train.json" --plots "$WORK/plots/train" --report "$WORK/train_report.md"
+      # TARGETS="plainact fisher": one criterion at a time (a call each where one call's 600 s cannot hold all);
+      # train_tables-<target>.json are merged by `research-report`
+      for t in ${TARGETS:-}; do
+        stamp "train $t"
+        cli_as "train-$t" train --params "$WORK/params.yaml" --traces "$WORK/traces" --scores "$WORK/scores" \
+          --out "$WORK/predictors" --metrics "$WORK/train-$t.json" --tables "$WORK/train_tables-$t.json" \
+          --plots "$WORK/plots/train" --report "$WORK/train_report-$t.md" --set "aggregate.targets=[$t]"
+      done
+      if [ -z "${TARGETS:-}" ]; then
+        stamp train
+        cli train --params "$WORK/params.yaml" --traces "$WORK/traces" --scores "$WORK/scores" --out "$WORK/predictors" \
+          --metrics "$WORK/train.json" --plots "$WORK/plots/train" --report "$WORK/train_report.md"
+      fi
       stamp trained ;;
     recipes)
       for r in "${RECIPES[@]}"; do
@@ -136,7 +147,7 @@ yaml.safe_load(open('$WORK/params.yaml'))['collect']['criteria']))")
       mkdir -p "${OUT:?}"
       tar -C "$WORK" -czf "$OUT/accuracy.tgz" --exclude='*.parquet' --exclude=models --exclude=gguf --exclude=mirror \
         --exclude=predictors --exclude=traces protocol timings.log peaks.log collect.json train.json \
-        train_tables.json train_report.md recipe.txt cand plots params.yaml scores/scores.json cache \
+        train_tables.json 'train-*.json' 'train_tables-*.json' 'train_report*.md' recipe.txt cand plots params.yaml scores/scores.json cache \
         report.md summary.csv results.csv 2>/dev/null || true
       ls -la "$OUT" ;;
     *) echo "device_accuracy: unknown step $step" >&2; exit 2 ;;

@@ -87,6 +87,8 @@ def run_dir(tmp_path):
         "ridge": {"plainact": {"shadowllm": {"heads": rho(0.71, 0.67), "neurons": rho(0.65, 0.51)}}},
     }
     (tmp_path / "train_tables.json").write_text(json.dumps(tables))
+    fisher = {part: {"fisher": v["plainact"]} for part, v in tables.items()}  # a second train call, one criterion
+    (tmp_path / "train_tables-fisher.json").write_text(json.dumps(fisher))
     (tmp_path / "peaks.log").write_text("collect: wall 12.0 s, peak RSS 1.00 GiB, peak GPU 2.00 GiB, exit 0\n")
     return tmp_path
 
@@ -110,6 +112,7 @@ def test_the_report_has_every_pool_setting_the_criteria_the_predictors_and_the_c
     assert "| plainact | train mean (static) | 0.670 / 0.650 | 0.600 / 0.500 |" in md
     assert "| plainact | shadowllm | 0.720 / 0.680 | 0.660 / 0.520 | 3.0 MiB | 2.1 % |" in md
     assert "| plainact | shadowllm: ridge | 0.710 / 0.670 |" in md
+    assert "| fisher | shadowllm | 0.720 / 0.680 |" in md  # merged from train_tables-fisher.json
     assert "### a contextual predictor beats the static ranking of its criterion" in md
     assert "collect: wall 12.0 s" in md
     for f in ("plots/accuracy-heads-global.png", "plots/perplexity-heads+neurons-global.png", "summary.csv"):

@@ -6,8 +6,8 @@
 What a run directory holds (every piece optional but the records; `scripts/device_accuracy.sh` writes them):
 - `**/records.json.gz`: the point records of every `shadowllm evaluate --records` of the run (pool settings,
   scopes, the nine-criteria point set): read together, deduplicated by point key;
-- `train_tables.json`: the train stage's `--tables` (held-out ρ and recall of every predictor, its size, and the
-  train-mean and ridge baselines);
+- `train_tables.json` or `train_tables-<criterion>.json`: the train stage's `--tables` (held-out ρ and recall of
+  every predictor, its size, and the train-mean and ridge baselines), merged by criterion;
 - `collect.json`, `peaks.log`: the collect metrics and the per-stage wall time / peak host and GPU memory.
 
 Tables: per (pools, scope), mean accuracy ± stderr and word perplexity of every method at every sparsity; per
@@ -162,6 +162,16 @@ def predictor_table(tables: dict[str, Any]) -> list[str]:
     return L + [""]
 
 
+def train_tables(run: Path) -> dict[str, Any]:
+    """`train_tables.json` and `train_tables-<criterion>.json` (one train call per criterion) merged by criterion."""
+    out: dict[str, Any] = {}
+    for f in sorted(run.glob("train_tables*.json")):
+        t = json.loads(f.read_text())
+        for part in ("predictors", "train_mean", "ridge"):
+            out.setdefault(part, {}).update(t.get(part, {}))
+    return out
+
+
 def _stage_lines(run: Path) -> list[str]:
     L = []
     cj = run / "collect.json"
@@ -201,8 +211,7 @@ def build(run: Path, title: str | None = None) -> dict[str, Any]:
 
         raise UserError(f"no records.json.gz under {run}: run `shadowllm evaluate --records ...` first")
     tasks, ppl_task = _tasks(records)
-    tables_path = run / "train_tables.json"
-    tables = json.loads(tables_path.read_text()) if tables_path.is_file() else {}
+    tables = train_tables(run)
     L = [f"# {title or run.name}: research report", "", _settings(records), ""]
     stage = _stage_lines(run)
     if stage:
