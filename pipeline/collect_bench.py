@@ -158,3 +158,23 @@ def criteria_sets(names: list[str]) -> dict[str, list[str]]:
     if unknown:
         raise ParamError(f"unknown criteria sets {unknown}; known: {', '.join(CRITERIA_SETS)}")
     return {k: CRITERIA_SETS[k] for k in names}
+
+
+def inputs(
+    params: dict[str, Any], config: str | None, sequences: str | Path | None
+) -> tuple[nn.Module, Layout, list[Sequence], CollectParams]:
+    """What `shadowllm bench-collect` times: random weights of `config` over saved `sequences`, or (both None)
+    the `model.id` checkpoint over the calibration sequences of `data:` / `collect:`; and the collect params."""
+    from pipeline.calibration import CalibrationPlan, build
+    from pipeline.data.tokenize import resolve_add_bos
+    from pipeline.models.loading import check_model, open_model
+    from pipeline.params import DataParams
+
+    mp, dp, cp = ModelParams.from_params(params), DataParams.from_params(params), CollectParams.from_params(params)
+    if config is not None:
+        model, layout = random_model(config, mp)
+        return model, layout, load_sequences(sequences), cp
+    check_model(mp)
+    m = open_model(mp)
+    seqs, _ = build(CalibrationPlan.of(dp, cp, add_bos=resolve_add_bos(mp.add_bos, m.tokenizer)), m.tokenizer)
+    return m.model, m.layout, seqs, cp

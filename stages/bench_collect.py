@@ -40,27 +40,14 @@ def cli(
 ) -> None:
     """Print examples/s and tokens/s of collect, and its time relative to a bare forward+backward."""
     from pipeline import collect_bench
-    from pipeline.calibration import CalibrationPlan, build
-    from pipeline.collect import CollectParams
-    from pipeline.data.tokenize import resolve_add_bos
     from pipeline.io import write_json
-    from pipeline.models.loading import check_model, open_model
-    from pipeline.params import DataParams, ModelParams
 
     if (config is None) != (sequences is None):
         raise click.UsageError("--config and --sequences go together")
     with reported():  # everything cheap is checked before any weights are read
         params = load_params(params_path, (f"collect.n_per_task={n_per_task}", *overrides))
-        mp, dp, cp = ModelParams.from_params(params), DataParams.from_params(params), CollectParams.from_params(params)
         chosen = collect_bench.criteria_sets(sets.split(","))
-        if config is not None:
-            model, layout = collect_bench.random_model(config, mp)
-            seqs = collect_bench.load_sequences(sequences)
-        else:
-            check_model(mp)
-            m = open_model(mp)
-            model, layout = m.model, m.layout
-            seqs, _ = build(CalibrationPlan.of(dp, cp, add_bos=resolve_add_bos(mp.add_bos, m.tokenizer)), m.tokenizer)
+        model, layout, seqs, cp = collect_bench.inputs(params, config, sequences)
         if save_sequences:
             collect_bench.save_sequences(seqs, save_sequences)
         res = collect_bench.measure(model, layout, seqs, chosen, cp, repeats=repeats)

@@ -59,21 +59,8 @@ def cli(
             run.log_params({"name": name, "gguf": entry.gguf, "gguf_sha256": entry.sha256, "out": str(out_dir)})
             r = prepare(name, out_dir, cache_dir, log=lambda s: click.echo(f"prepare-model: {s}"))
             run.set_tags({"model_fingerprint": r.fingerprint})
-            run.log_metrics(
-                {
-                    "seconds": r.seconds,
-                    "seconds_fetch": r.seconds_fetch,
-                    "seconds_convert": r.seconds_convert,
-                    "parameters": r.parameters,
-                    "gguf_bytes": entry.size,
-                    "peak_rss_gib": r.peak_rss_gib,
-                }
-            )
-    click.echo(
-        f"prepare-model: {name} ({r.gguf.name}) -> {out_dir} ({r.parameters / 1e6:.1f} M parameters, "
-        f"fingerprint {r.fingerprint}; fetch {r.seconds_fetch:.1f} s, convert {r.seconds_convert:.1f} s, "
-        f"total {r.seconds:.1f} s, peak RSS {r.peak_rss_gib:.1f} GiB)"
-    )
+            run.log_metrics(r.metrics(entry.size))
+    click.echo(r.line())
 
 
 if __name__ == "__main__":

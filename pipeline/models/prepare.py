@@ -49,6 +49,25 @@ class Prepared:
     seconds: float
     peak_rss_gib: float
 
+    def metrics(self, gguf_bytes: int) -> dict[str, float]:
+        """What the stage logs."""
+        return {
+            "seconds": self.seconds,
+            "seconds_fetch": self.seconds_fetch,
+            "seconds_convert": self.seconds_convert,
+            "parameters": self.parameters,
+            "gguf_bytes": gguf_bytes,
+            "peak_rss_gib": self.peak_rss_gib,
+        }
+
+    def line(self) -> str:
+        """The stage's closing line."""
+        return (
+            f"prepare-model: {self.name} ({self.gguf.name}) -> {self.out_dir} ({self.parameters / 1e6:.1f} M "
+            f"parameters, fingerprint {self.fingerprint}; fetch {self.seconds_fetch:.1f} s, convert "
+            f"{self.seconds_convert:.1f} s, total {self.seconds:.1f} s, peak RSS {self.peak_rss_gib:.1f} GiB)"
+        )
+
 
 def already_prepared(name: str, out_dir: Path, cache_dir: Path) -> str | None:
     """The fingerprint of `out_dir`'s conversion when it already holds this named model's GGUF, else None."""
