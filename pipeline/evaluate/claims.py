@@ -140,6 +140,14 @@ CLAIMS = (
         "oracle-plainact (gold scores)",
         "static-plainact",
     ),
+    # predictors vs the training-free thresholders (issue 12): at equal byte sparsity where the sweep ran with
+    # evaluate.sparsity_unit: bytes (each record's sparsity is then the byte target)
+    ("ShadowLLM beats TEAL", "shadowllm-plainact", "teal"),
+    ("ShadowLLM beats WINA (no transform)", "shadowllm-plainact", "wina (no transform)"),
+    ("ShadowLLM beats GRIFFIN", "shadowllm-plainact", "griffin"),
+    ("ShadowLLM beats CATS", "shadowllm-plainact", "cats"),
+    ("DejaVu-style beats TEAL", "dejavu-l2_norm (dense inputs)", "teal"),
+    ("TEAL beats the static ranking (plainact)", "teal", "static-plainact"),
 )
 
 
