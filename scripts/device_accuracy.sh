@@ -4,10 +4,10 @@
 # runs (results/research/<model>/, MODEL=qwen2.5-coder-0.5b OVERLAY=configs/research.yaml). Runs *there*,
 # from the repo root, over back-to-back `device` calls: files outside the repo ($WORK, $SHIP) survive
 # while the machine stays warm. That machine has no dvc/mlflow/gguf: tracking is off, gguf travels as a
-# wheel in .whl/, the GGUF model (in parts of PART_MIB MiB) and the data mirror (.ship/data.tar.xz)
+# wheel in .whl/ (with datasets, dill, multiprocess: the mirror is read through datasets), the GGUF model (in parts of PART_MIB MiB) and the data mirror (.ship/data.tar.xz)
 # travel in .ship/ (prepared here by `MODEL=... bash scripts/device_accuracy.sh ship`).
 #
-#   ship              (here) split the model's GGUF into .ship/$MODEL, pack the mirror, gguf wheel to .whl
+#   ship              (here) split the model's GGUF into .ship/$MODEL, pack the mirror, the wheels to .whl
 #   stash             (there) keep this call's model part(s) in $SHIP
 #   prepare           assemble + verify the GGUF, convert it to safetensors, write $WORK/params.yaml:
 #                     params.yaml, then $OVERLAY (if set), the device paths, then $SETS (key=value ...)
@@ -29,7 +29,7 @@ PART_MIB=${PART_MIB:-45}
 GGUF=$(python3 -c "from pipeline.models.named import get; print(get('$MODEL').gguf)")
 export SHADOWLLM_TRACKING=0 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # + peak host/GPU memory; peak.py runs from scripts/, so the repo root goes on the path (no install there)
-cli_as() { local label=$1; shift; PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" python3 scripts/peak.py "$label" "$WORK/peaks.log" -- "$@"; }
+cli_as() { local label=$1; shift; PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" python3 scripts/peak.py "$label" "$WORK/peaks.log" -- "$@"; }
 cli() { cli_as "$1" "$@"; }   # the stage's name as its label
 stamp() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$WORK/timings.log"; }
 
@@ -58,7 +58,9 @@ for step in "$@"; do
       python3 -c "import pipeline.data.tasks as t; print('\n'.join(sorted({'data/' + f \
 for n in t.list_tasks() for f in t.get_task(n).mirror_files.values()})))" > .ship/data.list
       tar -C ../shared -cJf .ship/data.tar.xz -T .ship/data.list
-      mkdir -p .whl && python3 -m pip download -q --no-deps -d .whl "gguf==0.19.0" ;;
+      # the GPU machine's python 3.12 lacks these (it has pyarrow, pandas, fsspec, xxhash, huggingface-hub)
+      mkdir -p .whl && python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+        "gguf==0.19.0" "datasets==5.2.0" "dill==0.4.1" "multiprocess==0.70.19" ;;
     stash)
       mkdir -p "$WORK"
       python3 scripts/ship.py stash ".ship/$MODEL" --into "$SHIP/$MODEL" ;;
@@ -66,7 +68,7 @@ for n in t.list_tasks() for f in t.get_task(n).mirror_files.values()})))" > .shi
       mkdir -p "$WORK"
       stamp prepare
       python3 scripts/ship.py assemble "$SHIP/$MODEL" --to "$WORK/gguf/$GGUF"
-      python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/gguf-*.whl
+      python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
       rm -rf "$WORK/data" "$WORK/mirror" && tar -C "$WORK" -xJf .ship/data.tar.xz && mv "$WORK/data" "$WORK/mirror"
       PYTHONPATH=/tmp/site python3 -c "from pipeline.models.default import convert_gguf; \
 convert_gguf('$WORK/gguf/$GGUF', '$WORK/models/$MODEL')"
