@@ -31,6 +31,25 @@ COLUMNS = [
     "byte_sparsity",
     "byte_sparsity_std",
 ]
+SUMMARY_COLUMNS = [  # summary.csv: one row per (method label, sparsity)
+    "label",
+    "method",
+    "criterion",
+    "sparsity",
+    "granularity",
+    "eff_heads",
+    "eff_neurons",
+    "byte_sparsity",
+    "byte_sparsity_std",
+    "byte_net",
+    "mean_acc",
+    "mean_acc_stderr",
+    "mean_acc_norm",
+    "n_examples",
+    "word_perplexity",
+    "token_perplexity",
+    "ppl_windows",
+]
 PPL_METRIC = "word_perplexity"
 SMOKE_STDERR = 0.015  # mean-accuracy stderr above which a report says it cannot rank methods
 
@@ -390,26 +409,7 @@ def write_all(
     tasks = list(cfg.tasks)
     summ = summary(records, tasks, cfg.ppl_task)
     write_csv(out / "results.csv", tidy_rows(records), COLUMNS)
-    scols = [
-        "label",
-        "method",
-        "criterion",
-        "sparsity",
-        "granularity",
-        "eff_heads",
-        "eff_neurons",
-        "byte_sparsity",
-        "byte_sparsity_std",
-        "byte_net",
-        "mean_acc",
-        "mean_acc_stderr",
-        "mean_acc_norm",
-        "n_examples",
-        "word_perplexity",
-        "token_perplexity",
-        "ppl_windows",
-    ]
-    write_csv(out / "summary.csv", summ, scols)
+    write_csv(out / "summary.csv", summ, SUMMARY_COLUMNS)
     nominal = X_LABELS["byte_target" if cfg.sparsity_unit == "bytes" else "sparsity"]
     acc_rows = plot_rows(summ, "mean_acc")
     write_csv(out / "plots" / "accuracy.csv", acc_rows, ["method", "sparsity", "byte_sparsity", "mean_acc"])

@@ -23,29 +23,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from pipeline.evaluate import report
 from pipeline.evaluate.catalog import is_reference
 from pipeline.evaluate.claims import claims_markdown, load_records, pools_of
 from pipeline.evaluate.report import COLUMNS, PPL_METRIC, plot, plot_rows, summary, tidy_rows, write_csv
 from pipeline.io import write_text
 
-SUMMARY_COLUMNS = [
-    "pools",
-    "scope",
-    "label",
-    "method",
-    "criterion",
-    "sparsity",
-    "granularity",
-    "eff_heads",
-    "eff_neurons",
-    "byte_sparsity",
-    "mean_acc",
-    "mean_acc_stderr",
-    "n_examples",
-    "word_perplexity",
-    "token_perplexity",
-    "ppl_windows",
-]
+SUMMARY_COLUMNS = ["pools", "scope", *report.SUMMARY_COLUMNS]
 CRITERIA_POINT = ("heads", 0.5)  # the nine static criteria are compared heads-only at 50 % (SPEC §5)
 
 
