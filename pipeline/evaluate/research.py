@@ -172,8 +172,8 @@ def _stage_lines(run: Path) -> list[str]:
     return L
 
 
-def _settings(records: list[dict[str, Any]]) -> str:
-    r = next(r for r in records if r["task"] != "wikitext2") if records else {}
+def _settings(records: list[dict[str, Any]], tasks: list[str]) -> str:
+    r = next((r for r in records if r["task"] in tasks), records[0])  # a task's settings, not the perplexity's
     ts = r.get("ident", {}).get("task_settings", {})
     n = {x["task"]: x["metrics"]["acc"]["n"] for x in records if is_reference(x["method"]) and "acc" in x["metrics"]}
     ppl = [x for x in records if is_reference(x["method"]) and "token_perplexity" in x["metrics"]]
@@ -196,7 +196,7 @@ def build(run: Path, title: str | None = None) -> dict[str, Any]:
         raise UserError(f"no records.json.gz under {run}: run `shadowllm evaluate --records ...` first")
     tasks, ppl_task = _tasks(records)
     tables = train_tables(run)
-    L = [f"# {title or run.name}: research report", "", _settings(records), ""]
+    L = [f"# {title or run.name}: research report", "", _settings(records, tasks), ""]
     stage = _stage_lines(run)
     if stage:
         L += ["## Stages", "", *stage, ""]
