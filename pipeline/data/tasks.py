@@ -182,15 +182,23 @@ def datasets_cache() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir()) / "shadowllm-datasets")
 
 
-def _datasets(param: str, why: str):
-    """The ``datasets`` module, or a one-line DataError saying how to get it."""
+def _datasets(needed: str, remedy: str):
+    """The ``datasets`` module, or the one-line DataError "<needed> is not installed: <remedy>"."""
     if importlib.util.find_spec("datasets") is None:
-        raise DataError(
-            f"{why} and the 'datasets' package is not installed: pip install 'shadowllm[pipeline]' (param {param})"
-        )
+        raise DataError(f"{needed} is not installed: {remedy}")
     import datasets  # lazy: heavy, and the package imports without it
 
     return datasets
+
+
+def _mirror_datasets(param: str, why: str):
+    return _datasets(f"{why} and the 'datasets' package", f"pip install 'shadowllm[pipeline]' (param {param})")
+
+
+def _hub_datasets(param: str):
+    return _datasets(
+        f"{param} is not set and the 'datasets' package (hub loading)", f"pip install 'shadowllm[hub]' or set {param}"
+    )
 
 
 def _first_line(e: BaseException) -> str:
@@ -206,7 +214,7 @@ def _load_local(builder: str, path: Path, param: str, **kwargs: Any) -> list[Any
     ``datasets_cache()``); [] for a file with no rows. ``datasets`` reports bad input as a generation error
     without a line number: then the file is scanned for the first bad line, so the error names it as the
     plain JSON reader did (``file:line: bad JSON``)."""
-    datasets = _datasets(param, f"mirror file {path} is read with 'datasets'")
+    datasets = _mirror_datasets(param, f"mirror file {path} is read with 'datasets'")
     bars = not datasets.utils.are_progress_bars_disabled()
     datasets.disable_progress_bars()
     try:
@@ -260,11 +268,7 @@ def _read_jsonl(path: Path, param: str = MIRROR_PARAM) -> list[dict[str, Any]]:
 
 
 def _hub_rows(spec: TaskSpec, split: str, param: str) -> list[dict[str, Any]]:
-    if importlib.util.find_spec("datasets") is None:
-        raise DataError(f"{param} is not set and the 'datasets' package (hub loading) is not installed: "
-                        f"pip install 'shadowllm[hub]' or set {param}")
-    import datasets  # lazy: optional dependency
-
+    datasets = _hub_datasets(param)
     try:
         ds = datasets.load_dataset(spec.hub_path, spec.hub_name, split=split)
     except Exception as e:  # noqa: BLE001 - hub errors come in many types; report one line
@@ -365,12 +369,10 @@ def check_tasks(names: Iterable[str], mirror_dir: str | Path | None, *, param: s
         raise DataError(f"{param} is empty; known tasks: {', '.join(list_tasks())}")
     specs = [get_task(n, param=param) for n in names]
     if mirror_dir is None:
-        if importlib.util.find_spec("datasets") is None:
-            raise DataError(f"{mirror_param} is not set and the 'datasets' package (hub loading) is not "
-                            f"installed: pip install 'shadowllm[hub]' or set {mirror_param}")
+        _hub_datasets(mirror_param)
         return
     for spec in specs:
         path = _mirror_path(spec, mirror_dir, None, mirror_param)
         if path.stat().st_size == 0:
             raise DataError(f"empty dataset for task '{spec.name}': {path} is empty (param {mirror_param})")
-    _datasets(mirror_param, f"the mirror files of {', '.join(names)} are read with 'datasets'")  # before any weights
+    _mirror_datasets(mirror_param, f"the mirror files of {', '.join(names)} are read with 'datasets'")  # no weights yet
