@@ -16,8 +16,10 @@
 #   stages            collect, train
 #   recipes           train the candidate recipes (RECIPES) on the same traces; the one with the best mean
 #                     held-out Spearman rho (joint, 3 kinds x 3 targets x heads/neurons) replaces $WORK/predictors
-#   sweep             the comparison: heads-only and heads+neurons at 30/50/70 %, then the claims
+#   sweep             the comparison: heads-only and heads+neurons at 30/50/70 % (METHODS; TAG names the run)
 #   criteria          every collected criterion's static ranking at 50 % heads-only (WikiText-2 only)
+#   bench             plainact-only collect throughput in bf16, batch 64 (bench-collect)
+#   claims            the claims and the research report from every records file
 #   pack              $WORK's reports -> $OUT/accuracy.tgz
 # e.g. one call: bash scripts/device_accuracy.sh stash prepare stages sweep pack
 set -euo pipefail
@@ -86,12 +88,15 @@ convert_gguf('$WORK/gguf/$GGUF', '$WORK/models/$MODEL')"
       stamp collected ;;
     train)
       # TARGETS="plainact fisher": one criterion at a time (a call each where one call's 600 s cannot hold all);
-      # train_tables-<target>.json are merged by `research-report`
-      for t in ${TARGETS:-}; do
-        stamp "train $t"
-        cli_as "train-$t" train --params "$WORK/params.yaml" --traces "$WORK/traces" --scores "$WORK/scores" \
-          --out "$WORK/predictors" --metrics "$WORK/train-$t.json" --tables "$WORK/train_tables-$t.json" \
-          --plots "$WORK/plots/train" --report "$WORK/train_report-$t.md" --set "aggregate.targets=[$t]"
+      # an entry criterion:kind,kind trains only those kinds (label criterion-kind_kind). The
+      # train_tables-<label>.json are merged by `research-report`
+      for entry in ${TARGETS:-}; do
+        t=${entry%%:*} kinds=() label=$t
+        if [[ $entry == *:* ]]; then kinds=(--set "train.kinds=[${entry#*:}]"); label=$t-${entry#*:}; label=${label//,/_}; fi
+        stamp "train $label"
+        cli_as "train-$label" train --params "$WORK/params.yaml" --traces "$WORK/traces" --scores "$WORK/scores" \
+          --out "$WORK/predictors" --metrics "$WORK/train-$label.json" --tables "$WORK/train_tables-$label.json" \
+          --plots "$WORK/plots/train" --report "$WORK/train_report-$label.md" --set "aggregate.targets=[$t]" "${kinds[@]}"
       done
       if [ -z "${TARGETS:-}" ]; then
         stamp train
@@ -128,7 +133,7 @@ PY
       echo "$best" > "$WORK/recipe.txt" ;;
     sweep)
       for pools in $POOLS; do
-        name=${pools/,/_}
+        name=${pools/,/_}${TAG:+-$TAG}   # TAG: several sweeps of one pool setting (other METHODS) side by side
         stamp "sweep $name"
         cli evaluate --params "$WORK/params.yaml" --out "$WORK/protocol/$name" --set "evaluate.pools=[$pools]" \
           "${SWEEP[@]}" --records "$WORK/protocol/$name/records.json.gz"
@@ -142,6 +147,10 @@ yaml.safe_load(open('$WORK/params.yaml'))['collect']['criteria']))")
         --set "evaluate.methods=[dense,$crits]" --set 'evaluate.sparsities=[0.5]' --set 'evaluate.pools=[heads]' \
         --set "evaluate.perplexity.max_windows=${WINDOWS:-128}" --records "$WORK/protocol/criteria/records.json.gz"
       stamp criteria-done ;;
+    bench)
+      # collect throughput of plainact alone in bf16 at a large batch (issue 11's 20k tokens/s target)
+      cli_as bench-collect bench-collect --params "$WORK/params.yaml" --sets plainact --n-per-task 64 \
+        --set model.dtype=bfloat16 --set collect.batch_size=64 --out "$WORK/bench_collect_bf16.json" ;;
     claims)
       cli claims "$WORK"/protocol/*/records.json.gz --out "$WORK/protocol/claims.md"
       cli research-report "$WORK" --title "$MODEL" ;;   # report.md, summary.csv, results.csv, plots/
@@ -150,7 +159,7 @@ yaml.safe_load(open('$WORK/params.yaml'))['collect']['criteria']))")
       tar -C "$WORK" -czf "$OUT/accuracy.tgz" --exclude='*.parquet' --exclude=models --exclude=gguf --exclude=mirror \
         --exclude=predictors --exclude=traces protocol timings.log peaks.log collect.json train.json \
         train_tables.json 'train-*.json' 'train_tables-*.json' 'train_report*.md' recipe.txt cand plots params.yaml scores/scores.json cache \
-        report.md summary.csv results.csv 2>/dev/null || true
+        report.md summary.csv results.csv bench_collect_bf16.json research.log 'lane-*.log' 2>/dev/null || true
       ls -la "$OUT" ;;
     *) echo "device_accuracy: unknown step $step" >&2; exit 2 ;;
   esac

@@ -133,3 +133,22 @@ def test_the_command_writes_the_report_and_an_empty_run_is_one_line(run_dir, tmp
     res = CliRunner().invoke(cli, [str(empty)])
     assert res.exit_code != 0 and "no records.json.gz under" in res.output
     assert len([line for line in res.output.splitlines() if line.strip()]) == 1
+
+
+def test_train_tables_of_one_criterion_split_over_calls_by_kind_are_merged(tmp_path):
+    """`TARGETS="plainact:shadowllm plainact:dejavu"`: two files with the same criterion, other kinds."""
+
+    def table(kind, j):
+        return {
+            "predictors": {"plainact": {kind: {"heads": {"spearman_joint": j}}}},
+            "train_mean": {"plainact": {"heads": {"spearman_joint": 0.5}}},
+            "ridge": {"plainact": {kind: {"heads": {"spearman_joint": j - 0.01}}}},
+        }
+
+    (tmp_path / "train_tables-plainact-shadowllm.json").write_text(json.dumps(table("shadowllm", 0.7)))
+    (tmp_path / "train_tables-plainact-dejavu.json").write_text(json.dumps(table("dejavu", 0.6)))
+    t = research.train_tables(tmp_path)
+    assert set(t["predictors"]["plainact"]) == {"shadowllm", "dejavu"}
+    assert set(t["ridge"]["plainact"]) == {"shadowllm", "dejavu"}
+    assert t["predictors"]["plainact"]["dejavu"]["heads"]["spearman_joint"] == 0.6
+    assert t["train_mean"]["plainact"]["heads"]["spearman_joint"] == 0.5

@@ -147,12 +147,17 @@ def predictor_table(tables: dict[str, Any]) -> list[str]:
 
 
 def train_tables(run: Path) -> dict[str, Any]:
-    """`train_tables.json` and `train_tables-<criterion>.json` (one train call per criterion) merged by criterion."""
+    """`train_tables.json` and `train_tables-<label>.json` (one train call per criterion, or per criterion and
+    some of its kinds) merged by criterion and kind."""
     out: dict[str, Any] = {}
     for f in sorted(run.glob("train_tables*.json")):
         t = json.loads(f.read_text())
         for part in ("predictors", "train_mean", "ridge"):
-            out.setdefault(part, {}).update(t.get(part, {}))
+            for criterion, v in t.get(part, {}).items():
+                if part == "train_mean":  # one per criterion, whatever kinds were trained
+                    out.setdefault(part, {}).setdefault(criterion, v)
+                else:
+                    out.setdefault(part, {}).setdefault(criterion, {}).update(v)
     return out
 
 

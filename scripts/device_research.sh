@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Issue 11's research run on the GPU machine as one background job that outlives the 600 s of a device call:
+# `start` launches it in its own process session (it runs on while the machine stays warm), and each later
+# call runs `watch`, which waits up to WATCH_S seconds, prints where the job stands and packs what is done
+# into $OUT/accuracy.tgz (so every call brings back the finished parts, and a cut-off session keeps them).
+#
+#   (after the model's parts are stashed: scripts/device_accuracy.sh ship / stash)
+#   MODEL=qwen2.5-coder-0.5b OVERLAY=configs/research.yaml SETS="..." bash scripts/device_research.sh start watch
+#   MODEL=qwen2.5-coder-0.5b bash scripts/device_research.sh watch        # again, until "research: done"
+#
+# The job: prepare, collect + aggregate, then two lanes on the one GPU —
+#   train:  TARGETS (device_accuracy.sh train: criterion or criterion:kinds entries), one after another;
+#   sweep:  the methods without a predictor (BASE_METHODS) for every POOLS setting, the static criteria
+#           table, then — once the predictors it needs exist (AWAIT: train-<criterion>.json) — the
+#           predictor methods (PRED_METHODS), and last a plainact bf16 collect benchmark (bench-collect);
+# then the claims and the research report (device_accuracy.sh claims). LIMIT / WINDOWS as device_accuracy.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export WORK=${WORK:-/tmp/shadowllm} MODEL=${MODEL:-smollm2-135m}
+A="bash scripts/device_accuracy.sh"
+BASE_METHODS=${BASE_METHODS:-'[dense, "static:plainact", "static:fisher", "static:l2_norm", "oracle:plainact"]'}
+PRED_METHODS=${PRED_METHODS:-'["shadowllm:plainact", "dejavu:l2_norm", "dejavu_lookahead:l2_norm"]'}
+# the predictors the comparison needs first, then the rest of the predictability table
+export TARGETS=${TARGETS:-"plainact:shadowllm l2_norm:dejavu,dejavu_lookahead fisher plainact:dejavu,dejavu_lookahead l2_norm:shadowllm"}
+AWAIT=${AWAIT:-"plainact-shadowllm l2_norm-dejavu_dejavu_lookahead"}   # train-<label>.json of PRED_METHODS' predictors
+
+lane() {  # lane NAME COMMAND...: log to $WORK/lane-NAME.log, exit status to $WORK/lane-NAME.rc
+  local name=$1; shift
+  set +e; "$@" >"$WORK/lane-$name.log" 2>&1; echo $? >"$WORK/lane-$name.rc"; set -e
+}
+
+sweep_lane() {
+  METHODS=$BASE_METHODS TAG=base $A sweep || return
+  $A criteria || return
+  for t in $AWAIT; do
+    while [ ! -f "$WORK/train-$t.json" ]; do
+      [ -f "$WORK/lane-train.rc" ] && { echo "research: train ended without train-$t.json" >&2; return 1; }
+      sleep 5
+    done
+  done
+  METHODS=$PRED_METHODS TAG=pred $A sweep || return
+  $A bench
+}
+
+for step in "$@"; do
+  case "$step" in
+    start)
+      mkdir -p "$WORK"
+      rm -f "$WORK"/lane-*.rc "$WORK/research.rc"
+      # from a copy beside $WORK (not inside: the report reads $WORK/**/records.json.gz): the next call's working tree replaces this one while the job runs
+      rm -rf "$WORK-repo" && mkdir -p "$WORK-repo" && tar --exclude=./.ship/"$MODEL" -cf - . | tar -C "$WORK-repo" -xf -
+      (cd "$WORK-repo" && setsid nohup bash scripts/device_research.sh run >"$WORK/research.log" 2>&1 </dev/null &)
+      echo "research: started" ;;
+    run)
+      set +e
+      $A prepare collect
+      rc=$?
+      if [ $rc -eq 0 ]; then
+        lane train $A train &
+        lane sweep sweep_lane &
+        wait
+        $A claims
+        rc=$(cat "$WORK"/lane-*.rc | sort -n | tail -1)
+      fi
+      echo "$rc" >"$WORK/research.rc" ;;
+    watch)
+      end=$((SECONDS + ${WATCH_S:-540}))
+      while [ ! -f "$WORK/research.rc" ] && [ $SECONDS -lt $end ]; do sleep 5; done
+      tail -n 25 "$WORK/timings.log" 2>/dev/null || true
+      for f in "$WORK/research.log" "$WORK"/lane-*.log; do [ -f "$f" ] && { echo "== $f"; tail -n 6 "$f"; }; done
+      if [ -f "$WORK/research.rc" ]; then echo "research: done, exit $(cat "$WORK/research.rc")"; else echo "research: running"; fi
+      $A pack ;;
+    *) echo "device_research: unknown step $step" >&2; exit 2 ;;
+  esac
+done
