@@ -156,10 +156,13 @@ yaml.safe_load(open('$WORK/params.yaml'))['collect']['criteria']))")
       cli research-report "$WORK" --title "$MODEL" ;;   # report.md, summary.csv, results.csv, plots/
     pack)
       mkdir -p "${OUT:?}"
+      # tar does not expand wildcards in the names it archives: the shell does (from $WORK), and only what exists
+      files=$(cd "$WORK" && shopt -s nullglob && echo protocol timings.log peaks.log collect.json train.json \
+        train_tables.json train-*.json train_tables-*.json train_report*.md recipe.txt cand plots params.yaml \
+        scores/scores.json cache report.md summary.csv results.csv bench_collect_bf16.json research.log lane-*.log)
+      # shellcheck disable=SC2086
       tar -C "$WORK" -czf "$OUT/accuracy.tgz" --exclude='*.parquet' --exclude=models --exclude=gguf --exclude=mirror \
-        --exclude=predictors --exclude=traces protocol timings.log peaks.log collect.json train.json \
-        train_tables.json 'train-*.json' 'train_tables-*.json' 'train_report*.md' recipe.txt cand plots params.yaml scores/scores.json cache \
-        report.md summary.csv results.csv bench_collect_bf16.json research.log 'lane-*.log' 2>/dev/null || true
+        --exclude=predictors --exclude=traces $files 2>/dev/null || true
       ls -la "$OUT" ;;
     *) echo "device_accuracy: unknown step $step" >&2; exit 2 ;;
   esac
