@@ -11,7 +11,7 @@
 # The job: prepare, collect + aggregate, then two lanes on the one GPU —
 #   train:  TARGETS (device_accuracy.sh train: criterion or criterion:kinds entries), one after another;
 #   sweep:  the methods without a predictor (BASE_METHODS) for every POOLS setting, the static criteria
-#           table, then — once the predictors it needs exist (AWAIT: train-<criterion>.json) — the
+#           table, then — once the predictors it needs exist (AWAIT: train-<label>.json, label as in train) — the
 #           predictor methods (PRED_METHODS), and last a plainact bf16 collect benchmark (bench-collect);
 # then the claims and the research report (device_accuracy.sh claims). LIMIT / WINDOWS as device_accuracy.sh.
 set -euo pipefail
