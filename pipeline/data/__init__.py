@@ -1,1 +1,2 @@
-"""Evaluation data: YAML task registry (tasks.py), calibration/evaluation split (split.py), lm-eval tokenisation (tokenize.py)."""
+"""Evaluation data: YAML task registry (tasks.py), calibration/evaluation split (split.py),
+lm-eval tokenisation (tokenize.py)."""

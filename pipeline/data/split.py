@@ -1,4 +1,5 @@
 """Seeded, recorded, disjoint calibration/evaluation split, and lm-eval style few-shot prefixes."""
+
 from __future__ import annotations
 
 import zlib
@@ -26,16 +27,21 @@ class Split:
     eval_ids: tuple[str, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"task": self.task, "seed": self.seed, "calib_ids": list(self.calib_ids),
-                "eval_ids": list(self.eval_ids)}
+        return {
+            "task": self.task,
+            "seed": self.seed,
+            "calib_ids": list(self.calib_ids),
+            "eval_ids": list(self.eval_ids),
+        }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Split":
+    def from_dict(cls, d: dict[str, Any]) -> Split:
         return cls(str(d["task"]), int(d["seed"]), tuple(d["calib_ids"]), tuple(d["eval_ids"]))
 
 
-def split_examples(examples: list[Example], *, calib_fraction: float, seed: int,
-                   max_calib: int | None = None) -> tuple[list[Example], list[Example], Split]:
+def split_examples(
+    examples: list[Example], *, calib_fraction: float, seed: int, max_calib: int | None = None
+) -> tuple[list[Example], list[Example], Split]:
     """Split one task's examples into (calibration, evaluation, record).
 
     A permutation from ``default_rng([seed, crc32(task)])`` reserves the first ``floor(calib_fraction * n)``
@@ -79,13 +85,15 @@ def fewshot_prefix(example: Example, pool: list[Example], k: int, seed: int) -> 
         return ""
     candidates = [p for p in pool if p.id != example.id]
     if len(candidates) < k:
-        raise DataError(f"fewshot count {k} exceeds the {len(candidates)} calibration examples available "
-                        f"for '{example.id}'")
+        raise DataError(
+            f"fewshot count {k} exceeds the {len(candidates)} calibration examples available for '{example.id}'"
+        )
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, stable_key(example.id)])
     picks = rng.choice(len(candidates), size=k, replace=False)
     delim = get_task(example.task).fewshot_delimiter
-    shots = [candidates[i].contexts[candidates[i].gold] + candidates[i].continuations[candidates[i].gold]
-             for i in picks]
+    shots = [
+        candidates[i].contexts[candidates[i].gold] + candidates[i].continuations[candidates[i].gold] for i in picks
+    ]
     return delim.join(shots) + delim
 
 

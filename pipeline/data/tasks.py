@@ -10,6 +10,7 @@ doc_to_target (an index); each continuation is ``target_delimiter + choice``. Wi
 (lm-eval's ``multiple_inputs``, Winogrande), the choices are appended to the context instead and every
 option shares the continuation ``target_delimiter + continuation``.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -17,10 +18,11 @@ import importlib.util
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import jinja2
 import yaml
@@ -29,8 +31,17 @@ from .errors import DataError
 from .templates import compile_expression, compile_template
 
 __all__ = [
-    "DataError", "Example", "TaskSpec", "TASK_DIR", "KINDS",
-    "list_tasks", "get_task", "load_examples", "load_text", "check_tasks", "datasets_cache",
+    "KINDS",
+    "TASK_DIR",
+    "DataError",
+    "Example",
+    "TaskSpec",
+    "check_tasks",
+    "datasets_cache",
+    "get_task",
+    "list_tasks",
+    "load_examples",
+    "load_text",
 ]
 
 TASK_DIR = Path(__file__).resolve().parent / "tasks"
@@ -63,29 +74,31 @@ class TaskSpec:
     name: str
     kind: str
     metrics: tuple[str, ...]
-    split: str                      # the split the mirror holds (default for mirror loading)
+    split: str  # the split the mirror holds (default for mirror loading)
     mirror_files: dict[str, str] = field(hash=False)  # split -> path relative to the mirror dir
     hub_path: str = ""
     hub_name: str | None = None
-    hub_split: str = ""             # default split for hub loading
-    hub_text_field: str = "text"    # perplexity tasks: the text column
-    context: str = ""               # jinja template (doc_to_text)
-    choices: str = ""               # jinja expression -> list[str] (doc_to_choice)
-    gold: str = ""                  # jinja expression -> int (doc_to_target)
+    hub_split: str = ""  # default split for hub loading
+    hub_text_field: str = "text"  # perplexity tasks: the text column
+    context: str = ""  # jinja template (doc_to_text)
+    choices: str = ""  # jinja expression -> list[str] (doc_to_choice)
+    gold: str = ""  # jinja expression -> int (doc_to_target)
     continuation: str | None = None  # jinja template; set = multiple_inputs (Winogrande)
     target_delimiter: str = " "
     fewshot_delimiter: str = "\n\n"
-    text_join: str = "\n\n"         # perplexity tasks: how rows are joined into one text
-    lm_eval_task: str = ""          # the lm-evaluation-harness task this reproduces
+    text_join: str = "\n\n"  # perplexity tasks: how rows are joined into one text
+    lm_eval_task: str = ""  # the lm-evaluation-harness task this reproduces
     description: str = ""
-    source: str = ""                # the YAML file
+    source: str = ""  # the YAML file
 
     def mirror_file(self, split: str | None = None) -> str:
         """Relative mirror path of ``split`` (default: the mirror's split)."""
         split = split or self.split
         if split not in self.mirror_files:
-            raise DataError(f"task '{self.name}' has no mirror file for split '{split}' (param split); "
-                            f"available: {', '.join(sorted(self.mirror_files))}")
+            raise DataError(
+                f"task '{self.name}' has no mirror file for split '{split}' (param split); "
+                f"available: {', '.join(sorted(self.mirror_files))}"
+            )
         return self.mirror_files[split]
 
 
@@ -132,16 +145,25 @@ def _parse_spec(path: Path) -> TaskSpec:
         if prompt.get("continuation") is not None:
             compile_template(prompt["continuation"], where)
     return TaskSpec(
-        name=raw["name"], kind=kind, metrics=tuple(raw.get("metrics") or ()),
-        split=str(mirror["split"]), mirror_files={str(k): str(v) for k, v in mirror["files"].items()},
-        hub_path=str(hub["path"]), hub_name=hub.get("name"), hub_split=str(hub.get("split", mirror["split"])),
+        name=raw["name"],
+        kind=kind,
+        metrics=tuple(raw.get("metrics") or ()),
+        split=str(mirror["split"]),
+        mirror_files={str(k): str(v) for k, v in mirror["files"].items()},
+        hub_path=str(hub["path"]),
+        hub_name=hub.get("name"),
+        hub_split=str(hub.get("split", mirror["split"])),
         hub_text_field=str(hub.get("text_field", "text")),
-        context=prompt.get("context", ""), choices=prompt.get("choices", ""), gold=str(prompt.get("gold", "")),
+        context=prompt.get("context", ""),
+        choices=prompt.get("choices", ""),
+        gold=str(prompt.get("gold", "")),
         continuation=prompt.get("continuation"),
         target_delimiter=prompt.get("target_delimiter", " "),
         fewshot_delimiter=prompt.get("fewshot_delimiter", "\n\n"),
-        text_join=raw.get("text_join", "\n\n"), lm_eval_task=raw.get("lm_eval_task", ""),
-        description=raw.get("description", ""), source=str(path),
+        text_join=raw.get("text_join", "\n\n"),
+        lm_eval_task=raw.get("lm_eval_task", ""),
+        description=raw.get("description", ""),
+        source=str(path),
     )
 
 
@@ -164,6 +186,7 @@ def get_task(name: str, *, param: str = TASKS_PARAM) -> TaskSpec:
 
 
 # ----------------------------------------------------------------------------------------- reading rows
+
 
 def _mirror_path(spec: TaskSpec, mirror_dir: str | Path, split: str | None, param: str) -> Path:
     root = Path(mirror_dir)
@@ -271,14 +294,17 @@ def _hub_rows(spec: TaskSpec, split: str, param: str) -> list[dict[str, Any]]:
     datasets = _hub_datasets(param)
     try:
         ds = datasets.load_dataset(spec.hub_path, spec.hub_name, split=split)
-    except Exception as e:  # noqa: BLE001 - hub errors come in many types; report one line
+    except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"cannot load task '{spec.name}' from the hub ({spec.hub_path}, {spec.hub_name}, "
-                        f"{split}): {first} (set {param} to use a local mirror)") from None
+        raise DataError(
+            f"cannot load task '{spec.name}' from the hub ({spec.hub_path}, {spec.hub_name}, "
+            f"{split}): {first} (set {param} to use a local mirror)"
+        ) from None
     return [dict(r) for r in ds]
 
 
 # ------------------------------------------------------------------------------------------- rendering
+
 
 def _render(spec: TaskSpec, row: dict[str, Any], index: int, origin: str) -> Example:
     where = f"task '{spec.name}' example {index} ({origin})"
@@ -286,11 +312,10 @@ def _render(spec: TaskSpec, row: dict[str, Any], index: int, origin: str) -> Exa
         context = compile_template(spec.context, spec.source).render(**row)
         choices = compile_expression(spec.choices, spec.source)(**row)
         gold = compile_expression(spec.gold, spec.source)(**row)
-        shared = (None if spec.continuation is None
-                  else compile_template(spec.continuation, spec.source).render(**row))
+        shared = None if spec.continuation is None else compile_template(spec.continuation, spec.source).render(**row)
     except DataError:
         raise
-    except Exception as e:  # noqa: BLE001 - jinja/KeyError/ValueError from a bad row or template
+    except Exception as e:
         raise DataError(f"{where}: cannot render prompt: {type(e).__name__}: {e}") from None
     for value in (*(choices if isinstance(choices, (list, tuple)) else ()), gold):
         if isinstance(value, jinja2.Undefined):  # StrictUndefined only raises when used
@@ -301,7 +326,7 @@ def _render(spec: TaskSpec, row: dict[str, Any], index: int, origin: str) -> Exa
         raise DataError(f"{where}: every choice must be a string, got {choices!r}")
     try:
         gold = int(gold)
-    except Exception:  # noqa: BLE001
+    except Exception:
         raise DataError(f"{where}: gold must render to an integer, got {gold!r}") from None
     if not 0 <= gold < len(choices):
         raise DataError(f"{where}: gold {gold} out of range for {len(choices)} choices")
@@ -315,8 +340,9 @@ def _render(spec: TaskSpec, row: dict[str, Any], index: int, origin: str) -> Exa
     return Example(f"{spec.name}/{index}", spec.name, contexts, continuations, gold)
 
 
-def load_examples(name: str, mirror_dir: str | Path | None, *, split: str | None = None,
-                  param: str = MIRROR_PARAM) -> list[Example]:
+def load_examples(
+    name: str, mirror_dir: str | Path | None, *, split: str | None = None, param: str = MIRROR_PARAM
+) -> list[Example]:
     """All examples of task ``name`` in source order, from ``mirror_dir`` (or the hub when None)."""
     spec = get_task(name)
     if spec.kind == "perplexity":
@@ -332,8 +358,7 @@ def load_examples(name: str, mirror_dir: str | Path | None, *, split: str | None
     return [_render(spec, row, i, origin) for i, row in enumerate(rows)]
 
 
-def load_text(name: str, mirror_dir: str | Path | None, *, split: str | None = None,
-              param: str = MIRROR_PARAM) -> str:
+def load_text(name: str, mirror_dir: str | Path | None, *, split: str | None = None, param: str = MIRROR_PARAM) -> str:
     """Whole text of a perplexity task: its rows joined with ``text_join`` (WikiText-2: ``"\\n\\n"``).
 
     Mirror files hold one hub row per line, an empty row as a blank line (data SOURCES.md convention), read
@@ -359,8 +384,9 @@ def load_text(name: str, mirror_dir: str | Path | None, *, split: str | None = N
     return spec.text_join.join(rows)
 
 
-def check_tasks(names: Iterable[str], mirror_dir: str | Path | None, *, param: str = TASKS_PARAM,
-                mirror_param: str = MIRROR_PARAM) -> None:
+def check_tasks(
+    names: Iterable[str], mirror_dir: str | Path | None, *, param: str = TASKS_PARAM, mirror_param: str = MIRROR_PARAM
+) -> None:
     """Cheap pre-flight check (no parsing of data): names known, mirror files present and non-empty."""
     if isinstance(names, str):
         raise DataError(f"{param} must be a list of task names, got the string {names!r}")

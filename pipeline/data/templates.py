@@ -3,11 +3,13 @@
 YAML refers to these filters by name (``{{ x | hellaswag_clean }}``); adding a transform is one function
 plus one entry in ``FILTERS``.
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any
 
 import jinja2
 

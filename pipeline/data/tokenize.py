@@ -10,6 +10,7 @@ tokens; when the policy is on, the BOS id is prepended explicitly and survives l
 without it badly (issue 9: perplexity ~3x too high), while SmolLM2's BOS `<|im_start|>` is a chat
 token that its tokenizer never adds (`auto` resolves to false, the setting its reference numbers use).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -73,8 +74,8 @@ def keep_last(ids: list[int], n: int, *, bos_id: int | None = None) -> list[int]
     if len(ids) <= n:
         return ids
     if bos_id is not None and ids and ids[0] == bos_id and n >= 2:
-        return [ids[0]] + ids[len(ids) - (n - 1):]
-    return ids[len(ids) - n:]
+        return [ids[0]] + ids[len(ids) - (n - 1) :]
+    return ids[len(ids) - n :]
 
 
 def prefix_token_id(tokenizer: Any) -> int:
@@ -85,8 +86,9 @@ def prefix_token_id(tokenizer: Any) -> int:
     raise DataError("tokenizer has neither a bos nor an eos token: cannot score an empty context")
 
 
-def encode_pair(tokenizer: Any, context: str, continuation: str, *,
-                add_bos: bool = False) -> tuple[list[int], list[int]]:
+def encode_pair(
+    tokenizer: Any, context: str, continuation: str, *, add_bos: bool = False
+) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) as lm-eval 0.4 ``_encode_pair``.
 
     Trailing whitespace of the context moves to the continuation; whole = enc(context + continuation),
@@ -101,7 +103,7 @@ def encode_pair(tokenizer: Any, context: str, continuation: str, *,
         context = context[:-n_spaces]
     whole = _encode(tokenizer, context + continuation)
     ctx = _encode(tokenizer, context)
-    cont = whole[len(ctx):]
+    cont = whole[len(ctx) :]
     if add_bos:
         ctx = [require_bos_id(tokenizer)] + ctx
     return ctx, cont
@@ -122,8 +124,8 @@ def encode_text_windows(tokenizer: Any, text: str, seq_len: int, *, add_bos: boo
     if not ids:
         raise DataError("text to window is empty after tokenisation")
     if not add_bos:
-        return [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)]
+        return [ids[i : i + seq_len] for i in range(0, len(ids), seq_len)]
     if seq_len < 2:
         raise DataError(f"seq_len must be >= 2 with a BOS token (BOS + one text token), got {seq_len}")
     bos, step = require_bos_id(tokenizer), seq_len - 1
-    return [[bos] + ids[i:i + step] for i in range(0, len(ids), step)]
+    return [[bos] + ids[i : i + step] for i in range(0, len(ids), step)]

