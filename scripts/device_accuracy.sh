@@ -18,7 +18,7 @@
 #                     held-out Spearman rho (joint, 3 kinds x 3 targets x heads/neurons) replaces $WORK/predictors
 #   sweep             the comparison: heads-only and heads+neurons at 30/50/70 % (METHODS; TAG names the run)
 #   criteria          every collected criterion's static ranking at 50 % heads-only (WikiText-2 only)
-#   bench             plainact-only collect throughput in bf16, batch 64 (bench-collect)
+#   bench             plainact-only collect throughput in bf16, batch 64 (bench-collect), few-shot as set and 0-shot
 #   claims            the claims and the research report from every records file
 #   pack              $WORK's reports -> $OUT/accuracy.tgz
 # e.g. one call: bash scripts/device_accuracy.sh stash prepare stages sweep pack
@@ -149,8 +149,12 @@ yaml.safe_load(open('$WORK/params.yaml'))['collect']['criteria']))")
       stamp criteria-done ;;
     bench)
       # collect throughput of plainact alone in bf16 at a large batch (issue 11's 20k tokens/s target)
+      # at the run's own few-shot setting and 0-shot (token counts per example differ ~10x)
       cli_as bench-collect bench-collect --params "$WORK/params.yaml" --sets plainact --n-per-task 64 \
-        --set model.dtype=bfloat16 --set collect.batch_size=64 --out "$WORK/bench_collect_bf16.json" ;;
+        --set model.dtype=bfloat16 --set collect.batch_size=64 --out "$WORK/bench_collect_bf16.json"
+      cli_as bench-collect-0shot bench-collect --params "$WORK/params.yaml" --sets plainact --n-per-task 64 \
+        --set model.dtype=bfloat16 --set collect.batch_size=64 --set collect.num_fewshot=0 \
+        --out "$WORK/bench_collect_bf16_0shot.json" ;;
     claims)
       cli claims "$WORK"/protocol/*/records.json.gz --out "$WORK/protocol/claims.md"
       cli research-report "$WORK" --title "$MODEL" ;;   # report.md, summary.csv, results.csv, plots/
@@ -159,7 +163,7 @@ yaml.safe_load(open('$WORK/params.yaml'))['collect']['criteria']))")
       # tar does not expand wildcards in the names it archives: the shell does (from $WORK), and only what exists
       files=$(cd "$WORK" && shopt -s nullglob && echo protocol timings.log peaks.log collect.json train.json \
         train_tables.json train-*.json train_tables-*.json train_report*.md recipe.txt cand plots params.yaml \
-        scores/scores.json cache report.md summary.csv results.csv bench_collect_bf16.json research.log lane-*.log)
+        scores/scores.json cache report.md summary.csv results.csv bench_collect_bf16*.json research.log lane-*.log)
       # shellcheck disable=SC2086
       tar -C "$WORK" -czf "$OUT/accuracy.tgz" --exclude='*.parquet' --exclude=models --exclude=gguf --exclude=mirror \
         --exclude=predictors --exclude=traces $files 2>/dev/null || true

@@ -10,9 +10,10 @@
 #
 # The job: prepare, collect + aggregate, then two lanes on the one GPU —
 #   train:  TARGETS (device_accuracy.sh train: criterion or criterion:kinds entries), one after another;
-#   sweep:  the methods without a predictor (BASE_METHODS) for every POOLS setting, the static criteria
-#           table, then — once the predictors it needs exist (AWAIT: train-<label>.json, label as in train) — the
-#           predictor methods (PRED_METHODS), and last a plainact bf16 collect benchmark (bench-collect);
+#   sweep:  for each POOLS setting in turn: the methods without a predictor (BASE_METHODS), then — once the
+#           predictors it needs exist (AWAIT: train-<label>.json, label as in train) — the predictor methods
+#           (PRED_METHODS); after the first setting the static criteria table (CRITERIA=1) and the plainact
+#           bf16 collect benchmarks (bench-collect, at the run's few-shot setting and 0-shot);
 # then the claims and the research report (device_accuracy.sh claims). LIMIT / WINDOWS as device_accuracy.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,23 +24,32 @@ PRED_METHODS=${PRED_METHODS:-'["shadowllm:plainact", "dejavu:l2_norm", "dejavu_l
 # the predictors the comparison needs first, then the rest of the predictability table
 export TARGETS=${TARGETS:-"plainact:shadowllm l2_norm:dejavu,dejavu_lookahead fisher plainact:dejavu,dejavu_lookahead l2_norm:shadowllm"}
 AWAIT=${AWAIT:-"plainact-shadowllm l2_norm-dejavu_dejavu_lookahead"}   # train-<label>.json of PRED_METHODS' predictors
+export POOLS=${POOLS:-"heads heads,neurons"}   # evaluate.pools settings, one after another
+CRITERIA=${CRITERIA:-1}                        # 0: no static-criteria table (run 2 has the nine)
 
 lane() {  # lane NAME COMMAND...: log to $WORK/lane-NAME.log, exit status to $WORK/lane-NAME.rc
   local name=$1; shift
   set +e; "$@" >"$WORK/lane-$name.log" 2>&1; echo $? >"$WORK/lane-$name.rc"; set -e
 }
 
-sweep_lane() {
-  METHODS=$BASE_METHODS TAG=base $A sweep || return
-  $A criteria || return
+await_predictors() {  # wait for the train-<label>.json of every AWAIT entry (or the train lane's end)
   for t in $AWAIT; do
     while [ ! -f "$WORK/train-$t.json" ]; do
       [ -f "$WORK/lane-train.rc" ] && { echo "research: train ended without train-$t.json" >&2; return 1; }
       sleep 5
     done
   done
-  METHODS=$PRED_METHODS TAG=pred $A sweep || return
-  $A bench
+}
+
+sweep_lane() {  # pool setting by pool setting (the first one complete before the next starts)
+  local first=1
+  for p in $POOLS; do
+    POOLS=$p METHODS=$BASE_METHODS TAG=base $A sweep || return
+    if [ $first = 1 ] && [ "$CRITERIA" = 1 ]; then $A criteria || return; fi
+    await_predictors || return
+    POOLS=$p METHODS=$PRED_METHODS TAG=pred $A sweep || return
+    if [ $first = 1 ]; then $A bench || echo "research: bench-collect failed" >&2; first=0; fi
+  done
 }
 
 for step in "$@"; do
