@@ -22,7 +22,7 @@ from torch import nn
 from pipeline.collect import CollectParams, collect
 from pipeline.models.adapters import Layout
 from pipeline.params import ModelParams, ParamError
-from pipeline.scoring import Sequence, pad_batch, score_batch
+from pipeline.scoring import Sequence, grad_attention_kernels, pad_batch, score_batch
 
 
 def _sync(device: torch.device) -> None:
@@ -39,9 +39,10 @@ def bare_step(model: nn.Module, batch: list[Sequence]) -> None:
     """One plain training step's work on the same padded batch: forward, CE, backward into params."""
     device = next(model.parameters()).device
     ids, valid, labels = pad_batch(batch, device)
-    logits = model(input_ids=ids, attention_mask=valid.long(), use_cache=False).logits
-    loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-    loss.backward()
+    with grad_attention_kernels(True):  # the kernels collect's backward uses
+        logits = model(input_ids=ids, attention_mask=valid.long(), use_cache=False).logits
+        loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        loss.backward()
     model.zero_grad(set_to_none=True)
 
 

@@ -93,6 +93,23 @@ def pad_batch(seqs: Seq[Sequence], device: torch.device) -> tuple[Tensor, Tensor
     return ids.to(device), valid.to(device), labels.to(device)
 
 
+# The attention kernels a backward may use. cuDNN's is left out: its backward returns NaN dQ whenever an explicit
+# mask is passed and the padded length is 64 mod 128 (torch >= 2.11 on H100/H200, pytorch/pytorch#196678; it
+# stopped the first bf16 Qwen2.5 collect at a HellaSwag batch padded to 448). Flash, memory-efficient and math are
+# clean on the same inputs.
+GRAD_SDPA_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+
+
+def grad_attention_kernels(need_grad: bool, need_hvp: bool = False):
+    """The SDPA backends for a pass that will be differentiated: only "math" for a double backward (grasp; the
+    fused kernels lack one), no cuDNN for a single one, any for a forward-only pass."""
+    if need_hvp:
+        return sdpa_kernel([SDPBackend.MATH])
+    if need_grad:
+        return sdpa_kernel(list(GRAD_SDPA_BACKENDS))
+    return nullcontext()
+
+
 def _at(x: Tensor, pos: Tensor) -> Tensor:
     """x [B, T, ...] at one position per row, pos [B] -> [B, ...]."""
     return x[torch.arange(x.shape[0], device=x.device), pos.to(x.device)]
@@ -105,8 +122,7 @@ def score_batch(model: nn.Module, layout: Layout, seqs: Seq[Sequence], settings:
     chosen = [crit.get(c) for c in settings.criteria]
     need_grad = any(c.needs_grad for c in chosen)
     need_hvp = any(c.needs_hvp for c in chosen)
-    # Double backward (grasp) needs the composite "math" attention kernel; fused kernels lack it.
-    kernels = sdpa_kernel([SDPBackend.MATH]) if need_hvp else nullcontext()
+    kernels = grad_attention_kernels(need_grad, need_hvp)
     with UnitCapture(model, layout, layer_inputs=settings.layer_inputs) as cap, torch.enable_grad(), kernels:
         grad_hooks = embeddings_require_grad(model) if need_grad else None
         try:

@@ -301,3 +301,33 @@ def test_a_corrupt_shard_is_not_reused_by_a_rerun(tmp_path):
     assert stats.shards_reused == 2 and stats.shards_written == 1
     assert stats.resume_line() == "2 shards reused, discarded 1 corrupt"
     assert len(Traces.open(tmp_path).column("example_id")) == 7
+
+
+@pytest.mark.parametrize(
+    "criteria, cudnn, only_math",
+    [(("plainact",), False, False), (("grasp",), False, True), (("l2_norm",), True, False)],
+)
+def test_a_differentiated_pass_never_runs_cudnn_attention(monkeypatch, criteria, cudnn, only_math):
+    """cuDNN's SDPA backward returns NaN dQ for masked batches padded to 64 mod 128 (pytorch#196678): every pass
+    that collect (or the oracle) differentiates runs with that backend off; a forward-only pass keeps it."""
+    import torch.nn.functional as F
+
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append((torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation="sdpa").float().eval()
+    C.score_batch(model, resolve(model), _seqs(3), ScoreSettings(criteria, False))
+    assert seen, "the tiny model did not call scaled_dot_product_attention"
+    assert {c for c, _ in seen} == {cudnn}
+    assert {f for _, f in seen} == {not only_math}
+    assert torch.backends.cuda.cudnn_sdp_enabled(), "the backend flags were not restored"
