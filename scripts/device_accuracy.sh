@@ -18,7 +18,7 @@
 #                     held-out Spearman rho (joint, 3 kinds x 3 targets x heads/neurons) replaces $WORK/predictors
 #   sweep             the comparison: heads-only and heads+neurons at 30/50/70 % (METHODS; TAG names the run)
 #   criteria          every collected criterion's static ranking at 50 % heads-only (WikiText-2 only)
-#   bench             plainact-only collect throughput in bf16, batch 64 (bench-collect), few-shot as set and 0-shot
+#   bench             plainact-only collect throughput in bf16 (bench-collect): few-shot as set, and 0-shot at batch 64
 #   claims            the claims and the research report from every records file
 #   pack              $WORK's reports -> $OUT/accuracy.tgz
 # e.g. one call: bash scripts/device_accuracy.sh stash prepare stages sweep pack
@@ -150,8 +150,9 @@ yaml.safe_load(open('$WORK/params.yaml'))['collect']['criteria']))")
     bench)
       # collect throughput of plainact alone in bf16 at a large batch (issue 11's 20k tokens/s target)
       # at the run's own few-shot setting and 0-shot (token counts per example differ ~10x)
+      # (few-shot at the run's own collect batch: batch 64 of 5-shot sequences ran out of the H200's memory in run 3)
       cli_as bench-collect bench-collect --params "$WORK/params.yaml" --sets plainact --n-per-task 64 \
-        --set model.dtype=bfloat16 --set collect.batch_size=64 --out "$WORK/bench_collect_bf16.json"
+        --set model.dtype=bfloat16 --out "$WORK/bench_collect_bf16.json"
       cli_as bench-collect-0shot bench-collect --params "$WORK/params.yaml" --sets plainact --n-per-task 64 \
         --set model.dtype=bfloat16 --set collect.batch_size=64 --set collect.num_fewshot=0 \
         --out "$WORK/bench_collect_bf16_0shot.json" ;;
