@@ -90,6 +90,17 @@ def run_dir(tmp_path):
     fisher = {part: {"fisher": v["plainact"]} for part, v in tables.items()}  # a second train call, one criterion
     (tmp_path / "train_tables-fisher.json").write_text(json.dumps(fisher))
     (tmp_path / "peaks.log").write_text("collect: wall 12.0 s, peak RSS 1.00 GiB, peak GPU 2.00 GiB, exit 0\n")
+    params = {
+        "model": {"dtype": "bfloat16", "device": "cuda"},
+        "collect": {
+            "tasks": ["a", "b"],
+            "n_per_task": 500,
+            "num_fewshot": 5,
+            "max_tokens": 1024,
+            "criteria": ["plainact"],
+        },
+    }
+    (tmp_path / "params.yaml").write_text(json.dumps(params))  # JSON is YAML
     return tmp_path
 
 
@@ -115,6 +126,9 @@ def test_the_report_has_every_pool_setting_the_criteria_the_predictors_and_the_c
     assert "| fisher | shadowllm | 0.720 / 0.680 |" in md  # merged from train_tables-fisher.json
     assert "### a contextual predictor beats the static ranking of its criterion" in md
     assert "collect: wall 12.0 s" in md
+    # evaluation 0-shot (from the records) and calibration 5-shot (the run's params.yaml) are told apart
+    assert "evaluation: per-task limit 20, 0-shot" in md
+    assert "up to 500 examples per task of 2, 5-shot, at most 1024 tokens, criteria plainact; weights bfloat16" in md
     for f in ("plots/accuracy-heads-global.png", "plots/perplexity-heads+neurons-global.png", "summary.csv"):
         assert (run_dir / f).stat().st_size > 0
     assert len((run_dir / "summary.csv").read_text().splitlines()) == 1 + len(out["summary"])

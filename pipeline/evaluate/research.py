@@ -8,7 +8,8 @@ What a run directory holds (every piece optional but the records; `scripts/devic
   scopes, the nine-criteria point set): read together, deduplicated by point key;
 - `train_tables.json` or `train_tables-<criterion>.json`: the train stage's `--tables` (held-out ρ and recall of
   every predictor, its size, and the train-mean and ridge baselines), merged by criterion;
-- `collect.json`, `peaks.log`: the collect metrics and the per-stage wall time / peak host and GPU memory.
+- `params.yaml`: the run's parameters (the calibration line); `collect.json`, `peaks.log`: the collect metrics
+  and the per-stage wall time / peak host and GPU memory.
 
 Tables: per (pools, scope), mean accuracy ± stderr and word perplexity of every method at every sparsity; per
 task; the static criteria at 50 % heads-only (the paper's OPT-1.3B table); predictor ρ beside the train mean and
@@ -161,6 +162,24 @@ def train_tables(run: Path) -> dict[str, Any]:
     return out
 
 
+def _calibration_line(run: Path) -> str | None:
+    """What the predictors and static rankings were calibrated on, from the run's `params.yaml` (the evaluation's
+    own settings are in the records)."""
+    pf = run / "params.yaml"
+    if not pf.is_file():
+        return None
+    import yaml
+
+    p = yaml.safe_load(pf.read_text()) or {}
+    c, m = p.get("collect", {}), p.get("model", {})
+    return (
+        f"Calibration (`params.yaml`): up to {c.get('n_per_task')} examples per task of {len(c.get('tasks', []))}, "
+        f"{c.get('num_fewshot')}-shot, at most {c.get('max_tokens')} tokens, "
+        f"criteria {', '.join(c.get('criteria', []))}; "
+        f"weights {m.get('dtype')} on {m.get('device')}."
+    )
+
+
 def _stage_lines(run: Path) -> list[str]:
     L = []
     cj = run / "collect.json"
@@ -184,8 +203,9 @@ def _settings(records: list[dict[str, Any]], tasks: list[str]) -> str:
     ppl = [x for x in records if is_reference(x["method"]) and "token_perplexity" in x["metrics"]]
     win = ppl[0]["metrics"]["token_perplexity"]["n"] if ppl else None
     return (
-        f"Model `{r.get('model')}` (fingerprint `{r.get('model_fingerprint')}`); per-task limit {ts.get('limit')}, "
-        f"{ts.get('num_fewshot')}-shot, BOS {'on' if ts.get('add_bos') else 'off'}; examples per task "
+        f"Model `{r.get('model')}` (fingerprint `{r.get('model_fingerprint')}`); evaluation: per-task limit "
+        f"{ts.get('limit')}, {ts.get('num_fewshot')}-shot, BOS {'on' if ts.get('add_bos') else 'off'}; "
+        "examples per task "
         + ", ".join(f"{t} {k}" for t, k in sorted(n.items()))
         + (f"; WikiText-2 windows {win}" if win else "")
         + "."
@@ -202,6 +222,9 @@ def build(run: Path, title: str | None = None) -> dict[str, Any]:
     tasks, ppl_task = _tasks(records)
     tables = train_tables(run)
     L = [f"# {title or run.name}: research report", "", _settings(records, tasks), ""]
+    calib = _calibration_line(run)
+    if calib:
+        L += [calib, ""]
     stage = _stage_lines(run)
     if stage:
         L += ["## Stages", "", *stage, ""]
