@@ -10,22 +10,19 @@ from pathlib import Path
 
 import click
 
-from stages.common import load_params, params_option, reported, set_option
-
-DIR = click.Path(file_okay=False, path_type=Path)
+from stages.common import load_params, params_option, path, reported, set_option
 
 
 @click.command("aggregate")
 @params_option
-@click.option("--traces", "traces_dir", required=True, type=DIR, help="trace directory (collect)")
-@click.option("--out", "out_dir", required=True, type=DIR, help="scores directory to write")
-@click.option(
+@path("--traces", "traces_dir", "trace directory (collect)", required=True, kind="dir")
+@path("--out", "out_dir", "scores directory to write", required=True, kind="dir")
+@path(
     "--plots",
     "plots_dir",
-    default=None,
-    type=DIR,
-    help="directory for the heat map (default: --out; "
+    "directory for the heat map (default: --out; "
     "keep it outside --out so that changing aggregate.heatmap does not invalidate the scores)",
+    kind="dir",
 )
 @set_option
 def cli(params_path: Path, traces_dir: Path, out_dir: Path, plots_dir: Path | None, overrides: tuple[str, ...]) -> None:

@@ -4,8 +4,7 @@
         --metrics-file results/benchmark/metrics.json [--stem benchmark] [--set benchmark.KEY=VALUE ...]
 
 Reads `benchmark:` (pipeline/bench/params.py: BenchmarkParams; with `widths_from_train`, `train.widths`). Writes
-<out-dir>/<stem>.{json,csv,md} and PNG plots, and a small metrics JSON, all atomically. Without a CUDA device it
-prints one line and records {"skipped": true, "reason": ...}. MLflow logging is lazy (pipeline.tracking).
+<out-dir>/<stem>.{json,csv,md}, PNG plots and a small metrics JSON atomically; a skip is {"skipped": true, ...}.
 """
 
 from __future__ import annotations
