@@ -49,7 +49,3 @@ def cli(params_path: Path, traces_dir: Path, out_dir: Path, plots_dir: Path | No
         f"aggregate: {meta['n_examples']} examples; static {', '.join(static)}; "
         f"targets {', '.join(p.targets)} -> {out_dir}"
     )
-
-
-if __name__ == "__main__":
-    cli()

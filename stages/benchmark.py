@@ -53,7 +53,3 @@ def cli(params_path: Path, overrides: tuple[str, ...], out_dir: Path, stem: str,
             write_json(metrics_file, metrics)
             run.log_metrics(flat_metrics(results, metrics))
             run.log_artifact(out_dir)
-
-
-if __name__ == "__main__":
-    cli()

@@ -23,7 +23,3 @@ def cli(records: tuple[Path, ...], out_path: Path, header: str) -> None:
         tasks, ppl = split_tasks(recs)
         write_claims(out_path, recs, tasks, ppl, header=header)
     click.echo(f"claims: {len(recs)} point records, tasks {', '.join(tasks)}{', ' + ppl if ppl else ''} -> {out_path}")
-
-
-if __name__ == "__main__":
-    cli()

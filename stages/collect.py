@@ -49,7 +49,3 @@ def cli(params_path: Path, out_dir: Path, metrics_path: Path, overrides: tuple[s
             write_json(metrics_path, metrics)
             run.log_metrics(collect_run.numeric(metrics))
     click.echo(collect_run.summary(stats, metrics, out_dir))
-
-
-if __name__ == "__main__":
-    cli()

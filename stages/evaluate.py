@@ -56,7 +56,3 @@ def cli(
         f"evaluate: {len(records)} points ({n_new} evaluated, {len(records) - n_new} cached) in {eval_s:.1f}s "
         f"-> {out_dir}"
     )
-
-
-if __name__ == "__main__":
-    cli()

@@ -49,7 +49,3 @@ def cli(
             run.set_tags({"model_fingerprint": r.fingerprint})
             run.log_metrics(r.metrics(entry.size))
     click.echo(r.line())
-
-
-if __name__ == "__main__":
-    cli()

@@ -71,7 +71,3 @@ def cli(
             write_json(metrics_path, headlines(metrics, p.sparsities))
             for artifact in (report_file, metrics_path, tables, plots_dir):
                 run.log_artifact(artifact)
-
-
-if __name__ == "__main__":
-    cli()
