@@ -10,22 +10,19 @@ from pathlib import Path
 
 import click
 
-from stages.common import load_params, params_option, reported, set_option
-
-DIR = click.Path(file_okay=False, path_type=Path)
+from stages.common import load_params, params_option, path, reported, set_option
 
 
 @click.command("aggregate")
 @params_option
-@click.option("--traces", "traces_dir", required=True, type=DIR, help="trace directory (collect)")
-@click.option("--out", "out_dir", required=True, type=DIR, help="scores directory to write")
-@click.option(
+@path("--traces", "traces_dir", "trace directory (collect)", required=True, kind="dir")
+@path("--out", "out_dir", "scores directory to write", required=True, kind="dir")
+@path(
     "--plots",
     "plots_dir",
-    default=None,
-    type=DIR,
-    help="directory for the heat map (default: --out; "
+    "directory for the heat map (default: --out; "
     "keep it outside --out so that changing aggregate.heatmap does not invalidate the scores)",
+    kind="dir",
 )
 @set_option
 def cli(params_path: Path, traces_dir: Path, out_dir: Path, plots_dir: Path | None, overrides: tuple[str, ...]) -> None:
@@ -52,7 +49,3 @@ def cli(params_path: Path, traces_dir: Path, out_dir: Path, plots_dir: Path | No
         f"aggregate: {meta['n_examples']} examples; static {', '.join(static)}; "
         f"targets {', '.join(p.targets)} -> {out_dir}"
     )
-
-
-if __name__ == "__main__":
-    cli()

@@ -54,7 +54,3 @@ def cli(
     click.echo(collect_bench.format_table(res))
     if out_path:
         write_json(out_path, res)
-
-
-if __name__ == "__main__":
-    cli()

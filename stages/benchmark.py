@@ -4,8 +4,7 @@
         --metrics-file results/benchmark/metrics.json [--stem benchmark] [--set benchmark.KEY=VALUE ...]
 
 Reads `benchmark:` (pipeline/bench/params.py: BenchmarkParams; with `widths_from_train`, `train.widths`). Writes
-<out-dir>/<stem>.{json,csv,md} and PNG plots, and a small metrics JSON, all atomically. Without a CUDA device it
-prints one line and records {"skipped": true, "reason": ...}. MLflow logging is lazy (pipeline.tracking).
+<out-dir>/<stem>.{json,csv,md}, PNG plots and a small metrics JSON atomically; a skip is {"skipped": true, ...}.
 """
 
 from __future__ import annotations
@@ -54,7 +53,3 @@ def cli(params_path: Path, overrides: tuple[str, ...], out_dir: Path, stem: str,
             write_json(metrics_file, metrics)
             run.log_metrics(flat_metrics(results, metrics))
             run.log_artifact(out_dir)
-
-
-if __name__ == "__main__":
-    cli()

@@ -16,17 +16,10 @@ from stages.common import reported
 @click.option("--header", default="", help="Markdown placed before the tables")
 def cli(records: tuple[Path, ...], out_path: Path, header: str) -> None:
     """Answer the comparison's claims from evaluate point records."""
-    from pipeline.data import tasks as registry
-    from pipeline.evaluate.claims import load_records, write_claims
+    from pipeline.evaluate.claims import load_records, split_tasks, write_claims
 
     with reported():
         recs = load_records(list(records))
-        kinds = {r["task"]: registry.get_task(r["task"]).kind for r in recs}
-        tasks = sorted(t for t, k in kinds.items() if k != "perplexity")
-        ppl = next((t for t, k in kinds.items() if k == "perplexity"), None)
+        tasks, ppl = split_tasks(recs)
         write_claims(out_path, recs, tasks, ppl, header=header)
     click.echo(f"claims: {len(recs)} point records, tasks {', '.join(tasks)}{', ' + ppl if ppl else ''} -> {out_path}")
-
-
-if __name__ == "__main__":
-    cli()

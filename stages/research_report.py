@@ -24,7 +24,3 @@ def cli(run: Path, title: str | None) -> None:
         for f in out["files"]:
             tracked.log_artifact(run / f)
     click.echo(f"research-report: {out['records']} point records -> {', '.join(out['files'][-3:])} in {run}")
-
-
-if __name__ == "__main__":
-    cli()

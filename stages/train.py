@@ -6,9 +6,8 @@ shadowllm train --params params.yaml --traces data/traces --scores data/scores -
     --tables results/train_tables.json
 
 Criteria trained: `aggregate.targets` (one place to swap the criterion); everything else: `train.*`.
-Writes <out>/<kind>-<criterion>/{model.safetensors,config.json}, the report (default <out>/report.md), the
-headline metrics (--metrics, for `dvc metrics show`) and the full tables (--tables),
-<plots>/<kind>-<criterion>.csv (DVC plot: one row per epoch) and .png.
+Writes <out>/<kind>-<criterion>/{model.safetensors,config.json} and <plots>/<kind>-<criterion>.{csv,png}
+(DVC plot: one row per epoch) beside the files of --report, --metrics and --tables.
 """
 
 from __future__ import annotations
@@ -17,26 +16,23 @@ from pathlib import Path
 
 import click
 
-from stages.common import load_params, params_option, reported, set_option
-
-DIR, FILE = click.Path(file_okay=False, path_type=Path), click.Path(dir_okay=False, path_type=Path)
+from stages.common import load_params, params_option, path, reported, set_option
 
 
 @click.command("train")
 @params_option
-@click.option("--traces", "traces_dir", required=True, type=DIR, help="trace directory (features)")
-@click.option("--scores", "scores_dir", required=True, type=DIR, help="scores directory (targets)")
-@click.option("--out", "out_dir", required=True, type=DIR, help="predictor directory to write")
-@click.option("--metrics", "metrics_path", required=True, type=FILE, help="metrics JSON to write")
-@click.option("--plots", "plots_dir", required=True, type=DIR, help="training-curve directory")
-@click.option("--report", "report_path", default=None, type=FILE, help="Markdown report (default: <out>/report.md)")
-@click.option(
+@path("--traces", "traces_dir", "trace directory (features)", required=True, kind="dir")
+@path("--scores", "scores_dir", "scores directory (targets)", required=True, kind="dir")
+@path("--out", "out_dir", "predictor directory to write", required=True, kind="dir")
+@path("--metrics", "metrics_path", "metrics JSON to write", required=True, kind="file")
+@path("--plots", "plots_dir", "training-curve directory", required=True, kind="dir")
+@path("--report", "report_path", "Markdown report (default: <out>/report.md)", kind="file")
+@path(
     "--tables",
     "tables_path",
-    default=None,
-    type=FILE,
-    help="every held-out metric, size and training record as JSON (default: <metrics>_tables.json); "
+    "every held-out metric, size and training record as JSON (default: <metrics>_tables.json); "
     "--metrics holds the headline figures only",
+    kind="file",
 )
 @set_option
 def cli(
@@ -75,7 +71,3 @@ def cli(
             write_json(metrics_path, headlines(metrics, p.sparsities))
             for artifact in (report_file, metrics_path, tables, plots_dir):
                 run.log_artifact(artifact)
-
-
-if __name__ == "__main__":
-    cli()

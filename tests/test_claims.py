@@ -90,3 +90,11 @@ def test_the_thresholder_claims_pair_methods_at_one_sparsity_setting():
     assert "### ShadowLLM beats GRIFFIN" not in md  # no griffin records: no section
     section = md.split("### ShadowLLM beats TEAL")[1].split("###")[0]
     assert "| heads+neurons | 0.40 |" in section
+
+
+def test_split_tasks_sorts_the_accuracy_tasks_and_finds_the_perplexity_one():
+    from pipeline.evaluate.claims import split_tasks
+
+    recs = [{"task": t} for t in ("piqa", "wikitext2", "copa", "piqa")]
+    assert split_tasks(recs) == (["copa", "piqa"], "wikitext2")
+    assert split_tasks(recs[:1]) == (["piqa"], None)

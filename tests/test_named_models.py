@@ -320,3 +320,13 @@ def test_weights_and_wheels_are_git_ignored():
     paths += [f"models/.cache/{m.gguf}" for m in named.NAMED_MODELS.values()] + ["models/.cache/parts/x/y.bin"]
     res = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=REPO, capture_output=True, text=True)
     assert sorted(res.stdout.split()) == sorted(paths)
+
+
+def test_the_already_prepared_line_names_the_gguf_and_the_fingerprint():
+    from pipeline.models.prepare import already_line
+
+    gguf = named.get("smollm2-135m").gguf
+    assert already_line("smollm2-135m", Path("models/smollm2-135m"), "abc") == (
+        f"prepare-model: models/smollm2-135m already holds {gguf}'s conversion (fingerprint abc); "
+        "--force converts again"
+    )

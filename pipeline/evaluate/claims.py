@@ -63,6 +63,15 @@ def load_records(paths: list[str | Path]) -> list[dict[str, Any]]:
     return out
 
 
+def split_tasks(records: list[dict[str, Any]]) -> tuple[list[str], str | None]:
+    """The accuracy tasks of `records` (sorted) and their perplexity task (None without one)."""
+    from pipeline.data import tasks as registry
+
+    kinds = {r["task"]: registry.get_task(r["task"]).kind for r in records}
+    tasks = sorted(t for t, k in kinds.items() if k != "perplexity")
+    return tasks, next((t for t, k in kinds.items() if k == "perplexity"), None)
+
+
 def pools_of(rec: dict[str, Any]) -> str:
     mask = rec.get("ident", {}).get("mask")
     return "+".join(mask["pools"]) if mask else "dense"

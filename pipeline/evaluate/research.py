@@ -26,7 +26,7 @@ from typing import Any
 
 from pipeline.evaluate import report
 from pipeline.evaluate.catalog import is_reference
-from pipeline.evaluate.claims import claims_markdown, load_records, pools_of
+from pipeline.evaluate.claims import claims_markdown, load_records, pools_of, split_tasks
 from pipeline.evaluate.report import COLUMNS, PPL_METRIC, plot, plot_rows, summary, tidy_rows, write_csv
 from pipeline.io import write_text
 
@@ -40,15 +40,6 @@ def run_records(run: Path) -> list[dict[str, Any]]:
     for rec in load_records(sorted(run.rglob("records.json.gz"))):
         seen.setdefault(rec["key"], rec)
     return list(seen.values())
-
-
-def _tasks(records: list[dict[str, Any]]) -> tuple[list[str], str | None]:
-    from pipeline.data import tasks as registry
-
-    kinds = {r["task"]: registry.get_task(r["task"]).kind for r in records}
-    return sorted(t for t, k in kinds.items() if k != "perplexity"), next(
-        (t for t, k in kinds.items() if k == "perplexity"), None
-    )
 
 
 def groups(records: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
@@ -219,7 +210,7 @@ def build(run: Path, title: str | None = None) -> dict[str, Any]:
         from pipeline.errors import UserError
 
         raise UserError(f"no records.json.gz under {run}: run `shadowllm evaluate --records ...` first")
-    tasks, ppl_task = _tasks(records)
+    tasks, ppl_task = split_tasks(records)
     tables = train_tables(run)
     L = [f"# {title or run.name}: research report", "", _settings(records, tasks), ""]
     calib = _calibration_line(run)

@@ -77,6 +77,14 @@ def already_prepared(name: str, out_dir: Path, cache_dir: Path) -> str | None:
     return done.get("fingerprint", "?") if same and (out_dir / "config.json").is_file() else None
 
 
+def already_line(name: str, out_dir: Path, fingerprint: str) -> str:
+    """The stage's line when `out_dir` already holds the named model's conversion (`already_prepared`)."""
+    return (
+        f"prepare-model: {out_dir} already holds {named.get(name).gguf}'s conversion "
+        f"(fingerprint {fingerprint}); --force converts again"
+    )
+
+
 def prepare(name: str, out_dir: Path, cache_dir: Path, log: Callable[[str], None]) -> Prepared:
     """Fetch + verify the GGUF, convert it to `out_dir`, fingerprint the result, write the marker."""
     from pipeline.models.default import convert_gguf
