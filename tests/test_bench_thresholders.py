@@ -7,6 +7,7 @@ CPU only: the torch reference kernels, and the Triton kernels under TRITON_INTER
 from __future__ import annotations
 
 import os
+import time
 import types
 
 import pytest
@@ -370,3 +371,44 @@ def test_teal_and_cats_calibration_hits_the_target_on_the_calibration_draw():
         assert all(bool(c.all()) for c in rec.keeps[:n_roles]), "layer 0 dense"
         for keep in rec.keeps[n_roles:]:  # every thresholded tensor of layers 1, 2: exactly half dropped
             assert 1.0 - keep[0].float().mean().item() == pytest.approx(round(0.5 * keep[0].numel()) / keep[0].numel())
+
+
+@pytest.mark.parametrize("kern", ["torch", "triton"])
+def test_run_measures_the_thresholders_grid_on_cpu(kern):
+    """The run's thresholders loop (run_all.measure_thresholders, as the H200 run calls it) end to end on a tiny
+    shape: dense first, every method × sparsity × batch, byte sparsity measured, rows into the report."""
+    from pipeline.bench import report, run_all
+    from pipeline.bench.params import BenchmarkParams
+    from tests.conftest import section_params
+
+    sps, batches = ([0.0, 0.5], [1, 2]) if kern == "torch" else ([0.5], [2])  # the interpreter is slow
+    if kern == "triton":
+        _triton()
+    bp = section_params(
+        BenchmarkParams,
+        prompt_len=8,
+        gen_len=3,
+        warmup_steps=1,
+        thresholders={"models": ["llama-3-8b"], "methods": list(NEW), "sparsities": sps, "batches": batches},
+    )
+    s = shapes.tiny("llama")
+    w = weights.build(s, dtype=torch.float32, seed=3)
+    logs = []
+    rows = run_all.measure_thresholders(
+        s, w, {}, bp=bp, tiles=SMALL, copy_gbps=1.0, dense_rows={}, log=logs.append, t0=time.time(), backend=kern,
+        device="cpu",
+    )  # fmt: skip
+    ok = [r for r in rows if r.get("status") == "ok"]
+    assert len(ok) == len(rows) == len(batches) * (1 + len(NEW) * len(sps)), [r.get("status") for r in rows]
+    for r in ok:
+        assert r["grid"] == "thresholders" and r["speedup_vs_dense"] is not None
+        if r["sparsity"] == 0.0:
+            assert r["byte_sparsity"] == pytest.approx(0.0, abs=1e-12)
+        else:
+            assert 0.0 < r["byte_sparsity"] < 0.6
+            dense = next(x for x in ok if x["method"] == "dense" and x["batch"] == r["batch"])
+            assert r["total_bytes"] < dense["total_bytes"]
+    cats = {r["batch"]: r for r in ok if r["method"] == "cats" and r["sparsity"] == 0.5}
+    assert cats[2]["head_sparsity"] == 0.0 and cats[2]["neuron_sparsity"] == 0.5
+    md = report.to_markdown({"rows": [], "params": {"prompt_len": 8, "gen_len": 3}, "thresholder_rows": rows})
+    assert "Thresholders next to the predictors" in md and md.count("| tiny-llama |") == len(ok)
