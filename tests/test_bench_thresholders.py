@@ -13,6 +13,9 @@ import types
 import pytest
 import torch
 
+if not torch.cuda.is_available():  # before anything imports kernels_triton (triton reads it at decoration time)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from pipeline.bench import backend, kernels_ref, reference, shapes, weights
 from pipeline.bench.engine import METHODS, REGISTRY, DecodeEngine, EngineConfig
 from pipeline.bench.predictors import PredictorSpec
