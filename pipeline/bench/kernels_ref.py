@@ -54,11 +54,15 @@ def row_gemv(
     tile: str = "row",
     pdl: bool = False,
     tiles: Tiles = DEFAULT_TILES,
+    gate: torch.Tensor | None = None,
+    gate_thr: torch.Tensor | None = None,
 ) -> None:
     """out[:, j] = act(norm(x) · W[row_j]) for the selected rows (see sel.py for the output layout).
 
     ksel: only the input columns of kept units count (the rest of x is treated as 0); accumulate: out += result.
-    `tile`, `tiles` (the Triton tiling) and `pdl` (programmatic dependent launch) are ignored here."""
+    act="gate_thresh" (CATS' up rows): a = silu(gate[:, j]); row j is computed iff |a| > gate_thr for some
+    sequence, out = a·(W[row_j]·norm(x)) where that sequence keeps it, else 0; rows no sequence keeps are not
+    written. `tile`, `tiles` (the Triton tiling) and `pdl` (programmatic dependent launch) are ignored here."""
     xf = x.float()
     if ksel is not None:
         keep = torch.zeros(xf.shape[1], dtype=torch.bool, device=x.device)
@@ -72,6 +76,12 @@ def row_gemv(
     elif act == "silu_gate":
         v2 = _finish(xf @ lin2.w[rows].float().T, lin2, rows, norm, st)
         v = torch.nn.functional.silu(v) * v2
+    elif act == "gate_thresh":
+        a = torch.nn.functional.silu(gate[:, rows].float())
+        keep = a.abs() > gate_thr.reshape(-1)[0]
+        v = torch.where(keep, a * v, torch.zeros((), device=x.device))
+        rk = keep.any(0)
+        rows, v = rows[rk], v[:, rk]
     elif act != "none":
         raise ValueError(f"unknown act {act!r}")
     cols = torch.arange(rows.numel(), device=x.device) if sel.kind == "index" else rows
@@ -204,3 +214,79 @@ def select_neurons(
         nz = torch.nonzero(_topk_union(scores[:, r], k)).flatten()
         idx[out_row0 + r, : nz.numel()] = nz.to(idx.dtype)
         count[out_row0 + r] = nz.numel()
+
+
+def _thr_input(x: torch.Tensor, x2: torch.Tensor | None, mode: str, K: int, eps: float):
+    """(criterion source a, value v, per-sequence scale) of a thresholded input, as `_thr_tile` computes them."""
+    xf = x.float()
+    scale = torch.ones(x.shape[0], 1, device=x.device)
+    if mode == "plain":
+        return xf, xf, scale
+    if mode == "rms":
+        scale = torch.rsqrt(xf.pow(2).mean(1, keepdim=True) + eps)
+        return xf, xf * scale, scale
+    if mode == "gated":
+        g, u = xf[:, :K], xf[:, K : 2 * K]
+        a = g / (1.0 + torch.exp(-g)) * u
+        return a, a, scale
+    if mode == "cats":
+        return xf / (1.0 + torch.exp(-xf)), x2.float(), scale
+    raise ValueError(f"unknown input mode {mode!r}")
+
+
+def thr_keep(x, crit, thr, *, mode, segs=(), n=None, x2=None, ge=False, norm_thr=False, eps=1e-5):
+    """keep [S, B, K] bool: channel i of sequence b kept for output segment s (see `thr_col_gemv`)."""
+    K = crit.shape[-1]
+    a, _v, scale = _thr_input(x, x2, mode, K, eps)
+    S = len(segs) + 1
+    c = crit.reshape(-1, K).float()
+    c = c[:S] if c.shape[0] >= S else c.expand(S, K)
+    t = thr.float().reshape(-1, x.shape[0])
+    t = t[:S] if t.shape[0] >= S else t.expand(S, x.shape[0])
+    score = a.abs()[None] * c[:, None, :]
+    if norm_thr:
+        score = score * scale[None]
+    return score >= t[:, :, None] if ge else score > t[:, :, None]
+
+
+def thr_col_gemv(
+    x: torch.Tensor,
+    lin: Linear,
+    out: torch.Tensor,
+    *,
+    mode: str,
+    crit: torch.Tensor,
+    thr: torch.Tensor,
+    count: torch.Tensor,
+    x2: torch.Tensor | None = None,
+    ge: bool = False,
+    norm_thr: bool = False,
+    segs: tuple[int, ...] = (),
+    eps: float = 1e-5,
+    pdl: bool = False,
+    tiles: Tiles = DEFAULT_TILES,
+) -> None:
+    """out[b] += Σ_{i kept by b} v_bi · W^T[i] (+ bias); count[s] += rows some sequence keeps for segment s (the
+    Triton twin's API and semantics; `pdl`, `tiles` ignored)."""
+    K, N = lin.w.shape
+    keep = thr_keep(x, crit, thr, mode=mode, segs=segs, x2=x2, ge=ge, norm_thr=norm_thr, eps=eps)
+    _a, v, _s = _thr_input(x, x2, mode, K, eps)
+    bounds_ = (0, *segs, N)
+    acc = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+    for s in range(len(bounds_) - 1):
+        lo, hi = bounds_[s], bounds_[s + 1]
+        vs = torch.where(keep[s], v, torch.zeros((), device=v.device))
+        rows = keep[s].any(0)
+        acc[:, lo:hi] = vs[:, rows] @ lin.w[rows, lo:hi].float()
+        count[s] += int(rows.sum())
+    if lin.bias is not None:
+        acc = acc + lin.bias[None, :]
+    out += acc
+
+
+def kth_threshold(x: torch.Tensor, crit: torch.Tensor, k: int, thr: torch.Tensor, *, mode: str) -> None:
+    """thr[s, b] = the k-th largest |a_bi|·crit[s, i] (a: the raw input, or silu(g)·u for "gated")."""
+    K = crit.shape[1]
+    a, _v, _s = _thr_input(x, None, "plain" if mode == "rms" else mode, K, 0.0)
+    score = a.abs()[None] * crit.float()[:, None, :]
+    thr.copy_(torch.topk(score, k, dim=-1).values[..., k - 1])

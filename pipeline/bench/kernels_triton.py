@@ -13,6 +13,9 @@
   length (flash-decoding) with the merge done by the last split of each head in the same launch.
 - `_select_kernel` / `_compact_kernel`: exact top-k per layer by bisection on the float bit pattern (no sort),
   union over the batch, and index compaction, all on the device (graph-capturable, fixed grids).
+- `_thr_col_kernel`: input-sparse GEMV over W^T (TEAL, WINA, CATS' down) with the threshold test fused: per K-tile
+  the input is tested channel by channel and only the W^T rows some sequence keeps are loaded (masked loads);
+  `_kth_kernel`: WINA's per-token top-k as a threshold (the k-th largest score, by the same bisection).
 Every loop has a static trip count and every data-dependent bound is a mask, so the kernels also run under
 TRITON_INTERPRET=1 on a CPU.
 """
@@ -24,11 +27,12 @@ import triton
 import triton.language as tl
 
 from .sel import Sel
-from .tiles import DEFAULT_TILES, Tiles, attn_tiling, col_tiling, row_tiling
+from .tiles import DEFAULT_TILES, Tiles, attn_tiling, col_tiling, row_tiling, thr_col_tiling
 from .weights import Linear
 
 _NORM = {"none": 0, "rms": 1, "ln": 2, "minmax": 3}
-_ACT = {"none": 0, "relu": 1, "silu_gate": 2}
+_ACT = {"none": 0, "relu": 1, "silu_gate": 2, "gate_thresh": 3}
+_IN = {"plain": 0, "rms": 1, "gated": 2, "cats": 3}
 _SEL = {"dense": 0, "units": 1, "index": 2}
 
 # Tile choices: an immutable `Tiles` value (pipeline/bench/tiles.py) passed to every launcher; the default is the
@@ -93,6 +97,9 @@ def _row_kernel(
     count_ptr,
     kidx_ptr,
     kcount_ptr,
+    g_ptr,
+    stride_gb,
+    gthr_ptr,
     eps,
     G: tl.constexpr,
     SEL: tl.constexpr,
@@ -128,6 +135,17 @@ def _row_kernel(
     rows64 = rows.to(tl.int64)
     offs_b = tl.arange(0, BM)
     bmask = offs_b < B
+    if ACT == 3:  # CATS: a row is read iff any sequence keeps its neuron, |silu(gate)| > t (gate from the dense
+        # gate kernel, which must be complete: wait first); each sequence keeps only its own neurons
+        _grid_dep(PDL)
+        gv = tl.load(
+            g_ptr + offs_b[:, None] * stride_gb + rows64[None, :], mask=bmask[:, None] & nmask[None, :], other=0.0
+        ).to(tl.float32)
+        ga = gv / (1.0 + tl.exp(-gv))
+        gkeep = (tl.abs(ga) > tl.load(gthr_ptr)) & bmask[:, None] & nmask[None, :]
+        nmask = tl.max(gkeep.to(tl.int32), axis=0) > 0
+        if tl.sum(nmask.to(tl.int32), axis=0) == 0:
+            return
     acc = tl.zeros([BM, BN], tl.float32)
     acc2 = tl.zeros([BM, BN], tl.float32)
     part = tl.zeros([BN, BK], tl.float32)  # batch 1: elementwise partial products, reduced once at the end
@@ -150,7 +168,8 @@ def _row_kernel(
         w2 = _row_load(w2_ptrs, cols, cmask, nmask, KSEL, BK)
     else:
         w2 = w
-    _grid_dep(PDL)
+    if ACT != 3:
+        _grid_dep(PDL)
     x = _row_load(x_ptrs, cols, cmask, bmask, KSEL, BK).to(tl.float32)
     kmask = tl.reshape(cmask, [BK])
     for k0 in range(BK, K + BK, BK):
@@ -210,6 +229,8 @@ def _row_kernel(
         acc = tl.maximum(acc, 0.0)
     if ACT == 2:
         acc = acc / (1.0 + tl.exp(-acc)) * acc2
+    if ACT == 3:
+        acc = tl.where(gkeep, ga * acc, 0.0)
     out_ptrs = out_ptr + offs_b[:, None] * stride_ob + offs_n[None, :]
     omask = bmask[:, None] & nmask[None, :]
     if ACCUM:  # residual add: each program owns its output rows, so a plain read-modify-write suffices
@@ -456,10 +477,9 @@ def _write_selection(
 
 
 @triton.jit
-def _topk_mask(s, valid, k, BLOCK: tl.constexpr):
-    """Exactly k of the valid entries of s (fp32): the k largest, ties to the lowest index. The k-th largest key
-    (an order-preserving integer view of the float) is found by bisection, one block-wide count per bit. (A 4-way
-    search, 16 passes of three counts, and a radix select, four 256-bin histograms, were both slower on the H200.)"""
+def _kth_key(s, valid, k, BLOCK: tl.constexpr):
+    """The k-th largest of the valid entries of s (fp32) as an order-preserving int32 key, by bisection (one
+    block-wide count per bit); also returns the keys."""
     bits = s.to(tl.int32, bitcast=True)
     key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # signed order == float order
     key = tl.where(valid, key, tl.full([BLOCK], -2147483648, tl.int32))
@@ -471,7 +491,15 @@ def _topk_mask(s, valid, k, BLOCK: tl.constexpr):
         ge = c >= k
         lo = tl.where(ge, mid, lo)
         hi = tl.where(ge, hi, mid)
-    thr = lo.to(tl.int32)
+    return lo.to(tl.int32), key
+
+
+@triton.jit
+def _topk_mask(s, valid, k, BLOCK: tl.constexpr):
+    """Exactly k of the valid entries of s (fp32): the k largest, ties to the lowest index. The k-th largest key
+    (an order-preserving integer view of the float) is found by bisection, one block-wide count per bit. (A 4-way
+    search, 16 passes of three counts, and a radix select, four 256-bin histograms, were both slower on the H200.)"""
+    thr, key = _kth_key(s, valid, k, BLOCK)
     gt = key > thr
     eq = (key == thr) & valid
     rank = tl.cumsum(eq.to(tl.int32), axis=0)
@@ -565,6 +593,204 @@ def _compact_kernel(
     )
 
 
+@triton.jit
+def _thr_tile(
+    x_ptr,
+    stride_xb,
+    x2_ptr,
+    stride_x2b,
+    K,
+    offs_b,
+    bmask,
+    k0,
+    live,
+    c_row,
+    thr,
+    scale,
+    IN: tl.constexpr,
+    GE: tl.constexpr,
+    NORM_THR: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """One K-tile of a thresholded input: the values each sequence keeps ([BM, BK], dropped ones 0), which rows
+    any sequence keeps ([BK]), and their channels."""
+    offs_k = k0 + tl.arange(0, BK)
+    kmask = (offs_k < K) & live
+    m = bmask[:, None] & kmask[None, :]
+    xp = x_ptr + offs_b[:, None] * stride_xb + offs_k[None, :]
+    x = tl.load(xp, mask=m, other=0.0).to(tl.float32)
+    if IN == 2:  # gated MLP: x holds [gate | up] (fp32 sums of the column kernel), the input is silu(g)·u
+        u = tl.load(xp + K, mask=m, other=0.0).to(tl.float32)
+        a = x / (1.0 + tl.exp(-x)) * u
+    elif IN == 3:  # CATS: the criterion is silu(gate), the value comes from x2
+        a = x / (1.0 + tl.exp(-x))
+    else:
+        a = x
+    score = tl.abs(a) * tl.load(c_row + offs_k, mask=kmask, other=0.0)[None, :]
+    if NORM_THR:
+        score = score * scale[:, None]
+    if GE:
+        keep = (score >= thr[:, None]) & m
+    else:
+        keep = (score > thr[:, None]) & m
+    if IN == 3:
+        v = tl.load(x2_ptr + offs_b[:, None] * stride_x2b + offs_k[None, :], mask=keep, other=0.0).to(tl.float32)
+    elif IN == 1:
+        v = x * scale[:, None]
+    else:
+        v = a
+    v = tl.where(keep, v, 0.0)
+    row = tl.max(keep.to(tl.int32), axis=0) > 0
+    return v, row, offs_k
+
+
+@triton.jit
+def _thr_col_kernel(
+    x_ptr,
+    stride_xb,
+    x2_ptr,
+    stride_x2b,
+    B,
+    K,
+    w_ptr,
+    b_ptr,
+    out_ptr,
+    stride_ob,
+    N,
+    c_ptr,
+    stride_cs,
+    thr_ptr,
+    stride_ts,
+    stride_tb,
+    cnt_ptr,
+    S1,
+    S2,
+    eps,
+    IN: tl.constexpr,
+    GE: tl.constexpr,
+    NORM_THR: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    PDL: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    KPP: tl.constexpr,
+    KS: tl.constexpr,
+):
+    """Input-sparse GEMV with the selection fused: program (n, k) owns output columns [n·BN, n·BN+BN) and input
+    channels [k·KPP, k·KPP+KPP) of W^T [K, N]. Per K-tile it loads the input, tests each channel of each
+    sequence against its segment's threshold, and loads only the W^T rows (channels) some sequence keeps (masked
+    loads: a dropped channel's row is never fetched). fp32 atomic adds into `out`. The first program of each
+    output segment adds the rows it read to cnt[segment]."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n0 = pid_n * BN
+    seg = (n0 >= S1).to(tl.int32) + (n0 >= S2).to(tl.int32)
+    first = (n0 == 0) | (n0 == S1) | (n0 == S2)
+    offs_n = n0 + tl.arange(0, BN)
+    nmask = offs_n < N
+    offs_b = tl.arange(0, BM)
+    bmask = offs_b < B
+    out_ptrs = out_ptr + offs_b[:, None] * stride_ob + offs_n[None, :]
+    omask = bmask[:, None] & nmask[None, :]
+    c_row = c_ptr + seg * stride_cs
+    thr = tl.load(thr_ptr + seg * stride_ts + offs_b * stride_tb, mask=bmask, other=float("inf"))
+    _grid_dep(PDL)  # which weight rows to read depends on the input: nothing to prefetch
+    if HAS_BIAS and pid_k == 0:
+        bias = tl.load(b_ptr + offs_n, mask=nmask, other=0.0)
+        tl.atomic_add(out_ptrs, tl.zeros([BM, BN], tl.float32) + bias[None, :], mask=omask, sem="relaxed")
+    scale = tl.full([BM], 1.0, tl.float32)
+    if IN == 1:  # RMSNorm statistics over the whole input (gain folded into W^T)
+        s2 = tl.zeros([BM], tl.float32)
+        for k0 in range(0, K, KS):
+            offs = k0 + tl.arange(0, KS)
+            xs = tl.load(
+                x_ptr + offs_b[:, None] * stride_xb + offs[None, :],
+                mask=bmask[:, None] & (offs < K)[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            s2 += tl.sum(xs * xs, axis=1)
+        scale = 1.0 / tl.sqrt(s2 / K + eps)
+    k_start = pid_k * KPP
+    acc = tl.zeros([BM, BN], tl.float32)
+    part = tl.zeros([BK, BN], tl.float32)
+    nk = tl.zeros([], tl.int32)
+    # hand-pipelined: tile i+1's input, test and kept rows are loaded before tile i is used
+    v, row, offs_k = _thr_tile(
+        x_ptr, stride_xb, x2_ptr, stride_x2b, K, offs_b, bmask, k_start, True, c_row, thr, scale, IN, GE, NORM_THR, BK
+    )
+    w = tl.load(
+        w_ptr + offs_k.to(tl.int64)[:, None] * N + offs_n[None, :], mask=row[:, None] & nmask[None, :], other=0.0
+    )
+    for k0 in range(BK, KPP + BK, BK):
+        v_n, row_n, offs_kn = _thr_tile(
+            x_ptr,
+            stride_xb,
+            x2_ptr,
+            stride_x2b,
+            K,
+            offs_b,
+            bmask,
+            k_start + k0,
+            k0 < KPP,
+            c_row,
+            thr,
+            scale,
+            IN,
+            GE,
+            NORM_THR,
+            BK,
+        )
+        w_n = tl.load(
+            w_ptr + offs_kn.to(tl.int64)[:, None] * N + offs_n[None, :],
+            mask=row_n[:, None] & nmask[None, :],
+            other=0.0,
+        )
+        if BM == 1:
+            part += w.to(tl.float32) * tl.reshape(v, [BK, 1])
+        else:
+            acc = tl.dot(v.to(w.dtype), w, acc)
+        nk += tl.sum(row.to(tl.int32), axis=0)
+        v, w, row = v_n, w_n, row_n
+    if BM == 1:
+        acc = tl.sum(part, axis=0)[None, :]
+    tl.atomic_add(out_ptrs, acc, mask=omask & (nk > 0), sem="relaxed")
+    tl.atomic_add(cnt_ptr + seg, nk, mask=first, sem="relaxed")
+
+
+@triton.jit
+def _kth_kernel(
+    x_ptr,
+    stride_xb,
+    K,
+    c_ptr,
+    stride_cs,
+    k,
+    thr_ptr,
+    stride_ts,
+    stride_tb,
+    IN: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """WINA's per-token top-k as a threshold: program (s, b) writes the k-th largest |a_i|·c[s, i] of sequence b
+    (a: the raw input, or silu(g)·u for a gated MLP's down input, computed exactly as `_thr_tile` does)."""
+    sg = tl.program_id(0)
+    b = tl.program_id(1)
+    offs = tl.arange(0, BLOCK)
+    valid = offs < K
+    xp = x_ptr + b.to(tl.int64) * stride_xb + offs
+    x = tl.load(xp, mask=valid, other=0.0).to(tl.float32)
+    if IN == 2:
+        u = tl.load(xp + K, mask=valid, other=0.0).to(tl.float32)
+        a = x / (1.0 + tl.exp(-x)) * u
+    else:
+        a = x
+    score = tl.abs(a) * tl.load(c_ptr + sg * stride_cs + offs, mask=valid, other=0.0)
+    key, _keys = _kth_key(score, valid, k, BLOCK)
+    bits = tl.where(key >= 0, key, key ^ 0x7FFFFFFF)
+    tl.store(thr_ptr + sg * stride_ts + b * stride_tb, bits.to(tl.float32, bitcast=True))
+
+
 # ----------------------------------------------------------------------------------------------- wrappers
 
 
@@ -596,7 +822,12 @@ def row_gemv(
     tile: str = "row",
     pdl: bool = False,
     tiles: Tiles = DEFAULT_TILES,
+    gate: torch.Tensor | None = None,
+    gate_thr: torch.Tensor | None = None,
 ) -> None:
+    """`act="gate_thresh"` (CATS' up projection): `gate` [B, N] fp32 holds the dense gate; only rows with
+    |silu(gate)| > gate_thr[0] for some sequence are read, out = silu(gate)·(W·x) where that sequence keeps the
+    row, 0 where another sequence keeps it, unwritten where none does."""
     B, K = x.shape
     N = lin.w.shape[0]
     assert x.stride(1) == 1 and out.stride(1) == 1 and lin.w.is_contiguous() and B <= 16
@@ -606,6 +837,8 @@ def row_gemv(
         )
     if accumulate:
         assert sel.kind == "dense" and out.dtype == torch.float32, "accumulate: dense rows into an fp32 output"
+    if act == "gate_thresh":
+        assert sel.kind == "dense" and gate is not None and gate_thr is not None and gate.stride(1) == 1
     has_bias = lin.bias is not None
     if act == "silu_gate":
         assert (lin2.bias is not None) == has_bias and lin2.w.shape == lin.w.shape
@@ -643,6 +876,9 @@ def row_gemv(
         count,
         ksel.idx if ksel is not None else x,
         ksel.count if ksel is not None else x,
+        gate if gate is not None else x,
+        gate.stride(0) if gate is not None else 0,
+        gate_thr if gate_thr is not None else x,
         eps,
         G=sel.group,
         SEL=_SEL[sel.kind],
@@ -842,3 +1078,103 @@ def select_heads(scores, k, qkv_mask, head_idx, head_count, *, out_row0, kv_head
 
 def select_neurons(scores, k, idx, count, *, out_row0, union=None) -> None:
     _select(scores, k, 1, mask=None, idx=idx, count=count, out_row0=out_row0, union=union)
+
+
+def _segments(n: int, segs: tuple[int, ...]) -> tuple[int, int]:
+    """Up to three output segments [0, S1), [S1, S2), [S2, n) as (S1, S2)."""
+    assert len(segs) <= 2 and all(0 < b <= n for b in segs) and list(segs) == sorted(segs)
+    b = list(segs) + [n] * (2 - len(segs))
+    return b[0], b[1]
+
+
+def thr_col_gemv(
+    x: torch.Tensor,
+    lin: Linear,
+    out: torch.Tensor,
+    *,
+    mode: str,
+    crit: torch.Tensor,
+    thr: torch.Tensor,
+    count: torch.Tensor,
+    x2: torch.Tensor | None = None,
+    ge: bool = False,
+    norm_thr: bool = False,
+    segs: tuple[int, ...] = (),
+    eps: float = 1e-5,
+    pdl: bool = False,
+    tiles: Tiles = DEFAULT_TILES,
+) -> None:
+    """Input-sparse GEMV, selection fused: out[b] += Σ_{i kept by b} v_bi · W^T[i] (+ bias), W^T = `lin.w` [K, N].
+
+    mode: the input v. "plain": x [B, K]; "rms": x·rstd(x) (RMSNorm, gain folded into W^T); "gated": x [B, 2K]
+    fp32 = [gate | up], v = silu(g)·u; "cats": v = x2, the criterion on silu(x) (x: the dense gate).
+    Channel i of sequence b is kept iff |a_bi|·crit[s, i] (·rstd_b with `norm_thr`) > thr[s, b] (≥ with `ge`),
+    a = v (x for "rms", silu(x) for "cats"), s = the output segment of the column (`segs`: its boundaries, up to
+    two; crit [S, K] and thr [S, B] may have stride 0). W^T row i is read iff some sequence keeps i; count[s] +=
+    the rows read for segment s (int32 [S])."""
+    B = x.shape[0]
+    K, N = lin.w.shape
+    assert x.stride(1) == 1 and out.stride(1) == 1 and out.dtype == torch.float32 and lin.w.is_contiguous()
+    assert crit.stride(-1) == 1 and crit.shape[-1] == K and count.dtype == torch.int32
+    if mode == "cats":
+        assert x2 is not None and x2.stride(1) == 1
+    s1, s2 = _segments(N, segs)
+    t = thr_col_tiling(tiles, batch=B, n=N, segs=segs)
+    grid = (triton.cdiv(N, t.BN), triton.cdiv(K, t.KPP))
+    _thr_col_kernel[grid](
+        x,
+        x.stride(0),
+        x2 if x2 is not None else x,
+        x2.stride(0) if x2 is not None else 0,
+        B,
+        K,
+        lin.w,
+        lin.bias if lin.bias is not None else out,
+        out,
+        out.stride(0),
+        N,
+        crit,
+        crit.stride(0) if crit.dim() == 2 else 0,
+        thr,
+        thr.stride(0),
+        thr.stride(1),
+        count,
+        s1,
+        s2,
+        eps,
+        IN=_IN[mode],
+        GE=ge,
+        NORM_THR=norm_thr,
+        HAS_BIAS=lin.bias is not None,
+        PDL=_pdl(pdl, x, tiles),
+        BM=1 if B == 1 else 16,
+        BN=t.BN,
+        BK=t.BK,
+        KPP=t.KPP,
+        KS=min(1024, triton.next_power_of_2(K)),
+        num_warps=t.warps,
+        launch_pdl=_pdl(pdl, x, tiles),
+    )
+
+
+def kth_threshold(x: torch.Tensor, crit: torch.Tensor, k: int, thr: torch.Tensor, *, mode: str) -> None:
+    """thr[s, b] = the k-th largest |a_bi|·crit[s, i] (a: x for "plain"/"rms" — the raw input: RMSNorm's positive
+    scale does not change the order —, silu(g)·u of x = [g | u] for "gated"). One program per (s, b)."""
+    B = x.shape[0]
+    S, K = crit.shape
+    assert mode in ("plain", "rms", "gated") and 1 <= k <= K and x.stride(1) == 1 and crit.stride(1) == 1
+    block = triton.next_power_of_2(K)
+    _kth_kernel[(S, B)](
+        x,
+        x.stride(0),
+        K,
+        crit,
+        crit.stride(0),
+        k,
+        thr,
+        thr.stride(0),
+        thr.stride(1),
+        IN=_IN[mode],
+        BLOCK=block,
+        num_warps=_select_warps(block),
+    )

@@ -10,7 +10,7 @@ from pipeline.params import ParamError, Section, at_least, fraction, nonempty
 from . import shapes
 from .predictors import PredictorSpec
 
-Method = Literal["dense", "static", "shadowllm", "dejavu"]
+Method = Literal["dense", "static", "shadowllm", "dejavu", "teal", "wina", "cats", "griffin"]
 
 # benchmark predictor -> the train stage's predictor kind whose widths `widths_from_train` takes
 TRAIN_KIND = {"shadowllm": "shadowllm", "dejavu": "dejavu_lookahead"}
@@ -71,6 +71,21 @@ class ProfilePoint(Section):
 
 
 @dataclass(frozen=True)
+class Thresholders(Section):
+    """The thresholders' grid (issue 12 item 3): each method at each per-tensor (per-unit) sparsity and batch,
+    with its measured byte sparsity; dense of the same batch is measured with it where the main grid has none."""
+
+    models: list[str]
+    methods: list[Method] = nonempty()
+    sparsities: list[float] = fraction(nonempty=True)
+    batches: list[int] = at_least(1, max=16, nonempty=True)
+
+    def check(self, where: str) -> None:
+        for i, m in enumerate(self.models):
+            _check_model(m, f"{where}.models[{i}]")
+
+
+@dataclass(frozen=True)
 class BenchmarkParams(Section):
     """`benchmark:` — what the GPU decode-latency benchmark measures, and how."""
 
@@ -89,6 +104,7 @@ class BenchmarkParams(Section):
     dejavu: Widths
     widths_from_train: bool
     extra: list[Extra]
+    thresholders: Thresholders
     profile: list[ProfilePoint]
     sweep_tiles: bool
     micro_model: str | None
@@ -121,5 +137,9 @@ class BenchmarkParams(Section):
             _check_model(self.micro_model, f"{where}.micro_model")
 
     def uses(self, method: str) -> bool:
-        """Whether the grid or an ablation measures `method`."""
-        return method in self.methods or any(e.method == method for e in self.extra)
+        """Whether the grid, an ablation or the thresholders' grid measures `method`."""
+        return (
+            method in self.methods
+            or any(e.method == method for e in self.extra)
+            or (bool(self.thresholders.models) and method in self.thresholders.methods)
+        )

@@ -88,3 +88,20 @@ def predicted_plan(shape: ModelShape, head_sparsity: float, neuron_sparsity: flo
     plan = dense_plan(shape, device)
     plan.k_heads, plan.k_neurons = kept(shape.heads, head_sparsity), kept(shape.ffn, neuron_sparsity)
     return plan
+
+
+def per_sequence_plan(shape: ModelShape, neuron_sparsity: float, batch: int, device, seed: int = 0) -> Plan:
+    """GRIFFIN's static per-sequence neurons: each sequence keeps its own k neurons per layer, chosen once (in the
+    benchmark a fixed random draw per sequence; latency does not depend on which), the plan keeps their union over
+    the batch; heads all kept, layer 0 dense. Within the union every sequence uses every kept neuron (the reads
+    are the same as with each sequence's own set zeroed; the outputs are not)."""
+    plan = dense_plan(shape, device)
+    plan.k_neurons = kept(shape.ffn, neuron_sparsity)
+    gen = torch.Generator().manual_seed(seed)
+    heads = torch.ones(shape.heads, dtype=torch.bool)
+    for l in range(1, shape.layers):
+        n = torch.zeros(shape.ffn, dtype=torch.bool)
+        for _ in range(batch):
+            n[torch.randperm(shape.ffn, generator=gen)[: plan.k_neurons]] = True
+        set_layer(plan, shape, l, heads, n)
+    return plan

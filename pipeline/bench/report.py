@@ -32,6 +32,8 @@ COLUMNS = [
     "predictor_share",
     "kept_heads_mean",
     "kept_neurons_mean",
+    "byte_sparsity",
+    "grid",
     "status",
 ]
 
@@ -155,6 +157,35 @@ def to_markdown(results: dict) -> str:
                 f"{r.get('pdl', True)} | "
                 f"{r['ms_per_token']:.3f} | {_fmt(r.get('speedup_vs_dense'))} | {r['predictor_bytes'] / 1e6:.0f} |"
             )
+    thr = results.get("thresholder_rows", [])
+    if thr:
+        lines += [
+            "",
+            "## Thresholders next to the predictors (issue 12 item 3)",
+            "",
+            "sparsity: the method's own share (per tensor for teal/wina, of each layer's neurons for cats/griffin, "
+            "of heads and neurons for the predictors); bytes skipped: the measured share of weight bytes not read "
+            "(mean over the steps, the union of reads over the batch). Compare rows at equal bytes skipped.",
+            "",
+            "| model | batch | method | sparsity | bytes skipped | ms/token | × dense | bound × | frac of bound |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in sorted(
+            (r for r in thr if r.get("status") == "ok"), key=lambda r: (r["model"], r["batch"], r["byte_sparsity"])
+        ):
+            lines.append(
+                f"| {r['model']} | {r['batch']} | {r['method']} | {r['sparsity']:.0%} | {r['byte_sparsity']:.3f} | "
+                f"{r['ms_per_token']:.3f} | {_fmt(r.get('speedup_vs_dense'))} | {r['speedup_bound']:.2f} | "
+                f"{r['frac_of_bound']:.2f} |"
+            )
+        bad = [r for r in thr if r.get("status") != "ok"]
+        if bad:
+            lines.append("")
+            lines.append(
+                f"Not measured: {len(bad)} ("
+                + "; ".join(sorted({f"{r['method']}: {r.get('status')}" for r in bad}))[:600]
+                + ")."
+            )
     micro = results.get("micro") or {}
     if micro.get("kernels"):
         lines += [
@@ -246,7 +277,7 @@ def write_all(results: dict, out_dir: str | Path, stem: str) -> list[Path]:
     paths = [out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}.csv"]
     write_text(paths[0], json.dumps(results, indent=1, default=str))
     write_text(paths[1], to_markdown(results))
-    write_text(paths[2], to_csv(results["rows"]))
+    write_text(paths[2], to_csv(results["rows"] + results.get("thresholder_rows", [])))
     try:
         plot(results["rows"], out / f"{stem}_ms_vs_sparsity.png")
         paths.append(out / f"{stem}_ms_vs_sparsity.png")

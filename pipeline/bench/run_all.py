@@ -30,38 +30,82 @@ def _config(bp: BenchmarkParams, tiles: Tiles, **kw) -> EngineConfig:
 
 
 def measure_one(
-    shape, w, preds, *, method, sparsity, batch, bp, tiles, overlap, shadow_spec, dejavu_spec, copy_gbps, dense_ms, pdl
+    shape,
+    w,
+    preds,
+    *,
+    method,
+    sparsity,
+    batch,
+    bp,
+    tiles,
+    overlap,
+    shadow_spec,
+    dejavu_spec,
+    copy_gbps,
+    dense_ms,
+    pdl,
+    backend="triton",
+    device="cuda",
 ):
+    """One configuration: CUDA-graph timing on a GPU; on a CPU (`device="cpu"`, the tests) eager steps timed by the
+    host clock, only to exercise the path."""
     from . import bounds, timing
-    from .engine import DecodeEngine
+    from .engine import REGISTRY, DecodeEngine
 
+    hs, ns = REGISTRY[method].sparsities(sparsity)
     ecfg = _config(
         bp,
         tiles,
         method=method,
-        head_sparsity=sparsity,
-        neuron_sparsity=sparsity,
+        head_sparsity=hs,
+        neuron_sparsity=ns,
         batch=batch,
         shadowllm=shadow_spec,
         dejavu=dejavu_spec,
         overlap=overlap,
         pdl=pdl,
     )
-    eng = DecodeEngine(shape, ecfg, weights=w, backend="triton", device="cuda", predictors=preds)
-    g = timing.capture(eng)
-    times = timing.time_decode(eng, g, warmup=bp.warmup_steps, repeats=bp.repeats)
+    eng = DecodeEngine(
+        shape, ecfg, weights=w, backend=backend, device=device, predictors=preds, dtype=w.lm_head.w.dtype
+    )
+    if device == "cpu":
+        g = None
+        times = timing.time_eager(eng, warmup=bp.warmup_steps, repeats=bp.repeats)
+    else:
+        g = timing.capture(eng)
+        times = timing.time_decode(eng, g, warmup=bp.warmup_steps, repeats=bp.repeats)
     t = timing.summarize(times)
     heads, neurons = eng.plan.host_masks(shape)
     ctx = bp.prompt_len + (bp.gen_len - 1) / 2
-    by = bounds.step_bytes(shape, heads, neurons, batch=batch, context=ctx, predictor_bytes=eng.predictor_bytes())
-    dense_by = bounds.dense_bytes(shape, batch=batch, context=ctx)
+    elem = w.lm_head.w.element_size()
+    by = bounds.step_bytes(
+        shape, heads, neurons, batch=batch, context=ctx, predictor_bytes=eng.predictor_bytes(), elem=elem
+    )
+    if eng.spec.counted:  # data-dependent reads: the kernels' counters, mean over every step run (warm-up included)
+        wb = eng.weight_bytes()
+        by.update({f"{k}_bytes": wb[k] for k in ("qkv", "o", "mlp_in", "mlp_out")})
+        by["attn_bytes"], by["mlp_bytes"] = wb["qkv"] + wb["o"], wb["mlp_in"] + wb["mlp_out"]
+        by["total_bytes"] = sum(
+            by[k] for k in ("attn_bytes", "mlp_bytes", "lm_head_bytes", "kv_bytes", "predictor_bytes")
+        )
+    dense_by = bounds.step_bytes(
+        shape,
+        torch.ones(shape.layers, shape.heads, dtype=torch.bool),
+        torch.ones(shape.layers, shape.ffn, dtype=torch.bool),
+        batch=batch,
+        context=ctx,
+        elem=elem,
+    )
     bd = bounds.bound(by["total_bytes"], dense_by["total_bytes"], copy_gbps)
     row = {
         "model": shape.name,
         "method": method,
         "batch": batch,
-        "head_sparsity": sparsity,
-        "neuron_sparsity": sparsity,
+        "head_sparsity": hs,
+        "neuron_sparsity": ns,
+        "sparsity": sparsity,
+        "byte_sparsity": eng.byte_sparsity(),
         **t,
         "tokens_per_s": batch * 1e3 / t["ms_per_token"],
         "achieved_gbps": by["total_bytes"] / (t["ms_per_token"] * 1e-3) / 1e9,
@@ -79,6 +123,45 @@ def measure_one(
     }  # pdl as launched (off for overlapped DejaVu)
     del g, eng
     return row
+
+
+def measure_thresholders(shape, w, preds, *, bp, tiles, copy_gbps, dense_rows, log, t0, backend, device) -> list:
+    """The thresholders' grid of one model (`benchmark.thresholders`): every method at every sparsity and batch,
+    dense first at each batch the main grid did not measure (`dense_rows`: (model, batch) -> its row)."""
+    from .engine import REGISTRY
+
+    tb = bp.thresholders
+    rows = []
+    for b in tb.batches:
+        dense = dense_rows.get((shape.name, b))
+        todo = ([("dense", 0.0)] if dense is None else []) + [(m, sp) for m in tb.methods for sp in tb.sparsities]
+        for method, sp in todo:
+            base = {"model": shape.name, "method": method, "batch": b, "sparsity": sp, "grid": "thresholders"}
+            why = REGISTRY[method].unsupported(shape)
+            if why or time.time() - t0 > bp.time_budget_s:
+                rows.append({**base, "status": f"skipped: {why or 'time budget'}"})
+                continue
+            try:
+                row = measure_one(
+                    shape, w, preds, method=method, sparsity=sp, batch=b, bp=bp, tiles=tiles, overlap=bp.overlap,
+                    shadow_spec=bp.shadowllm.spec, dejavu_spec=bp.dejavu.spec, copy_gbps=copy_gbps,
+                    dense_ms=dense["ms_per_token"] if dense else None, pdl=True, backend=backend, device=device,
+                )  # fmt: skip
+            except Exception as e:  # record and go on
+                rows.append({**base, "status": f"error: {type(e).__name__}: {str(e)[:300]}"})
+                log(f"[bench] thresholders {shape.name} {method} b={b} s={sp}: {rows[-1]['status']}")
+                continue
+            row["grid"] = "thresholders"
+            if method == "dense":
+                dense = row
+                row["speedup_vs_dense"] = 1.0
+            rows.append(row)
+            log(
+                f"[bench] thr {shape.name:11s} b={b:2d} {method:9s} s={sp:.2f} {row['ms_per_token']:7.3f} ms "
+                f"bytes skipped {row['byte_sparsity']:.3f} x={row['speedup_vs_dense'] or 1:.2f} "
+                f"(bound {row['speedup_bound']:.2f})"
+            )
+    return rows
 
 
 def profile_one(shape, w, preds, *, method, sparsity, bp, tiles, shadow_spec, dejavu_spec, copy_gbps) -> dict:
@@ -295,6 +378,27 @@ def run(bp: BenchmarkParams, log=_log) -> dict:
                             f"t={time.time() - t0:.0f}s"
                         )
                     results["rows"].append(row)
+        if model in bp.thresholders.models:
+            dense_rows = {
+                (r["model"], r["batch"]): r
+                for r in results["rows"]
+                if r.get("status") == "ok" and r["method"] == "dense" and r["model"] == model
+            }
+            results.setdefault("thresholder_rows", []).extend(
+                measure_thresholders(
+                    shape,
+                    w,
+                    preds,
+                    bp=bp,
+                    tiles=tiles,
+                    copy_gbps=cp["copy_gbps"],
+                    dense_rows=dense_rows,
+                    log=log,
+                    t0=t0,
+                    backend="triton",
+                    device="cuda",
+                )
+            )
         if model == bp.summary_model:
             for pc in bp.profile:
                 try:

@@ -148,3 +148,21 @@ def attn_tiling(tiles: Tiles, max_len: int) -> AttnTiling:
     cfg = tiles.attn
     nt = cfg.get("NT", 1)
     return AttnTiling(cfg["BT"], nt, _cdiv(max_len, cfg["BT"] * nt), cfg["warps"])
+
+
+def thr_col_tiling(tiles: Tiles, *, batch: int, n: int, segs: tuple[int, ...] = ()) -> ColTiling:
+    """Block sizes of one thresholded column GEMV (`col` at batch 1, `col_dot` above): BN also divides every
+    output segment (a program's columns share one segment's criterion) and is at least 16 for `tl.dot`."""
+    cfg = tiles.col_dot if batch > 1 else tiles.col
+    bn = cfg["BN"]
+    for width in [b - a for a, b in zip((0, *segs), (*segs, n))] if segs else []:
+        while width % bn:
+            bn //= 2
+    if batch > 1:
+        assert bn >= 16, "segments must be multiples of 16 columns at batch > 1"
+    kpp = cfg["KPP"]
+    bk = min(cfg["BK"], kpp)
+    if batch > 1:
+        bk = max(bk, 16)
+        kpp = max(kpp, bk)
+    return ColTiling(bn, bk, kpp, cfg["warps"])

@@ -61,6 +61,23 @@ def time_decode(engine, graph: torch.cuda.CUDAGraph, *, warmup: int = 8, repeats
     return out
 
 
+def time_eager(engine, *, warmup: int = 0, repeats: int = 1) -> list[float]:
+    """Per-step milliseconds of eager steps by the host clock (CPU smoke path of the run; no CUDA events)."""
+    import time
+
+    engine.reset()
+    for _ in range(warmup):
+        engine.step()
+    out: list[float] = []
+    for _ in range(repeats):
+        engine.reset()
+        for _ in range(engine.cfg.gen_len):
+            t = time.perf_counter()
+            engine.step()
+            out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
 def summarize(times: list[float]) -> dict[str, float]:
     qs = statistics.quantiles(times, n=10) if len(times) >= 10 else [min(times)] * 9
     return {

@@ -36,6 +36,19 @@ class LayerWeights:
     w3: Linear | None  # up, [F, D] (gated only)
     w2T: Linear  # [F, D]; bias: [D]
     raw: dict[str, torch.Tensor] = field(default_factory=dict)
+    gamma1: torch.Tensor | None = None  # fp32 [D]: the attention pre-norm's gain (folded into qkv; TEAL's criterion)
+    gamma2: torch.Tensor | None = None  # fp32 [D]: the MLP pre-norm's gain (folded into w1/w3)
+
+
+@dataclass
+class ColLayer:
+    """One layer's matrices transposed for the input-sparse (column) kernels: row i of each is input channel i's
+    column of the linear, contiguous, so a dropped channel skips one whole row. Built from the folded weights."""
+
+    qkvT: Linear  # [D, (H + 2·KVH)·d]; bias [(H + 2·KVH)·d]
+    oT: Linear  # [H·d, D]; bias [D]
+    w13T: Linear  # [D, 2F]: gate columns 0…F-1, up columns F…2F-1 (gated; else fc1 [D, F])
+    w2T: Linear  # [F, D] (the row layout's own, shared)
 
 
 @dataclass
@@ -46,6 +59,25 @@ class ModelWeights:
     pos_embed: torch.Tensor | None  # [P + 2, D] (OPT)
     lm_head: Linear  # folded with the final norm
     raw: dict[str, torch.Tensor] = field(default_factory=dict)
+    _cols: list[ColLayer] | None = field(default=None, repr=False)
+
+    def col_layers(self) -> list[ColLayer]:
+        """The transposed matrices of every layer (built once, then cached: one more copy of q/k/v, o, gate/up)."""
+        if self._cols is None:
+            cols = []
+            for lw in self.layers:
+                w13 = lw.w1.w if lw.w3 is None else torch.cat([lw.w1.w, lw.w3.w], 0)
+                b13 = lw.w1.bias if lw.w3 is None or lw.w1.bias is None else torch.cat([lw.w1.bias, lw.w3.bias])
+                cols.append(
+                    ColLayer(
+                        Linear(lw.qkv.w.t().contiguous(), lw.qkv.bias),
+                        Linear(lw.o.w.t().contiguous(), lw.o.bias),
+                        Linear(w13.t().contiguous(), b13),
+                        lw.w2T,
+                    )
+                )
+            self._cols = cols
+        return self._cols
 
     def matrix_bytes(self) -> int:
         total = self.lm_head.w.numel() * self.lm_head.w.element_size()
@@ -141,6 +173,8 @@ def build(
                 w3=fold(w3, g2, be2, None, norm, inplace=not keep_raw) if w3 is not None else None,
                 w2T=Linear(w2T, b2),
                 raw=raw,
+                gamma1=g1,
+                gamma2=g2,
             )
         )
     embed = _randn((shape.vocab, D), gen, device, dtype, 1.0)
