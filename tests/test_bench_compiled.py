@@ -51,3 +51,29 @@ def test_compiled_baseline_traces_as_one_graph(fam):
     for t in range(3):
         pos = torch.tensor([8 + t])
         torch.testing.assert_close(fn(tok, pos), eager.step(tok, pos))
+
+
+def test_the_run_measures_the_baseline_and_reports_it_beside_our_dense():
+    """run_all's compiled row (on a CPU traced without code generation) and the report's table and column."""
+    from pipeline.bench import report, run_all
+    from pipeline.bench.params import BenchmarkParams
+    from tests.conftest import section_params
+
+    torch._dynamo.reset()
+    bp = section_params(BenchmarkParams, prompt_len=8, gen_len=3, warmup_steps=1)
+    w = weights.build(shapes.tiny("llama"), dtype=torch.float32, seed=3)
+    row = run_all.measure_compiled_row(w.shape, w, 2, bp, print, mode=None, backend="eager")
+    assert row["status"] == "ok", row["status"]
+    assert row["method"] == "compiled-dense" and row["n_timed"] == 3 and row["ms_per_token"] > 0
+    ms = row["ms_per_token"]
+    dense = dict(
+        model=w.shape.name, method="dense", batch=2, head_sparsity=0.0, ms_per_token=ms / 2, tokens_per_s=1.0,
+        achieved_gbps=1.0, bound_ms=1.0, frac_of_bound=0.5, speedup_vs_dense=1.0, speedup_vs_compiled=2.0,
+        speedup_bound=1.0, predictor_bytes=0, status="ok",
+    )  # fmt: skip
+    md = report.to_markdown({"rows": [dense], "compiled_rows": [row], "params": {"prompt_len": 8, "gen_len": 3}})
+    assert "## Compiled PyTorch dense baseline" in md
+    assert f"| {w.shape.name} | 2 | {ms:.3f} | {ms / 2:.3f} | 2.00 |" in md
+    assert "| × dense | × compiled |" in md
+    failed = run_all.measure_compiled_row(w.shape, w, 2, bp, print, mode=None, backend="no-such-backend")
+    assert failed["status"].startswith("error:")  # recorded, not raised: the run goes on

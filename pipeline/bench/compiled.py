@@ -90,26 +90,61 @@ def time_compiled(
     gen_len: int,
     *,
     warmup: int = 8,
-    mode: str = "reduce-overhead",
+    mode: str | None = "reduce-overhead",
+    backend: str = "inductor",
 ) -> list[float]:
-    """Per-token milliseconds (CUDA events) of `gen_len` compiled steps from position `prompt_len`, after
-    `warmup` untimed steps (compilation and graph capture happen there)."""
+    """Per-token milliseconds of `gen_len` compiled steps from position `prompt_len`, after `warmup` untimed steps
+    (compilation and graph capture happen there): CUDA events on a GPU, the host clock on a CPU (the tests)."""
+    import time
+
     base = CompiledDense(weights, k_cache, v_cache)
-    fn = base.compiled(mode)
-    B = k_cache.shape[1]
-    tok = torch.zeros(B, dtype=torch.long, device=k_cache.device)
-    pos = torch.full((1,), prompt_len, dtype=torch.long, device=k_cache.device)
+    fn = base.compiled(mode, backend)
+    dev = k_cache.device
+    cuda = dev.type == "cuda"
+    tok = torch.zeros(k_cache.shape[1], dtype=torch.long, device=dev)
+    pos = torch.full((1,), prompt_len, dtype=torch.long, device=dev)
     for _ in range(warmup):
         fn(tok, pos)
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     out = []
     for i in range(gen_len):
         pos.fill_(prompt_len + i)
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        logits = fn(tok, pos)
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b))
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            logits = fn(tok, pos)
+            b.record()
+            b.synchronize()
+            out.append(a.elapsed_time(b))
+        else:
+            t = time.perf_counter()
+            logits = fn(tok, pos)
+            out.append((time.perf_counter() - t) * 1e3)
         tok = logits.argmax(-1)
     return out
+
+
+def measure_compiled(
+    weights: ModelWeights,
+    batch: int,
+    prompt_len: int,
+    gen_len: int,
+    warmup: int,
+    *,
+    seed: int = 0,
+    mode: str | None = "reduce-overhead",
+    backend: str = "inductor",
+) -> dict[str, float]:
+    """The baseline's timing summary (`timing.summarize`) at one batch: a random prompt cache of `prompt_len`
+    entries (prefill is not timed, as in the engine) in a static cache of prompt_len + gen_len positions."""
+    from .timing import summarize
+
+    s, dev = weights.shape, weights.embed.device
+    g = torch.Generator(device=dev).manual_seed(seed)
+    shape = (s.layers, batch, s.kv_heads, prompt_len + gen_len, s.head_dim)
+    kc = torch.randn(shape, generator=g, device=dev, dtype=weights.embed.dtype)
+    vc = torch.randn(shape, generator=g, device=dev, dtype=weights.embed.dtype)
+    times = time_compiled(weights, kc, vc, prompt_len, gen_len, warmup=warmup, mode=mode, backend=backend)
+    del kc, vc
+    return summarize(times)

@@ -105,6 +105,7 @@ class BenchmarkParams(Section):
     widths_from_train: bool
     extra: list[Extra]
     thresholders: Thresholders
+    compiled_models: list[str]
     profile: list[ProfilePoint]
     sweep_tiles: bool
     micro_model: str | None
@@ -132,6 +133,8 @@ class BenchmarkParams(Section):
             _check_model(m, f"{where}.models[{i}]")
         for i, m in enumerate(self.batch_models):
             _check_model(m, f"{where}.batch_models[{i}]")
+        for i, m in enumerate(self.compiled_models):
+            _check_model(m, f"{where}.compiled_models[{i}]")
         _check_model(self.summary_model, f"{where}.summary_model")
         if self.micro_model is not None:
             _check_model(self.micro_model, f"{where}.micro_model")

@@ -25,6 +25,7 @@ COLUMNS = [
     "bound_ms",
     "frac_of_bound",
     "speedup_vs_dense",
+    "speedup_vs_compiled",
     "speedup_bound",
     "total_bytes",
     "predictor_bytes",
@@ -57,6 +58,7 @@ def summarize(rows: list[dict], micro: dict | None, target_model: str = "llama-3
         "value": sh50 and dense and dense["ms_per_token"] / sh50["ms_per_token"],
         "target": 1.6,
     }
+    out["shadowllm50_speedup_vs_compiled"] = {"value": sh50 and sh50.get("speedup_vs_compiled"), "target": 2.0}
     out["shadowllm50_speedup_vs_dejavu"] = {
         "value": sh50 and dj50 and dj50["ms_per_token"] / sh50["ms_per_token"],
         "target": 1.15,
@@ -132,16 +134,38 @@ def to_markdown(results: dict) -> str:
         "## Per configuration",
         "",
         "| model | method | batch | sparsity | ms/token | tok/s | GB/s | bound ms | frac of bound | × dense | "
-        "bound × | pred MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "× compiled | bound × | pred MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['method']} | {r['batch']} | {r['head_sparsity']:.0%} | {r['ms_per_token']:.3f} | "
             f"{r['tokens_per_s']:.0f} | {r['achieved_gbps']:.0f} | {r['bound_ms']:.3f} | "
-            f"{r['frac_of_bound']:.2f} | {_fmt(r.get('speedup_vs_dense'))} | {r['speedup_bound']:.2f} | "
-            f"{r['predictor_bytes'] / 1e6:.0f} |"
+            f"{r['frac_of_bound']:.2f} | {_fmt(r.get('speedup_vs_dense'))} | {_fmt(r.get('speedup_vs_compiled'))} | "
+            f"{r['speedup_bound']:.2f} | {r['predictor_bytes'] / 1e6:.0f} |"
         )
+    comp = results.get("compiled_rows", [])
+    if comp:
+        lines += [
+            "",
+            "## Compiled PyTorch dense baseline",
+            "",
+            "The plain decoder of the same shapes and weights in stock PyTorch ops, static KV cache, "
+            '`torch.compile(mode="reduce-overhead")` (pipeline/bench/compiled.py); "× compiled" above = its ms / '
+            "the row's.",
+            "",
+            "| model | batch | compiled ms/token | our dense ms/token | our dense × compiled |",
+            "|---|---|---|---|---|",
+        ]
+        for c in comp:
+            d = _find(results["rows"], model=c["model"], method="dense", batch=c["batch"])
+            if c.get("status") != "ok":
+                lines.append(f"| {c['model']} | {c['batch']} | {c.get('status')} | – | – |")
+                continue
+            lines.append(
+                f"| {c['model']} | {c['batch']} | {c['ms_per_token']:.3f} | {_fmt(d and d['ms_per_token'], 3)} | "
+                f"{_fmt(d and d.get('speedup_vs_compiled'))} |"
+            )
     extra = [r for r in results.get("extra_rows", []) if r.get("status") == "ok"]
     if extra:
         lines += [

@@ -125,6 +125,21 @@ def measure_one(
     return row
 
 
+def measure_compiled_row(shape, w, batch: int, bp, log, **compile_kw) -> dict:
+    """The compiled PyTorch dense baseline (`compiled.py`) at one batch, as a row of its own (method
+    `compiled-dense`); an error is recorded, not raised. `compile_kw`: mode/backend (the CPU test traces only)."""
+    from .compiled import measure_compiled
+
+    base = {"model": shape.name, "method": "compiled-dense", "batch": batch, "head_sparsity": 0.0}
+    try:
+        t = measure_compiled(w, batch, bp.prompt_len, bp.gen_len, bp.warmup_steps, seed=bp.seed, **compile_kw)
+    except Exception as e:  # record and go on
+        log(f"[bench] {shape.name} compiled-dense b={batch}: {type(e).__name__}: {str(e)[:300]}")
+        return {**base, "status": f"error: {type(e).__name__}: {str(e)[:300]}"}
+    log(f"[bench] {shape.name:11s} b={batch:2d} compiled-dense (torch.compile) {t['ms_per_token']:7.3f} ms")
+    return {**base, **t, "tokens_per_s": batch * 1e3 / t["ms_per_token"], "status": "ok"}
+
+
 def measure_thresholders(shape, w, preds, *, bp, tiles, copy_gbps, dense_rows, log, t0, backend, device) -> list:
     """The thresholders' grid of one model (`benchmark.thresholders`): every method at every sparsity and batch,
     dense first at each batch the main grid did not measure (`dense_rows`: (model, batch) -> its row)."""
@@ -328,6 +343,9 @@ def run(bp: BenchmarkParams, log=_log) -> dict:
                 torch.cuda.empty_cache()
         for b in batches:
             dense_ms = None
+            compiled = measure_compiled_row(shape, w, b, bp, log) if model in bp.compiled_models else None
+            if compiled is not None:  # its own table: it has no bytes/bound accounting of the engine's
+                results.setdefault("compiled_rows", []).append(compiled)
             for method in methods:
                 for sp in [0.0] if method == "dense" else bp.sparsities:
                     if time.time() - t0 > budget:
@@ -371,6 +389,8 @@ def run(bp: BenchmarkParams, log=_log) -> dict:
                     else:
                         if method == "dense":
                             dense_ms = row["ms_per_token"]
+                        if compiled is not None and compiled.get("status") == "ok":
+                            row["speedup_vs_compiled"] = compiled["ms_per_token"] / row["ms_per_token"]
                         log(
                             f"[bench] {model:11s} b={b:2d} {method:9s} s={sp:.1f} {row['ms_per_token']:7.3f} ms "
                             f"{row['achieved_gbps']:6.0f} GB/s frac={row['frac_of_bound']:.2f} "
