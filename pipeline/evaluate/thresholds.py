@@ -20,7 +20,7 @@ What each one is, and where it differs from its paper:
   order on the sparsified model (`Thresholds`), not on the dense model as TEAL's histograms are, so that a
   tensor realises s although the zeros upstream shrink its input. TEAL's harness sparsifies only the last
   half of each prompt (its "prefill" setting); here every position is sparsified, as a decode step would be.
-  TEAL's block-wise greedy allocation is not implemented (docs/thresholds.md).
+  TEAL's block-wise greedy allocation is the method `teal_greedy` (`TealGreedyMasking`, docs/thresholds.md).
 - CATS (Lee et al. 2024, arXiv 2404.08763): per layer, the neuron n is dropped when |act(gate·x)_n| ≤ t_l (the
   s-quantile over calibration tokens, in forward order as TEAL's); the gate is computed densely, the up rows
   and down columns of the dropped neurons are skipped. On a non-gated MLP (OPT) it thresholds act(fc1·x): fc1 is read whole (it is
@@ -580,6 +580,129 @@ class TealMasking(_ThresholdMasking):
         self.overhead_elements = len(self.th.targets)
 
 
+GREEDY_STEP = 0.05  # TEAL's greedy: each step raises a pool's weighted mean sparsity of one layer by this much
+
+
+def _site_elements(lin: Linears) -> dict[str, int]:
+    """Weight elements behind each TEAL site of one layer (q/k/v share the attention input, gate/up the MLP's)."""
+    out: dict[str, int] = {}
+    for role in lin.roles():
+        mod = lin.by_role[role]
+        out[TEAL_SITE[role]] = out.get(TEAL_SITE[role], 0) + mod.in_features * mod.out_features
+    return out
+
+
+def greedy_allocation(
+    error: Callable[[dict[str, float]], float], elements: dict[str, int], target: float, step: float = GREEDY_STEP
+) -> dict[str, float]:
+    """TEAL's block-wise greedy allocation for one layer and pool: starting from 0 everywhere, repeatedly raise
+    the sparsity of the one site whose raise (enough to lift the element-weighted mean by `step`, the last one
+    just to `target`) gives the smallest `error(allocation)`, until the weighted mean reaches `target`.
+    `elements`: each site's weight elements (the weights); a site never goes above 0.99."""
+    alloc = dict.fromkeys(elements, 0.0)
+    total = sum(elements.values())
+
+    def mean(a: dict[str, float]) -> float:
+        return sum(a[k] * elements[k] for k in a) / total
+
+    while mean(alloc) < target - 1e-9:
+        lift = min(step, target - mean(alloc))
+        best: tuple[float, dict[str, float]] | None = None
+        for site in sorted(alloc):
+            room = 0.99 - alloc[site]
+            if room <= 1e-9:
+                continue
+            trial = dict(alloc, **{site: alloc[site] + min(room, lift * total / elements[site])})
+            e = error(trial)
+            if best is None or e < best[0]:
+                best = (e, trial)
+        if best is None:  # every site at its cap: the target cannot be reached
+            break
+        alloc = best[1]
+    return alloc
+
+
+class TealGreedyMasking(TealMasking):
+    """TEAL with its block-wise greedy allocation: per layer and pool, the sparsities of that pool's
+    sites (attention input vs o input; MLP input vs down input) chosen greedily to minimise the relative squared
+    error of the layer's output on the calibration sequences, their weighted mean (by weight elements) equal to
+    the pool's sparsity; then the thresholds as `teal` finds them. The dense model's input of each layer is fed
+    to that layer alone (TEAL optimises each block on dense block inputs); attention is allocated before the MLP,
+    the MLP's error measured with the attention allocation applied."""
+
+    def __init__(self, ctx: MethodContext, spec: MaskSpec):
+        super().__init__(ctx, spec)
+        if self.th.targets:
+            key = f"teal_greedy/alloc/{sorted(spec.sparsity.items())}/{tuple(spec.dense_layers)}"
+            if key not in ctx.cache:
+                ctx.cache[key] = self._allocate(_calibration(ctx))
+            self.th = Thresholds(ctx.cache[key])
+            self.sites = [
+                (m, self.th.keep_fn((TEAL_SITE[r], l)), p, r, l, c, o)
+                for m, _, p, r, l, c, o in self.sites
+                if (TEAL_SITE[r], l) in self.th.targets  # a site the greedy left at 0 stays dense
+            ]
+            self.overhead_elements = len(self.th.targets)
+
+    @torch.no_grad()
+    def _allocate(self, sequences: list[list[int]]) -> dict[tuple[str, int], float]:
+        model, lay = self.ctx.model, self.ctx.layout
+        ids, valid = pad_batch(sequences, next(model.parameters()).device)
+        targets: dict[tuple[str, int], float] = {}
+        busy = [False]
+
+        def at(l: int):
+            def hook(module, args, kwargs):
+                if busy[0]:
+                    return None
+                busy[0] = True
+                try:
+                    targets.update(self._allocate_layer(l, module, args, kwargs, valid))
+                finally:
+                    busy[0] = False
+                return None
+
+            return hook
+
+        hooks = _HookSet(model)
+        try:
+            for l in self.layers:
+                hooks._handles.append(lay.layers[l].register_forward_pre_hook(at(l), with_kwargs=True))
+            model(input_ids=ids, attention_mask=valid.long(), use_cache=False)
+        finally:
+            hooks.remove()
+        return targets
+
+    def _allocate_layer(self, l: int, layer: nn.Module, args, kwargs, valid: Tensor) -> dict:
+        """This layer's site sparsities: dense output first, then each pool's greedy allocation."""
+
+        def output(alloc: dict[str, float]) -> Tensor:
+            th = Thresholds({(site, l): s for site, s in alloc.items() if s > 0})
+            th.valid = valid
+            with _MaskHooks(self.ctx.model) as hooks:
+                hooks.batch_size = valid.shape[0]  # the layer runs alone: no model call to read it from
+                for mod, _, pool, role, ll, cost, _ in self.sites:
+                    if ll == l and (TEAL_SITE[role], l) in th.targets:
+                        hooks.on_input(mod, th.keep_fn((TEAL_SITE[role], l)), pool, role, l, cost)
+                out = layer(*args, **kwargs)
+            y = out[0] if isinstance(out, tuple) else out
+            return y.float()[valid.to(y.device)]
+
+        dense = output({})
+        scale = dense.pow(2).sum().clamp_min(1e-30)
+        elements = _site_elements(self.lins[l])
+        chosen: dict[str, float] = {}
+        for pool in POOLS:
+            s = self.spec.s(pool)
+            sites = {k: v for k, v in elements.items() if SITE_POOL[k] == pool}
+            if s <= 0 or not sites:
+                continue
+            chosen.update(
+                greedy_allocation(lambda a: float((output({**chosen, **a}) - dense).pow(2).sum() / scale), sites, s)
+            )
+        return {(site, l): v for site, v in chosen.items() if v > 0}
+
+
 class CatsMasking(_ThresholdMasking):
     """CATS: per layer, drop neuron n at a token when |act(gate·x)_n| ≤ t_l (module docstring)."""
 
@@ -719,6 +842,17 @@ register(
         needs="calibration",
         granularities=("per_token",),
         fixed_granularity="per_token",
+    )
+)
+register(
+    MethodSpec(
+        "teal_greedy",
+        _calibrated(TealGreedyMasking),
+        skips="inputs",
+        needs="calibration",
+        granularities=("per_token",),
+        fixed_granularity="per_token",
+        title_of=lambda g: "teal (greedy)",
     )
 )
 register(
