@@ -148,9 +148,8 @@ yaml.safe_load(open('$WORK/params.yaml'))['collect']['criteria']))")
         --set "evaluate.perplexity.max_windows=${WINDOWS:-128}" --records "$WORK/protocol/criteria/records.json.gz"
       stamp criteria-done ;;
     bench)
-      # collect throughput of plainact alone in bf16 at a large batch (issue 11's 20k tokens/s target)
-      # at the run's own few-shot setting and 0-shot (token counts per example differ ~10x)
-      # (few-shot at the run's own collect batch: batch 64 of 5-shot sequences ran out of the H200's memory in run 3)
+      # collect throughput of plainact alone in bf16 (issue 11's 20k tokens/s target): at the run's own few-shot
+      # setting and batch (batch 64 of 5-shot sequences ran out of the H200's memory in run 3), and 0-shot at 64
       cli_as bench-collect bench-collect --params "$WORK/params.yaml" --sets plainact --n-per-task 64 \
         --set model.dtype=bfloat16 --out "$WORK/bench_collect_bf16.json"
       cli_as bench-collect-0shot bench-collect --params "$WORK/params.yaml" --sets plainact --n-per-task 64 \
