@@ -33,6 +33,7 @@ def _triton():
     """The Triton kernels, interpreted on the CPU (skipped where they were imported compiled, e.g. on a GPU)."""
     if torch.cuda.is_available():
         pytest.skip("interpreter tests: CPU only (the GPU runs tests/test_bench_kernels_gpu.py)")
+    pytest.importorskip("triton", reason="triton is not installed (the [test] extra installs it)")
     os.environ["TRITON_INTERPRET"] = "1"
     kt = backend.get("triton")
     if "Interpreted" not in type(kt._thr_col_kernel).__name__:
