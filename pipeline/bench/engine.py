@@ -322,7 +322,7 @@ class DecodeEngine:
     def _layer_columns(self, l: int) -> None:
         """One layer of `teal` / `wina`: four input-sparse column GEMVs around the dense attention."""
         k, s, cfg, mark, pdl, tiles = self.k, self.shape, self.cfg, self._mark, self.pdl, self.tiles
-        H, KVH, d, F = s.heads, s.kv_heads, s.head_dim, s.ffn
+        F = s.ffn
         cl, eps = self.cols[l], cfg.eps
         qkv, gu = self.acc[l, :, : s.qkv_rows], self.acc[l, :, s.qkv_rows :]
         calibrated = self.spec.calibrated  # teal's thresholds are on the normed input, wina's top-k on the raw one
@@ -335,21 +335,7 @@ class DecodeEngine:
                 **self._thr_args(l, "attn_in"),
             )  # fmt: skip
         with mark("attention"):
-            k.attention_decode(
-                qkv,
-                self.k_cache[l],
-                self.v_cache[l],
-                self.pos,
-                self.plan.qkv_mask[l],
-                self.attn,
-                heads=H,
-                kv_heads=KVH,
-                head_dim=d,
-                rope=self.rope,
-                work=self.attn_work,
-                pdl=pdl,
-                tiles=tiles,
-            )
+            self._attention(l, qkv, self.plan.qkv_mask[l], pdl, tiles)
         with mark("o"):
             if self._calibrating:
                 self._calibrate_role(l, "o_in", self.attn.float().abs() * self.crit[l]["o_in"][0])
@@ -448,13 +434,32 @@ class DecodeEngine:
         self.pos.fill_(self.cfg.prompt_len)
         self.tok.copy_(self.tok0)
 
+    def _attention(self, l: int, qkv: torch.Tensor, qkv_mask: torch.Tensor, pdl: bool, tiles: Tiles) -> None:
+        """Layer l's decode attention over its cache, into `self.attn` (both step paths)."""
+        s = self.shape
+        self.k.attention_decode(
+            qkv,
+            self.k_cache[l],
+            self.v_cache[l],
+            self.pos,
+            qkv_mask,
+            self.attn,
+            heads=s.heads,
+            kv_heads=s.kv_heads,
+            head_dim=s.head_dim,
+            rope=self.rope,
+            work=self.attn_work,
+            pdl=pdl,
+            tiles=tiles,
+        )
+
     def _mark(self, label: str):
         """A named range for the profiler (profile.py): which part of the step each kernel belongs to."""
         return torch.profiler.record_function(label) if self.profiling else nullcontext()
 
     def step(self) -> None:
         k, s, cfg, w, spec = self.k, self.shape, self.cfg, self.w, self.spec
-        L, H, KVH, d = s.layers, s.heads, s.kv_heads, s.head_dim
+        L, d = s.layers, s.head_dim
         mark, pdl, tiles = self._mark, self.pdl, self.tiles
         sparse_plan = spec.plan != "dense"
         dejavu, shadowllm = spec.predictor == "dejavu", spec.predictor == "shadowllm"
@@ -501,21 +506,7 @@ class DecodeEngine:
                     tiles=tiles,
                 )
             with mark("attention"):
-                k.attention_decode(
-                    self.qkv,
-                    self.k_cache[l],
-                    self.v_cache[l],
-                    self.pos,
-                    qm,
-                    self.attn,
-                    heads=H,
-                    kv_heads=KVH,
-                    head_dim=d,
-                    rope=self.rope,
-                    work=self.attn_work,
-                    pdl=pdl,
-                    tiles=tiles,
-                )
+                self._attention(l, self.qkv, qm, pdl, tiles)
             if shadowllm and l == 0:
                 with mark("predictor"), self._fork():
                     self._run_predictor(self.shadow, self.attn, 1, L - 1, skip_first_row=True)

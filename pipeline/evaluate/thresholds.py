@@ -667,7 +667,7 @@ class TealGreedyMasking(TealMasking):
         hooks = _HookSet(model)
         try:
             for l in self.layers:
-                hooks._handles.append(lay.layers[l].register_forward_pre_hook(at(l), with_kwargs=True))
+                hooks.add(lay.layers[l], at(l), with_kwargs=True)
             model(input_ids=ids, attention_mask=valid.long(), use_cache=False)
         finally:
             hooks.remove()
