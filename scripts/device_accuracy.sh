@@ -18,6 +18,7 @@
 #                     held-out Spearman rho (joint, 3 kinds x 3 targets x heads/neurons) replaces $WORK/predictors
 #   sweep             the comparison: heads-only and heads+neurons at 30/50/70 % (METHODS; TAG names the run)
 #   criteria          every collected criterion's static ranking at 50 % heads-only (WikiText-2 only)
+#   dense-full        dense WikiText-2 on the whole test (every window), apart from the comparison's records
 #   bench             plainact-only collect throughput in bf16 (bench-collect): few-shot as set, and 0-shot at batch 64
 #   claims            the claims and the research report from every records file
 #   pack              $WORK's reports -> $OUT/accuracy.tgz
@@ -147,6 +148,14 @@ yaml.safe_load(open('$WORK/params.yaml'))['collect']['criteria']))")
         --set "evaluate.methods=[dense,$crits]" --set 'evaluate.sparsities=[0.5]' --set 'evaluate.pools=[heads]' \
         --set "evaluate.perplexity.max_windows=${WINDOWS:-128}" --records "$WORK/protocol/criteria/records.json.gz"
       stamp criteria-done ;;
+    dense-full)
+      # issue 11 item 3: the dense row on the full WikiText-2 test; its records file is not named records.json.gz,
+      # so the report's comparison (128 windows per point, dense included) does not mix it in
+      stamp dense-full
+      cli evaluate --params "$WORK/params.yaml" --out "$WORK/dense_full" --set 'evaluate.tasks=[]' \
+        --set 'evaluate.methods=[dense]' --set 'evaluate.sparsities=[0.5]' --set 'evaluate.pools=[heads]' \
+        --set 'evaluate.perplexity.max_windows=null' --records "$WORK/dense_full/dense_full.json.gz"
+      stamp dense-full-done ;;
     bench)
       # collect throughput of plainact alone in bf16 (issue 11's 20k tokens/s target): at the run's own few-shot
       # setting and batch (batch 64 of 5-shot sequences ran out of the H200's memory in run 3), and 0-shot at 64
@@ -163,7 +172,7 @@ yaml.safe_load(open('$WORK/params.yaml'))['collect']['criteria']))")
       # tar does not expand wildcards in the names it archives: the shell does (from $WORK), and only what exists
       files=$(cd "$WORK" && shopt -s nullglob && echo protocol timings.log peaks.log collect.json train.json \
         train_tables.json train-*.json train_tables-*.json train_report*.md recipe.txt cand plots params.yaml \
-        scores/scores.json cache report.md summary.csv results.csv bench_collect_bf16*.json research.log lane-*.log)
+        scores/scores.json cache dense_full report.md summary.csv results.csv bench_collect_bf16*.json research.log lane-*.log)
       # shellcheck disable=SC2086
       tar -C "$WORK" -czf "$OUT/accuracy.tgz" --exclude='*.parquet' --exclude=models --exclude=gguf --exclude=mirror \
         --exclude=predictors --exclude=traces $files 2>/dev/null || true
