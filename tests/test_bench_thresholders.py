@@ -24,8 +24,11 @@ from pipeline.bench.tiles import DEFAULT_TILES
 from pipeline.bench.weights import Linear
 
 NEW = ("teal", "wina", "cats", "griffin")
-SMALL = DEFAULT_TILES.replace("col", {"BN": 16, "BK": 8, "KPP": 32, "warps": 4, "TP": 64}).replace(
-    "col_dot", {"BN": 16, "BK": 16, "KPP": 32, "warps": 4}
+SMALL = (
+    DEFAULT_TILES.replace("col", {"BN": 16, "BK": 8, "KPP": 32, "warps": 4, "TP": 64})
+    .replace("col_dot", {"BN": 16, "BK": 16, "KPP": 32, "warps": 4})
+    .replace("thr_col", {"BN": 16, "BK": 8, "KPP": 32, "warps": 4})
+    .replace("thr_col_dot", {"BN": 16, "BK": 16, "KPP": 32, "warps": 4})
 )
 
 
@@ -175,6 +178,53 @@ def test_row_gemv_gate_thresh_reads_only_kept_rows(kern, B):
     k.row_gemv(x, Linear(w), out, norm="rms", act="gate_thresh", sel=DENSE, gate=gate, gate_thr=t, tiles=tiles)
     assert torch.equal(torch.isnan(out).all(0), ~rows), "written rows = rows some sequence keeps"
     assert _rel(out[:, rows], want[:, rows]) <= (1e-2 if dt == torch.bfloat16 else 1e-5)
+
+
+def test_thr_col_tiling_has_its_own_tiles():
+    """The thresholded column GEMV is tiled by `thr_col` / `thr_col_dot` (swept apart), not by the index-list
+    column kernel's `col` / `col_dot`; BN still shrinks to divide every output segment."""
+    from pipeline.bench.tiles import thr_col_tiling
+
+    t = DEFAULT_TILES.replace("thr_col", {"BN": 64, "BK": 16, "KPP": 128, "warps": 2}).replace(
+        "thr_col_dot", {"BN": 32, "BK": 32, "KPP": 64, "warps": 8}
+    )
+    assert t.col == DEFAULT_TILES.col and t.col_dot == DEFAULT_TILES.col_dot
+    one = thr_col_tiling(t, batch=1, n=4096)
+    assert (one.BN, one.BK, one.KPP, one.warps) == (64, 16, 128, 2)
+    many = thr_col_tiling(t, batch=4, n=6144, segs=(4096, 5120))
+    assert (many.BN, many.BK, many.KPP, many.warps) == (32, 32, 64, 8)
+    assert thr_col_tiling(t, batch=1, n=96, segs=(32,)).BN == 32
+
+
+def test_thresholder_tile_sweep_sweeps_both_roles_on_the_column_methods():
+    """`benchmark.thresholders.sweep_tiles`: thr_col at batch 1 and thr_col_dot at the grid's smallest batch > 1,
+    each on decode steps of the column methods at 50 %, the pick of the first in place for the second."""
+    from pipeline.bench import microbench, run_all
+    from pipeline.bench.params import BenchmarkParams
+    from tests.conftest import section_params
+
+    calls = []
+
+    def fake_sweep(shape, w, key, cands, cfg, *, points, batch):
+        calls.append((key, batch, points, cfg.batch, cfg.tiles))
+        best = dict(cands[-1])
+        return cfg.tiles.replace(key, best), {"key": key, "best": {"config": best, "ms": 1.0}, "kernel": "k"}
+
+    thr = {"models": ["llama-3-8b"], "methods": list(NEW) + ["shadowllm"], "sparsities": [0.5], "batches": [16, 4]}
+    bp = section_params(BenchmarkParams, thresholders={**thr, "sweep_tiles": True})
+    tiles, recs = run_all.sweep_thresholder_tiles(
+        shapes.get("llama-3-8b"), None, bp=bp, tiles=DEFAULT_TILES, log=lambda m: None, sweep=fake_sweep
+    )
+    assert [(k, b, bb) for k, b, _p, bb, _t in calls] == [("thr_col", 1, 1), ("thr_col_dot", 4, 4)]
+    assert all(p == (("teal", 0.5), ("wina", 0.5)) for _k, _b, p, _bb, _t in calls)
+    assert calls[1][4].thr_col == microbench.THR_COL_CANDIDATES[-1]  # the first pick is in place for the second
+    assert tiles.thr_col == microbench.THR_COL_CANDIDATES[-1]
+    assert tiles.thr_col_dot == microbench.THR_COL_DOT_CANDIDATES[-1] and len(recs) == 2
+    # OPT: no column method applies (LayerNorm), nothing to sweep
+    tiles, recs = run_all.sweep_thresholder_tiles(
+        shapes.get("opt-1.3b"), None, bp=bp, tiles=DEFAULT_TILES, log=lambda m: None, sweep=fake_sweep
+    )
+    assert tiles == DEFAULT_TILES and recs == [] and len(calls) == 2
 
 
 # ----------------------------------------------------------------------------------------------- engine
@@ -393,7 +443,13 @@ def test_run_measures_the_thresholders_grid_on_cpu(kern):
         prompt_len=8,
         gen_len=3,
         warmup_steps=1,
-        thresholders={"models": ["llama-3-8b"], "methods": list(NEW), "sparsities": sps, "batches": batches},
+        thresholders={
+            "models": ["llama-3-8b"],
+            "methods": list(NEW),
+            "sparsities": sps,
+            "batches": batches,
+            "sweep_tiles": False,
+        },
     )
     s = shapes.tiny("llama")
     w = weights.build(s, dtype=torch.float32, seed=3)
@@ -416,3 +472,32 @@ def test_run_measures_the_thresholders_grid_on_cpu(kern):
     assert cats[2]["head_sparsity"] == 0.0 and cats[2]["neuron_sparsity"] == 0.5
     md = report.to_markdown({"rows": [], "params": {"prompt_len": 8, "gen_len": 3}, "thresholder_rows": rows})
     assert "Thresholders next to the predictors" in md and md.count("| tiny-llama |") == len(ok)
+
+
+def test_report_lists_every_tile_sweep():
+    from pipeline.bench import report
+
+    micro = {
+        "sweeps": [
+            {
+                "key": "thr_col",
+                "kernel": "decode step (teal@50%, wina@50%, batch 1)",
+                "best": {"config": {"BN": 128, "BK": 32}, "ms": 4.2},
+                "all": [
+                    {"config": {"BN": 512, "BK": 8}, "ms": 5.25},
+                    {"config": {"BN": 128, "BK": 32}, "ms": 4.2},
+                    {"config": {"BN": 64, "BK": 64}, "ms": None, "error": "x"},
+                ],
+            },
+            {
+                "key": "col",
+                "kernel": "down",
+                "best": {"config": {"BN": 512}, "gbps": 3100.0},
+                "all": [{"config": {"BN": 512}, "gbps": 3100.0}],
+            },
+        ]
+    }
+    md = report.to_markdown({"rows": [], "params": {"prompt_len": 8, "gen_len": 3}, "micro": micro})
+    assert "## Tile sweeps" in md
+    assert "| thr_col | decode step (teal@50%, wina@50%, batch 1) (ms) | BN=128 BK=32 | BN=512 BK=8: 5.250; " in md
+    assert "BN=64 BK=64: error |" in md and "| col | down (GB/s) | BN=512 | BN=512: 3100 |" in md

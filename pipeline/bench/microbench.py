@@ -209,6 +209,23 @@ COL_DOT_CANDIDATES = [
     dict(BN=256, BK=64, KPP=256, warps=8),
     dict(BN=64, BK=64, KPP=128, warps=4),
 ]
+# The thresholded column GEMV (teal, wina, cats' down; `benchmark.thresholders.sweep_tiles`): one program per
+# (BN columns, KPP input channels), BK rows in flight; fewer columns or channels per program = more programs and
+# more rows in flight per SM, but more fp32 atomic adds (N · K / KPP of them per launch).
+THR_COL_CANDIDATES = [
+    dict(BN=512, BK=8, KPP=256, warps=4),
+    dict(BN=256, BK=16, KPP=128, warps=4),
+    dict(BN=128, BK=32, KPP=256, warps=4),
+    dict(BN=256, BK=32, KPP=64, warps=4),
+    dict(BN=128, BK=16, KPP=64, warps=4),
+    dict(BN=64, BK=64, KPP=128, warps=4),
+]
+THR_COL_DOT_CANDIDATES = [
+    dict(BN=128, BK=64, KPP=256, warps=4),
+    dict(BN=64, BK=64, KPP=128, warps=4),
+    dict(BN=128, BK=32, KPP=128, warps=4),
+    dict(BN=64, BK=32, KPP=64, warps=4),
+]
 # Batch-1 tiles are swept on whole decode steps (`engine_sweep`): a kernel's cost depends on its neighbours (with
 # programmatic dependent launch it streams its first weight tile while the previous one runs), and a sweep of
 # one kernel chained with itself picked tiles that were slower in the decode.
@@ -253,8 +270,9 @@ def engine_sweep(
     config,
     *,
     points=(("dense", 0.0), ("static", 0.5)),
+    batch: int = 1,
 ) -> tuple[Tiles, dict]:
-    """Time whole decode steps (CUDA graph, batch 1) of `config` (an `EngineConfig`, its tiles the starting point)
+    """Time whole decode steps (CUDA graph, `batch`) of `config` (an `EngineConfig`, its tiles the starting point)
     at each of `points` (method, sparsity) for each tile candidate of `key`; return the tiles with the fastest
     (sum of the median ms/token over `points`) in place, and the record."""
     from dataclasses import replace as with_
@@ -265,7 +283,7 @@ def engine_sweep(
     def measure(tiles: Tiles) -> float:
         total = 0.0
         for method, sp in points:
-            cfg = with_(config, method=method, head_sparsity=sp, neuron_sparsity=sp, batch=1, tiles=tiles)
+            cfg = with_(config, method=method, head_sparsity=sp, neuron_sparsity=sp, batch=batch, tiles=tiles)
             eng = DecodeEngine(shape, cfg, weights=weights)
             g = timing.capture(eng)
             total += timing.summarize(timing.time_decode(eng, g, warmup=4))["ms_per_token"]
@@ -273,7 +291,8 @@ def engine_sweep(
         return total
 
     tiles, out = _pick(config.tiles, key, candidates, measure, "ms", lower_is_better=True)
-    return tiles, {**out, "kernel": f"decode step ({', '.join(f'{m}@{sp:.0%}' for m, sp in points)})"}
+    where = ", ".join(f"{m}@{sp:.0%}" for m, sp in points)
+    return tiles, {**out, "kernel": f"decode step ({where}, batch {batch})"}
 
 
 def sweep(

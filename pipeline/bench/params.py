@@ -79,6 +79,7 @@ class Thresholders(Section):
     methods: list[Method] = nonempty()
     sparsities: list[float] = fraction(nonempty=True)
     batches: list[int] = at_least(1, max=16, nonempty=True)
+    sweep_tiles: bool  # sweep the thresholded column GEMV's tiles (thr_col, thr_col_dot) on decode steps first
 
     def check(self, where: str) -> None:
         for i, m in enumerate(self.models):

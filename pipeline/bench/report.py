@@ -105,6 +105,10 @@ def to_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+def _tile(cfg: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in cfg.items())
+
+
 def _fmt(v, nd=2):
     return "–" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
 
@@ -222,6 +226,21 @@ def to_markdown(results: dict) -> str:
         for r in micro["kernels"]:
             lines.append(
                 f"| {r['kernel']} | {r['sparsity']:.0%} | {r['us']:.1f} | {r['gbps']:.0f} | {r['frac_of_copy']:.2f} |"
+            )
+    if micro.get("sweeps"):
+        lines += ["", "## Tile sweeps (each candidate's value; the pick is used by every later measurement)", ""]
+        lines += ["| role | measured on | pick | candidates |", "|---|---|---|---|"]
+        for sw in micro["sweeps"]:
+            unit = "ms" if "ms" in sw["best"] else "gbps"
+
+            def cell(r, unit=unit):
+                v = r.get(unit)
+                value = "error" if v is None else f"{v:.3f}" if unit == "ms" else f"{v:.0f}"
+                return f"{_tile(r['config'])}: {value}"
+
+            lines.append(
+                f"| {sw['key']} | {sw.get('kernel', '')} ({'ms' if unit == 'ms' else 'GB/s'}) | "
+                f"{_tile(sw['best']['config'])} | " + "; ".join(cell(r) for r in sw.get("all", [])) + " |"
             )
     for pr in results.get("profile", []):
         lines += [

@@ -140,6 +140,34 @@ def measure_compiled_row(shape, w, batch: int, bp, log, **compile_kw) -> dict:
     return {**base, **t, "tokens_per_s": batch * 1e3 / t["ms_per_token"], "status": "ok"}
 
 
+def sweep_thresholder_tiles(shape, w, *, bp, tiles, log, sweep=None) -> tuple[Tiles, list[dict]]:
+    """The thresholded column GEMV's tiles (`thr_col` at batch 1, `thr_col_dot` at the grid's smallest batch > 1),
+    each swept on whole decode steps of the column methods (teal and wina at 50 %); returns the tiles with the
+    picks in place and the sweep records. `sweep`: `microbench.engine_sweep` (a test passes a stand-in)."""
+    from . import microbench
+    from .engine import REGISTRY
+
+    sweep = sweep or microbench.engine_sweep
+    tb = bp.thresholders
+    points = tuple((m, 0.5) for m in tb.methods if REGISTRY[m].columns and not REGISTRY[m].unsupported(shape))
+    records = []
+    if not points:
+        return tiles, records
+    plan = [("thr_col", microbench.THR_COL_CANDIDATES, 1)]
+    dot = sorted(b for b in tb.batches if b > 1)
+    if dot:
+        plan.append(("thr_col_dot", microbench.THR_COL_DOT_CANDIDATES, dot[0]))
+    for key, cands, batch in plan:
+        cfg = _config(
+            bp, tiles, method=points[0][0], head_sparsity=0.5, neuron_sparsity=0.5, batch=batch,
+            shadowllm=bp.shadowllm.spec, dejavu=bp.dejavu.spec, overlap=bp.overlap, pdl=True,
+        )  # fmt: skip
+        tiles, sw = sweep(shape, w, key, cands, cfg, points=points, batch=batch)
+        records.append(sw)
+        log(f"[bench] sweep {key} ({sw['kernel']}): best {sw['best']['config']} {sw['best']['ms']:.3f} ms")
+    return tiles, records
+
+
 def measure_thresholders(shape, w, preds, *, bp, tiles, copy_gbps, dense_rows, log, t0, backend, device) -> list:
     """The thresholders' grid of one model (`benchmark.thresholders`): every method at every sparsity and batch,
     dense first at each batch the main grid did not measure (`dense_rows`: (model, batch) -> its row)."""
@@ -399,6 +427,11 @@ def run(bp: BenchmarkParams, log=_log) -> dict:
                         )
                     results["rows"].append(row)
         if model in bp.thresholders.models:
+            thr_tiles = tiles
+            if bp.thresholders.sweep_tiles:
+                thr_tiles, sweeps = sweep_thresholder_tiles(shape, w, bp=bp, tiles=tiles, log=log)
+                micro["sweeps"] += sweeps
+                micro["thresholder_config"] = thr_tiles.as_dict()
             dense_rows = {
                 (r["model"], r["batch"]): r
                 for r in results["rows"]
@@ -410,7 +443,7 @@ def run(bp: BenchmarkParams, log=_log) -> dict:
                     w,
                     preds,
                     bp=bp,
-                    tiles=tiles,
+                    tiles=thr_tiles,
                     copy_gbps=cp["copy_gbps"],
                     dense_rows=dense_rows,
                     log=log,

@@ -34,6 +34,8 @@ class Tiles:
     col: Tile  # batch 1, index lists (down/fc2); TP: programs streaming at once
     col_units: Tile  # batch 1, head units (o in column form: comparison)
     col_dot: Tile
+    thr_col: Tile  # batch 1, thresholded input-sparse GEMV (teal, wina, cats' down): its own sweep
+    thr_col_dot: Tile  # batch 2..16, the same kernel with tl.dot
     attn: Tile  # split-T: ceil(T / (BT·NT)) programs per head
     pdl: bool  # programmatic dependent launch (sm_90+)
 
@@ -70,6 +72,8 @@ DEFAULT_TILES = Tiles(
     col={"BN": 512, "BK": 8, "KPP": 256, "warps": 4, "TP": 1536},
     col_units={"BN": 512, "BK": 8, "KPP": 32, "warps": 4},
     col_dot={"BN": 128, "BK": 64, "KPP": 256, "warps": 4},
+    thr_col={"BN": 512, "BK": 8, "KPP": 256, "warps": 4},
+    thr_col_dot={"BN": 128, "BK": 64, "KPP": 256, "warps": 4},
     attn={"BT": 32, "NT": 1, "warps": 2},
     pdl=True,
 )
@@ -151,9 +155,9 @@ def attn_tiling(tiles: Tiles, max_len: int) -> AttnTiling:
 
 
 def thr_col_tiling(tiles: Tiles, *, batch: int, n: int, segs: tuple[int, ...] = ()) -> ColTiling:
-    """Block sizes of one thresholded column GEMV (`col` at batch 1, `col_dot` above): BN also divides every
-    output segment (a program's columns share one segment's criterion) and is at least 16 for `tl.dot`."""
-    cfg = tiles.col_dot if batch > 1 else tiles.col
+    """Block sizes of one thresholded column GEMV (`thr_col` at batch 1, `thr_col_dot` above): BN also divides
+    every output segment (a program's columns share one segment's criterion) and is at least 16 for `tl.dot`."""
+    cfg = tiles.thr_col_dot if batch > 1 else tiles.thr_col
     bn = cfg["BN"]
     for width in [b - a for a, b in zip((0, *segs), (*segs, n))] if segs else []:
         while width % bn:
