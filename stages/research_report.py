@@ -13,13 +13,21 @@ from stages.common import reported
 @click.command("research-report")
 @click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--title", default=None, help="report title (default: the run directory's name)")
-def cli(run: Path, title: str | None) -> None:
-    """Tables, plots and claims of one research run directory (see pipeline/evaluate/research.py)."""
+@click.option(
+    "--run",
+    "runs",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="merge these runs of one calibration into RUN's report (repeat; default: RUN itself)",
+)
+def cli(run: Path, title: str | None, runs: tuple[Path, ...]) -> None:
+    """Tables, plots and claims of one research run directory, or of several runs merged into RUN (see
+    pipeline/evaluate/research.py)."""
     from pipeline.evaluate.research import build, headline_metrics
     from pipeline.tracking import stage_run
 
     with reported(), stage_run("research-report", tags={"run": str(run)}) as tracked:
-        out = build(run, title)
+        out = build(run, title, list(runs) or None)
         tracked.log_metrics(headline_metrics(out["summary"]))
         for f in out["files"]:
             tracked.log_artifact(run / f)

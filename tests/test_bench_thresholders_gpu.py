@@ -219,7 +219,8 @@ def test_engine_graph_batch_equals_torch_engine(method):
     """Batch 4, bf16: the union of the sequences' rows is read and each sequence multiplies only its own channels.
     teal gets per-sequence thresholds (cats per-layer ones) that keep (−1) or drop (+∞) a whole tensor, drawn at
     random per (layer, tensor[, sequence]), so the kept sets cannot depend on rounding and the reads must agree
-    exactly; wina's top-k and griffin's fixed sets are as in the run."""
+    exactly; two tensors are dropped by every sequence (layer 1's attention input, layer 2's down input), so some
+    rows go unread. wina's top-k and griffin's fixed sets are as in the run (wina exactly: the fp32 test below)."""
     from pipeline.bench import timing, weights
 
     B = 4
@@ -232,6 +233,7 @@ def test_engine_graph_batch_equals_torch_engine(method):
         pick = torch.rand(er.thr.shape[0], er.thr.shape[1], 1, per_seq, generator=g, device=DEV) < 0.5
         pat = torch.where(pick, float("inf"), -1.0).expand_as(er.thr).contiguous()
         pat[0] = -1.0  # layer 0 dense
+        pat[1, 0] = pat[2, 3] = float("inf")
         er.thr.copy_(pat)
         et.thr.copy_(pat)
     graph = timing.capture(et)
@@ -242,11 +244,39 @@ def test_engine_graph_batch_equals_torch_engine(method):
         graph.replay()
         er.step()
         torch.cuda.synchronize()
-        # wina: a channel at its k-th score may round either way in bf16 (top-k per token, no fixed threshold)
-        assert _rel(et.logits, er.logits) <= (0.15 if method == "wina" else 2e-2)
+        # wina: a channel at its k-th score may round either way in bf16 and that compounds over the layers (15%
+        # measured on the H200); a wiring error is of order 1
+        assert _rel(et.logits, er.logits) <= (0.3 if method == "wina" else 2e-2)
         et.tok.copy_(er.tok)  # the same token next step, whatever a near-tie argmax picked
     assert er.byte_sparsity() > 0.0
     if method == "wina":
         assert et.byte_sparsity() == pytest.approx(er.byte_sparsity(), abs=0.01)
     else:
         assert torch.equal(et.reads, er.reads)
+
+
+@pytest.mark.parametrize("method", NEW)
+def test_engine_graph_batch_fp32_ieee_equals_torch_engine(method, monkeypatch):
+    """Batch 4 with fp32 weights and IEEE fp32 tensor-core dots (TRITON_F32_DEFAULT=ieee, read when the kernels
+    compile; no other test compiles these fp32 batch variants), the run's own thresholds: both engines round
+    alike, so logits agree to 1e-3 and the rows read exactly, for wina's per-token top-k too."""
+    from pipeline.bench import timing, weights
+
+    monkeypatch.setenv("TRITON_F32_DEFAULT", "ieee")
+    B = 4
+    w = weights.build(_shape(), dtype=torch.float32, device=DEV, keep_raw=True, seed=5)
+    et = _engine(method, 0.5, B, w, "triton", dtype=torch.float32)
+    er = _engine(method, 0.5, B, w, "torch", dtype=torch.float32)
+    if hasattr(er, "thr"):
+        et.thr.copy_(er.thr)
+    graph = timing.capture(et)
+    for e in (et, er):
+        e.reset()
+        e.reset_counts()
+    for _ in range(3):
+        graph.replay()
+        er.step()
+        torch.cuda.synchronize()
+        assert _rel(et.logits, er.logits) <= 1e-3
+    assert torch.equal(et.reads, er.reads)
+    assert er.byte_sparsity() > 0.0

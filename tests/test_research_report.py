@@ -166,3 +166,46 @@ def test_train_tables_of_one_criterion_split_over_calls_by_kind_are_merged(tmp_p
     assert set(t["ridge"]["plainact"]) == {"shadowllm", "dejavu"}
     assert t["predictors"]["plainact"]["dejavu"]["heads"]["spearman_joint"] == 0.6
     assert t["train_mean"]["plainact"]["heads"]["spearman_joint"] == 0.5
+
+
+def test_runs_of_one_calibration_merge_into_one_report_and_others_are_refused(run_dir, tmp_path_factory):
+    """`research-report OUT --run A --run B`: A's heads-only and B's heads+neurons records in one report (dense read
+    once, A's train table winning where both have one kind), the stage figures of each run, the whole-test dense
+    row; a run calibrated otherwise is one clear error and no report."""
+    import shutil
+
+    from pipeline.errors import UserError
+
+    root = tmp_path_factory.mktemp("runs")
+    a, b, out = root / "run-a", root / "run-b", root / "merged"
+    for d, sub in ((a, "heads"), (b, "hn")):
+        (d / sub).mkdir(parents=True)
+        shutil.copy(run_dir / sub / "records.json.gz", d / sub / "records.json.gz")
+        shutil.copy(run_dir / "params.yaml", d / "params.yaml")
+    shutil.copy(run_dir / "train_tables.json", a / "train_tables.json")
+    t = json.loads((run_dir / "train_tables.json").read_text())
+    t["predictors"]["plainact"]["shadowllm"]["heads"]["spearman_joint"] = 0.11  # loses to a's
+    t["predictors"]["plainact"]["dejavu"] = t["predictors"]["plainact"]["shadowllm"]
+    (b / "train_tables-plainact-dejavu.json").write_text(json.dumps(t))
+    (a / "peaks.log").write_text("collect: wall 1.0 s, peak RSS 1.00 GiB, peak GPU 1.00 GiB, exit 0\n")
+    (b / "peaks.log").write_text("train: wall 2.0 s, peak RSS 2.00 GiB, peak GPU 2.00 GiB, exit 0\n")
+    full = _rec("dense", "dense", "", 0.0, [], "none", "wikitext2", None, ppl=17.5)
+    (b / "dense_full").mkdir()
+    save_records(b / "dense_full" / "dense_full.json.gz", [full])
+    res = research.build(out, "merged", [a, b])
+    md = (out / "report.md").read_text()
+    assert res["records"] == 27  # as the one run holding both settings: dense once
+    assert "## heads, global" in md and "## heads+neurons, global" in md
+    assert "Runs merged: `run-a`, `run-b` (one calibration)." in md
+    assert "## Stages (run-a)" in md and "## Stages (run-b)" in md and "train: wall 2.0 s" in md
+    assert "| plainact | shadowllm | 0.720 / 0.680 |" in md and "| plainact | dejavu | 0.110 / 0.680 |" in md
+    assert "Dense on the whole WikiText-2 test (4 windows, `run-b/dense_full`): word perplexity 17.50" in md
+    assert "| dense | " in md and (out / "summary.csv").is_file()
+    assert not (a / "report.md").exists()  # written into OUT only
+    p = json.loads((b / "params.yaml").read_text())
+    p["collect"]["num_fewshot"] = 0
+    (b / "params.yaml").write_text(json.dumps(p))
+    (out / "report.md").unlink()
+    with pytest.raises(UserError, match=r"calibrated differently .*num_fewshot"):
+        research.build(out, "merged", [a, b])
+    assert not (out / "report.md").exists()

@@ -213,18 +213,18 @@ COL_DOT_CANDIDATES = [
 # (BN columns, KPP input channels), BK rows in flight; fewer columns or channels per program = more programs and
 # more rows in flight per SM, but more fp32 atomic adds (N · K / KPP of them per launch).
 THR_COL_CANDIDATES = [
+    dict(BN=128, BK=32, KPP=256, warps=4),  # the H200 pick of 2026-12-04 (teal+wina 11.89 ms; KPP 64: 18.9)
     dict(BN=512, BK=8, KPP=256, warps=4),
-    dict(BN=256, BK=16, KPP=128, warps=4),
-    dict(BN=128, BK=32, KPP=256, warps=4),
-    dict(BN=256, BK=32, KPP=64, warps=4),
-    dict(BN=128, BK=16, KPP=64, warps=4),
-    dict(BN=64, BK=64, KPP=128, warps=4),
+    dict(BN=128, BK=32, KPP=512, warps=4),  # fewer K splits: the atomics were what KPP 64 paid for
+    dict(BN=64, BK=32, KPP=1024, warps=4),
+    dict(BN=128, BK=16, KPP=1024, warps=4),
+    dict(BN=64, BK=64, KPP=512, warps=4),
 ]
 THR_COL_DOT_CANDIDATES = [
-    dict(BN=128, BK=64, KPP=256, warps=4),
-    dict(BN=64, BK=64, KPP=128, warps=4),
+    dict(BN=128, BK=64, KPP=256, warps=4),  # the H200 pick (20.19 ms; KPP 64: 52.7)
+    dict(BN=128, BK=64, KPP=512, warps=4),
+    dict(BN=64, BK=64, KPP=1024, warps=4),
     dict(BN=128, BK=32, KPP=128, warps=4),
-    dict(BN=64, BK=32, KPP=64, warps=4),
 ]
 # Batch-1 tiles are swept on whole decode steps (`engine_sweep`): a kernel's cost depends on its neighbours (with
 # programmatic dependent launch it streams its first weight tile while the previous one runs), and a sweep of

@@ -1,7 +1,12 @@
 """The research report (issue 11, item 4): one command turns a research run's outputs into
 `<run>/report.md`, `summary.csv`, `results.csv`, `claims.md` and PNGs.
 
-    shadowllm research-report results/research/qwen2.5-coder-0.5b
+    shadowllm research-report results/research/qwen2.5-coder-0.5b-run4
+    shadowllm research-report results/research/qwen2.5-coder-0.5b --run ...-run3 --run ...-run4   # runs merged
+
+With `--run`, the report of several runs of one calibration (the same `collect` and `model.dtype` in each run's
+`params.yaml`: otherwise an error) is written into the first argument: their records (the first run's point wins
+where two share a key, e.g. dense), train tables and stage figures together.
 
 What a run directory holds (every piece optional but the records; `scripts/device_accuracy.sh` writes them):
 - `**/records.json.gz`: the point records of every `shadowllm evaluate --records` of the run (pool settings,
@@ -9,7 +14,8 @@ What a run directory holds (every piece optional but the records; `scripts/devic
 - `train_tables.json` or `train_tables-<criterion>.json`: the train stage's `--tables` (held-out ρ and recall of
   every predictor, its size, and the train-mean and ridge baselines), merged by criterion;
 - `params.yaml`: the run's parameters (the calibration line); `collect.json`, `peaks.log`: the collect metrics
-  and the per-stage wall time / peak host and GPU memory.
+  and the per-stage wall time / peak host and GPU memory; `dense_full/dense_full.json.gz`: the dense row on the
+  whole WikiText-2 test (`scripts/device_accuracy.sh dense-full`, apart from the comparison's 128 windows).
 
 Tables: per (pools, scope), mean accuracy ± stderr and word perplexity of every method at every sparsity; per
 task; the static criteria at 50 % heads-only (the paper's OPT-1.3B table); predictor ρ beside the train mean and
@@ -34,11 +40,13 @@ SUMMARY_COLUMNS = ["pools", "scope", *report.SUMMARY_COLUMNS]
 CRITERIA_POINT = ("heads", 0.5)  # the nine static criteria are compared heads-only at 50 % (SPEC §5)
 
 
-def run_records(run: Path) -> list[dict[str, Any]]:
-    """Every point record under `run` (`**/records.json.gz`), one per point key (the first file's wins)."""
+def run_records(*runs: Path) -> list[dict[str, Any]]:
+    """Every point record under each of `runs` (`**/records.json.gz`), one per point key (the first file's wins,
+    the runs in the order given)."""
     seen: dict[str, dict[str, Any]] = {}
-    for rec in load_records(sorted(run.rglob("records.json.gz"))):
-        seen.setdefault(rec["key"], rec)
+    for run in runs:
+        for rec in load_records(sorted(run.rglob("records.json.gz"))):
+            seen.setdefault(rec["key"], rec)
     return list(seen.values())
 
 
@@ -138,19 +146,69 @@ def predictor_table(tables: dict[str, Any]) -> list[str]:
     return L + [""]
 
 
-def train_tables(run: Path) -> dict[str, Any]:
+def train_tables(*runs: Path) -> dict[str, Any]:
     """`train_tables.json` and `train_tables-<label>.json` (one train call per criterion, or per criterion and
-    some of its kinds) merged by criterion and kind."""
+    some of its kinds) of each of `runs`, merged by criterion and kind (the first run's entry wins)."""
     out: dict[str, Any] = {}
-    for f in sorted(run.glob("train_tables*.json")):
+    for f in [f for run in runs for f in sorted(run.glob("train_tables*.json"))]:
         t = json.loads(f.read_text())
         for part in ("predictors", "train_mean", "ridge"):
             for criterion, v in t.get(part, {}).items():
                 if part == "train_mean":  # one per criterion, whatever kinds were trained
                     out.setdefault(part, {}).setdefault(criterion, v)
                 else:
-                    out.setdefault(part, {}).setdefault(criterion, {}).update(v)
+                    kinds = out.setdefault(part, {}).setdefault(criterion, {})
+                    for kind, m in v.items():
+                        kinds.setdefault(kind, m)
     return out
+
+
+def _calibration(run: Path) -> dict[str, Any] | None:
+    """The settings a run's traces depend on (its `params.yaml`: `collect`, `model.dtype`), None without one."""
+    pf = run / "params.yaml"
+    if not pf.is_file():
+        return None
+    import yaml
+
+    p = yaml.safe_load(pf.read_text()) or {}
+    return {"collect": p.get("collect", {}), "dtype": p.get("model", {}).get("dtype")}
+
+
+def check_same_calibration(runs: list[Path]) -> None:
+    """Runs merged into one report must share their calibration: their records compare methods whose predictors
+    and static rankings come from it."""
+    from pipeline.errors import UserError
+
+    cal = {run: _calibration(run) for run in runs}
+    first = cal[runs[0]]
+    for run in runs[1:]:
+        if cal[run] != first:
+            diff = sorted(
+                k
+                for k in set((first or {}).get("collect", {})) | set((cal[run] or {}).get("collect", {}))
+                if (first or {}).get("collect", {}).get(k) != (cal[run] or {}).get("collect", {}).get(k)
+            )
+            if (first or {}).get("dtype") != (cal[run] or {}).get("dtype"):
+                diff.append("model.dtype")
+            raise UserError(
+                f"{run} was calibrated differently from {runs[0]} ({', '.join(diff) or 'params.yaml missing'}): "
+                "one report per calibration"
+            )
+
+
+def _dense_full_line(runs: list[Path]) -> str | None:
+    """The dense row on the whole WikiText-2 test, from the first run that has one."""
+    for run in runs:
+        f = run / "dense_full" / "dense_full.json.gz"
+        if f.is_file():
+            m = load_records([f])[0]["metrics"]
+            n = m["token_perplexity"]["n"]
+            return (
+                f"Dense on the whole WikiText-2 test ({n} windows, `{run.name}/dense_full`): word perplexity "
+                f"{m['word_perplexity']['value']:.2f}, token perplexity {m['token_perplexity']['value']:.2f} "
+                "(the tables below use the first 128 windows for every method, dense included)."
+            )
+    return None
 
 
 def _calibration_line(run: Path) -> str | None:
@@ -203,22 +261,32 @@ def _settings(records: list[dict[str, Any]], tasks: list[str]) -> str:
     )
 
 
-def build(run: Path, title: str | None = None) -> dict[str, Any]:
-    """Write the report files into `run`; returns {"summary": rows, "records": n, "files": [...]}."""
-    records = run_records(run)
+def build(run: Path, title: str | None = None, runs: list[Path] | None = None) -> dict[str, Any]:
+    """Write the report files into `run`, from `run` itself or from `runs` (merged, `check_same_calibration`);
+    returns {"summary": rows, "records": n, "files": [...]}."""
+    sources = list(runs) if runs else [run]
+    check_same_calibration(sources)
+    records = run_records(*sources)
     if not records:
         from pipeline.errors import UserError
 
-        raise UserError(f"no records.json.gz under {run}: run `shadowllm evaluate --records ...` first")
+        where = ", ".join(str(s) for s in sources)
+        raise UserError(f"no records.json.gz under {where}: run `shadowllm evaluate --records ...` first")
     tasks, ppl_task = split_tasks(records)
-    tables = train_tables(run)
+    tables = train_tables(*sources)
     L = [f"# {title or run.name}: research report", "", _settings(records, tasks), ""]
-    calib = _calibration_line(run)
+    if runs:
+        L += ["Runs merged: " + ", ".join(f"`{s.name}`" for s in sources) + " (one calibration).", ""]
+    calib = _calibration_line(sources[0])
     if calib:
         L += [calib, ""]
-    stage = _stage_lines(run)
-    if stage:
-        L += ["## Stages", "", *stage, ""]
+    full = _dense_full_line(sources)
+    if full:
+        L += [full, ""]
+    for src in sources:
+        stage = _stage_lines(src)
+        if stage:
+            L += [f"## Stages{f' ({src.name})' if runs else ''}", "", *stage, ""]
     all_rows, files = [], []
     for (pools, scope), recs in groups(records).items():
         summ = summary(recs, tasks, ppl_task)
