@@ -209,3 +209,18 @@ def test_runs_of_one_calibration_merge_into_one_report_and_others_are_refused(ru
     with pytest.raises(UserError, match=r"calibrated differently .*num_fewshot"):
         research.build(out, "merged", [a, b])
     assert not (out / "report.md").exists()
+
+
+def test_a_run_in_another_dtype_or_without_params_is_not_merged(tmp_path):
+    from pipeline.errors import UserError
+
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for d, dtype in ((a, "bfloat16"), (b, "float32"), (c, None)):
+        d.mkdir()
+        if dtype:
+            (d / "params.yaml").write_text(json.dumps({"model": {"dtype": dtype}, "collect": {"n_per_task": 500}}))
+    with pytest.raises(UserError, match=r"calibrated differently .*\(model\.dtype\)"):
+        research.check_same_calibration([a, b])
+    with pytest.raises(UserError, match=r"\(params\.yaml missing\)"):
+        research.check_same_calibration([a, c])
+    research.check_same_calibration([a, a])

@@ -179,21 +179,19 @@ def check_same_calibration(runs: list[Path]) -> None:
     and static rankings come from it."""
     from pipeline.errors import UserError
 
-    cal = {run: _calibration(run) for run in runs}
-    first = cal[runs[0]]
+    first = _calibration(runs[0])
     for run in runs[1:]:
-        if cal[run] != first:
-            diff = sorted(
-                k
-                for k in set((first or {}).get("collect", {})) | set((cal[run] or {}).get("collect", {}))
-                if (first or {}).get("collect", {}).get(k) != (cal[run] or {}).get("collect", {}).get(k)
-            )
-            if (first or {}).get("dtype") != (cal[run] or {}).get("dtype"):
-                diff.append("model.dtype")
-            raise UserError(
-                f"{run} was calibrated differently from {runs[0]} ({', '.join(diff) or 'params.yaml missing'}): "
-                "one report per calibration"
-            )
+        other = _calibration(run)
+        if other == first:
+            continue
+        if first is None or other is None:
+            why = "params.yaml missing"
+        else:
+            a, b = first["collect"], other["collect"]
+            why = ", ".join(sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k)))
+            why += ", model.dtype" * (first["dtype"] != other["dtype"])
+        why = why.lstrip(", ")
+        raise UserError(f"{run} was calibrated differently from {runs[0]} ({why}): one report per calibration")
 
 
 def _dense_full_line(runs: list[Path]) -> str | None:
