@@ -83,10 +83,11 @@ def test_the_thresholder_claims_pair_methods_at_one_sparsity_setting():
     """ShadowLLM vs TEAL is answered from records at the same `sparsity` (a byte target in bytes mode)."""
     rng = np.random.default_rng(1)
     recs = []
-    for label in ("shadowllm-plainact", "teal", "static-plainact"):
+    for label in ("shadowllm-plainact", "teal", "static-plainact", "teal (greedy)"):
         recs += [_rec(label, t, (rng.random(30) < 0.6).astype(float), s=0.4, pools=("heads", "neurons")) for t in "ab"]
     md = claims.claims_markdown(recs, ["a", "b"], None)
     assert "### ShadowLLM beats TEAL" in md and "### TEAL beats the static ranking (plainact)" in md
+    assert "### TEAL's greedy allocation beats uniform TEAL" in md
     assert "### ShadowLLM beats GRIFFIN" not in md  # no griffin records: no section
     section = md.split("### ShadowLLM beats TEAL")[1].split("###")[0]
     assert "| heads+neurons | 0.40 |" in section

@@ -157,6 +157,7 @@ CLAIMS = (
     ("ShadowLLM beats CATS", "shadowllm-plainact", "cats"),
     ("DejaVu-style beats TEAL", "dejavu-l2_norm (dense inputs)", "teal"),
     ("TEAL beats the static ranking (plainact)", "teal", "static-plainact"),
+    ("TEAL's greedy allocation beats uniform TEAL", "teal (greedy)", "teal"),
 )
 
 
