@@ -97,3 +97,42 @@ def section_params(schema, **overrides):
     sec = copy.deepcopy(load(Path(__file__).resolve().parents[1] / "params.yaml")[schema.SECTION])
     sec.update(overrides)
     return schema.from_mapping(sec, schema.SECTION)
+
+
+def bench_small_shape(fam: str):
+    """The decode engine's GPU test shape: `shapes.tiny(fam)` widened to tiles the compiled kernels accept (hidden
+    256, 4 heads of 64 in 2 kv groups for Llama, FFN 512, vocab 512, 4 layers)."""
+    from dataclasses import replace
+
+    from pipeline.bench import shapes
+
+    return replace(
+        shapes.tiny(fam),
+        hidden=256,
+        heads=4,
+        kv_heads=2 if fam == "llama" else 4,
+        head_dim=64,
+        ffn=512,
+        vocab=512,
+        layers=4,
+        max_positions=512,
+    )
+
+
+def bench_small_config(method: str, sparsity: float, batch: int):
+    """An `EngineConfig` for `bench_small_shape`: 16-token prompt, 8 steps, small predictors, overlap on."""
+    from pipeline.bench.engine import EngineConfig
+    from pipeline.bench.predictors import PredictorSpec
+
+    return EngineConfig(
+        method=method,
+        head_sparsity=sparsity,
+        neuron_sparsity=sparsity,
+        batch=batch,
+        prompt_len=16,
+        gen_len=8,
+        shadowllm=PredictorSpec(64, 64, 16),
+        dejavu=PredictorSpec(32, 32, 0),
+        overlap=True,
+        seed=0,
+    )

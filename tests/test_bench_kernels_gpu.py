@@ -256,36 +256,13 @@ def test_select_exact(trial):
 @pytest.mark.parametrize("fam", ["llama", "opt"])
 def test_engine_graph_matches_reference(method, batch, fam):
     """The Triton engine, captured in a CUDA graph, equals the fp32 reference with the plan's masks zeroed."""
-    from dataclasses import replace
+    from pipeline.bench import reference, timing, weights
+    from pipeline.bench.engine import DecodeEngine
+    from tests.conftest import bench_small_config, bench_small_shape
 
-    from pipeline.bench import reference, shapes, timing, weights
-    from pipeline.bench.engine import DecodeEngine, EngineConfig
-    from pipeline.bench.predictors import PredictorSpec
-
-    s = replace(
-        shapes.tiny(fam),
-        hidden=256,
-        heads=4,
-        kv_heads=2 if fam == "llama" else 4,
-        head_dim=64,
-        ffn=512,
-        vocab=512,
-        layers=4,
-        max_positions=512,
-    )
+    s = bench_small_shape(fam)
     w = weights.build(s, dtype=BF, device=DEV, keep_raw=True, seed=5)
-    cfg = EngineConfig(
-        method=method,
-        head_sparsity=0.5,
-        neuron_sparsity=0.5,
-        batch=batch,
-        prompt_len=16,
-        gen_len=8,
-        shadowllm=PredictorSpec(64, 64, 16),
-        dejavu=PredictorSpec(32, 32, 0),
-        overlap=True,
-        seed=0,
-    )
+    cfg = bench_small_config(method, 0.5, batch)
     eng = DecodeEngine(s, cfg, weights=w, backend="triton", device=DEV)
     ref = reference.ReferenceDecoder(w, eng.k_cache, eng.v_cache)
     g = timing.capture(eng)  # runs one eager step first, then resets

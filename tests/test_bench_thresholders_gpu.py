@@ -134,39 +134,16 @@ def test_row_gemv_gate_thresh_compiled(B):
 
 
 def _shape():
-    from dataclasses import replace
+    from tests.conftest import bench_small_shape
 
-    from pipeline.bench import shapes
-
-    return replace(
-        shapes.tiny("llama"),
-        hidden=256,
-        heads=4,
-        kv_heads=2,
-        head_dim=64,
-        ffn=512,
-        vocab=512,
-        layers=4,
-        max_positions=512,
-    )
+    return bench_small_shape("llama")
 
 
 def _engine(method, sp, batch, w, backend, dtype=BF):
-    from pipeline.bench.engine import DecodeEngine, EngineConfig
-    from pipeline.bench.predictors import PredictorSpec
+    from pipeline.bench.engine import DecodeEngine
+    from tests.conftest import bench_small_config
 
-    cfg = EngineConfig(
-        method=method,
-        head_sparsity=sp,
-        neuron_sparsity=sp,
-        batch=batch,
-        prompt_len=16,
-        gen_len=8,
-        shadowllm=PredictorSpec(64, 64, 16),
-        dejavu=PredictorSpec(32, 32, 0),
-        overlap=True,
-        seed=0,
-    )
+    cfg = bench_small_config(method, sp, batch)
     return DecodeEngine(_shape(), cfg, weights=w, backend=backend, device=DEV, dtype=dtype)
 
 
@@ -188,28 +165,46 @@ def test_engine_graph_at_zero_sparsity_equals_reference(method, batch):
     assert eng.byte_sparsity() == pytest.approx(0.0, abs=1e-12)
 
 
+def _pair(method, batch, dtype, thr=None):
+    """The compiled and the torch engine of `method` at 50 % on the same weights and device, with the torch
+    engine's thresholds (or `thr`, when given) in both."""
+    from pipeline.bench import weights
+
+    w = weights.build(_shape(), dtype=dtype, device=DEV, keep_raw=True, seed=5)
+    et = _engine(method, 0.5, batch, w, "triton", dtype=dtype)
+    er = _engine(method, 0.5, batch, w, "torch", dtype=dtype)
+    if hasattr(er, "thr"):
+        if thr is not None:
+            er.thr.copy_(thr(er.thr))
+        et.thr.copy_(er.thr)
+    return et, er
+
+
+def _replay_against(et, er, tol: float, steps: int = 3) -> None:
+    """Replay `et`'s step from a CUDA graph beside `er`'s eager step, logits within `tol` (relative) each step; the
+    compiled engine is fed the torch engine's token (whatever a near-tie argmax picked)."""
+    from pipeline.bench import timing
+
+    graph = timing.capture(et)
+    for e in (et, er):
+        e.reset()
+        e.reset_counts()
+    for _ in range(steps):
+        graph.replay()
+        er.step()
+        torch.cuda.synchronize()
+        assert _rel(et.logits, er.logits) <= tol
+        et.tok.copy_(er.tok)
+
+
 @pytest.mark.parametrize("method", NEW)
 def test_engine_graph_equals_torch_engine_fp32(method):
     """Batch 1, fp32 weights (no tl.dot there, so both engines round alike and no channel crosses its threshold by
     rounding): the compiled engine replayed from a CUDA graph equals the torch engine on the same device, same
     weights, same thresholds — logits, and the W^T rows read, exactly. (In bf16 a channel at a threshold can round
     either way and the difference compounds over the layers: a 4-10% logit difference on this shape.)"""
-    from pipeline.bench import timing, weights
-
-    w = weights.build(_shape(), dtype=torch.float32, device=DEV, keep_raw=True, seed=5)
-    et = _engine(method, 0.5, 1, w, "triton", dtype=torch.float32)
-    er = _engine(method, 0.5, 1, w, "torch", dtype=torch.float32)
-    if hasattr(er, "thr"):
-        et.thr.copy_(er.thr)
-    g = timing.capture(et)
-    for e in (et, er):
-        e.reset()
-        e.reset_counts()
-    for _ in range(3):
-        g.replay()
-        er.step()
-        torch.cuda.synchronize()
-        assert _rel(et.logits, er.logits) <= 1e-3
+    et, er = _pair(method, 1, torch.float32)
+    _replay_against(et, er, 1e-3)
     assert torch.equal(et.reads, er.reads)
     assert et.byte_sparsity() > 0.1
 
@@ -221,33 +216,22 @@ def test_engine_graph_batch_equals_torch_engine(method):
     random per (layer, tensor[, sequence]), so the kept sets cannot depend on rounding and the reads must agree
     exactly; two tensors are dropped by every sequence (layer 1's attention input, layer 2's down input), so some
     rows go unread. wina's top-k and griffin's fixed sets are as in the run (wina exactly: the fp32 test below)."""
-    from pipeline.bench import timing, weights
-
     B = 4
-    w = weights.build(_shape(), dtype=BF, device=DEV, keep_raw=True, seed=5)
-    et, er = _engine(method, 0.5, B, w, "triton"), _engine(method, 0.5, B, w, "torch")
-    if hasattr(er, "thr"):
+
+    def pattern(thr):
         g = torch.Generator(device=DEV).manual_seed(3)
         # cats: one threshold per layer for the whole batch, as in the run (its up rows use the first sequence's)
         per_seq = B if method != "cats" else 1
-        pick = torch.rand(er.thr.shape[0], er.thr.shape[1], 1, per_seq, generator=g, device=DEV) < 0.5
-        pat = torch.where(pick, float("inf"), -1.0).expand_as(er.thr).contiguous()
+        pick = torch.rand(thr.shape[0], thr.shape[1], 1, per_seq, generator=g, device=DEV) < 0.5
+        pat = torch.where(pick, float("inf"), -1.0).expand_as(thr).contiguous()
         pat[0] = -1.0  # layer 0 dense
         pat[1, 0] = pat[2, 3] = float("inf")
-        er.thr.copy_(pat)
-        et.thr.copy_(pat)
-    graph = timing.capture(et)
-    for e in (et, er):
-        e.reset()
-        e.reset_counts()
-    for _ in range(3):
-        graph.replay()
-        er.step()
-        torch.cuda.synchronize()
-        # wina: a channel at its k-th score may round either way in bf16 and that compounds over the layers (15%
-        # measured on the H200); a wiring error is of order 1
-        assert _rel(et.logits, er.logits) <= (0.3 if method == "wina" else 2e-2)
-        et.tok.copy_(er.tok)  # the same token next step, whatever a near-tie argmax picked
+        return pat
+
+    et, er = _pair(method, B, BF, thr=pattern)
+    # wina: a channel at its k-th score may round either way in bf16 and that compounds over the layers (15%
+    # measured on the H200); a wiring error is of order 1
+    _replay_against(et, er, 0.3 if method == "wina" else 2e-2)
     assert er.byte_sparsity() > 0.0
     if method == "wina":
         assert et.byte_sparsity() == pytest.approx(er.byte_sparsity(), abs=0.01)
@@ -260,23 +244,8 @@ def test_engine_graph_batch_fp32_ieee_equals_torch_engine(method, monkeypatch):
     """Batch 4 with fp32 weights and IEEE fp32 tensor-core dots (TRITON_F32_DEFAULT=ieee, read when the kernels
     compile; no other test compiles these fp32 batch variants), the run's own thresholds: both engines round
     alike, so logits agree to 1e-3 and the rows read exactly, for wina's per-token top-k too."""
-    from pipeline.bench import timing, weights
-
     monkeypatch.setenv("TRITON_F32_DEFAULT", "ieee")
-    B = 4
-    w = weights.build(_shape(), dtype=torch.float32, device=DEV, keep_raw=True, seed=5)
-    et = _engine(method, 0.5, B, w, "triton", dtype=torch.float32)
-    er = _engine(method, 0.5, B, w, "torch", dtype=torch.float32)
-    if hasattr(er, "thr"):
-        et.thr.copy_(er.thr)
-    graph = timing.capture(et)
-    for e in (et, er):
-        e.reset()
-        e.reset_counts()
-    for _ in range(3):
-        graph.replay()
-        er.step()
-        torch.cuda.synchronize()
-        assert _rel(et.logits, er.logits) <= 1e-3
+    et, er = _pair(method, 4, torch.float32)
+    _replay_against(et, er, 1e-3)
     assert torch.equal(et.reads, er.reads)
     assert er.byte_sparsity() > 0.0
