@@ -123,7 +123,9 @@ def score_batch(model: nn.Module, layout: Layout, seqs: Seq[Sequence], settings:
     need_grad = any(c.needs_grad for c in chosen)
     need_hvp = any(c.needs_hvp for c in chosen)
     kernels = grad_attention_kernels(need_grad, need_hvp)
-    with UnitCapture(model, layout, layer_inputs=settings.layer_inputs) as cap, torch.enable_grad(), kernels:
+    # a graph only where a criterion differentiates (the oracle scores every gold sequence forward-only)
+    grad_mode = torch.enable_grad() if need_grad else torch.no_grad()
+    with UnitCapture(model, layout, layer_inputs=settings.layer_inputs) as cap, grad_mode, kernels:
         grad_hooks = embeddings_require_grad(model) if need_grad else None
         try:
             logits = model(input_ids=ids, attention_mask=valid.long(), use_cache=False).logits

@@ -158,12 +158,16 @@ yaml.safe_load(open('$WORK/params.yaml'))['collect']['criteria']))")
       stamp dense-full-done ;;
     bench)
       # collect throughput of plainact alone in bf16 (issue 11's 20k tokens/s target): at the run's own few-shot
-      # setting and batch (batch 64 of 5-shot sequences ran out of the H200's memory in run 3), and 0-shot at 64
+      # setting and batch (batch 64 of 5-shot sequences ran out of the H200's memory in run 3) or at BENCH_BATCH
+      # (bench_collect_bf16_b<BENCH_BATCH>.json), and 0-shot at 64 unless BENCH_0SHOT=0
       cli_as bench-collect bench-collect --params "$WORK/params.yaml" --sets plainact --n-per-task 64 \
-        --set model.dtype=bfloat16 --out "$WORK/bench_collect_bf16.json"
-      cli_as bench-collect-0shot bench-collect --params "$WORK/params.yaml" --sets plainact --n-per-task 64 \
-        --set model.dtype=bfloat16 --set collect.batch_size=64 --set collect.num_fewshot=0 \
-        --out "$WORK/bench_collect_bf16_0shot.json" ;;
+        --set model.dtype=bfloat16 ${BENCH_BATCH:+--set collect.batch_size=$BENCH_BATCH} \
+        --out "$WORK/bench_collect_bf16${BENCH_BATCH:+_b$BENCH_BATCH}.json"
+      if [ "${BENCH_0SHOT:-1}" = 1 ]; then
+        cli_as bench-collect-0shot bench-collect --params "$WORK/params.yaml" --sets plainact --n-per-task 64 \
+          --set model.dtype=bfloat16 --set collect.batch_size=64 --set collect.num_fewshot=0 \
+          --out "$WORK/bench_collect_bf16_0shot.json"
+      fi ;;
     claims)
       cli claims "$WORK"/protocol/*/records.json.gz --out "$WORK/protocol/claims.md"
       cli research-report "$WORK" --title "$MODEL" ;;   # report.md, summary.csv, results.csv, plots/

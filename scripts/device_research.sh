@@ -13,8 +13,9 @@
 #   sweep:  for each POOLS setting in turn: the methods without a predictor (BASE_METHODS), then — once the
 #           predictors it needs exist (AWAIT: train-<label>.json, label as in train) — the predictor methods
 #           (PRED_METHODS); after the first setting the static criteria table (CRITERIA=1) and the plainact
-#           bf16 collect benchmarks (bench-collect, at the run's few-shot setting and 0-shot) and the dense row on
-#           the full WikiText-2 test (DENSE_FULL=1, the default);
+#           bf16 collect benchmarks (BENCH=1, the default: bench-collect at the run's few-shot setting — or
+#           BENCH_BATCH — and 0-shot unless BENCH_0SHOT=0) and the dense row on the full WikiText-2 test
+#           (DENSE_FULL=1, the default);
 # then the claims and the research report (device_accuracy.sh claims). LIMIT / WINDOWS as device_accuracy.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,7 +51,7 @@ sweep_lane() {  # pool setting by pool setting (the first one complete before th
     await_predictors || return
     POOLS=$p METHODS=$PRED_METHODS TAG=pred $A sweep || return
     if [ $first = 1 ]; then
-      $A bench || echo "research: bench-collect failed" >&2
+      [ "${BENCH:-1}" = 1 ] && { $A bench || echo "research: bench-collect failed" >&2; }
       [ "${DENSE_FULL:-1}" = 1 ] && { $A dense-full || echo "research: dense-full failed" >&2; }
       first=0
     fi

@@ -80,6 +80,7 @@ def _ctx(model, granularity="per_token", criterion="plainact", pred=None, kind="
         criterion=criterion,
         granularity=granularity,
         calibration=None,
+        oracle_batch=8,
     )
     if pred is not None:
         ctx.cache[f"pred/{kind}/{criterion}"] = pred
@@ -396,6 +397,7 @@ def test_real_predictors_through_registry(tmp_path, kind, granularity):
         criterion="plainact",
         granularity=granularity,
         calibration=None,
+        oracle_batch=8,
     )
     dense = _logits(model, dense_masking(), IDS)
     assert torch.equal(

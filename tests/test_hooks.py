@@ -89,6 +89,24 @@ def test_scaling_a_unit_changes_loss_as_activation_times_gradient_predicts(model
     assert col[0, layer * n_units + idx] >= abs(predicted.item()) / eps - 1e-5
 
 
+def test_forward_only_criteria_score_without_an_autograd_graph(model):
+    """l2_norm needs no gradient: score_batch must not build a graph for it (the oracle scores every gold
+    sequence in evaluation), and its scores equal the ones taken with a graph (snip in the same pass)."""
+    layout = resolve(model)
+    ids = _ids(16, seed=2)
+    seq = Sequence("x/0", "x", tuple(ids[0].tolist()), 15)
+    seen = []
+    h = model.get_input_embeddings().register_forward_hook(lambda m, a, o: seen.append(torch.is_grad_enabled()))
+    try:
+        alone = score_batch(model, layout, [seq], ScoreSettings(("l2_norm",), False))
+        both = score_batch(model, layout, [seq], ScoreSettings(("l2_norm", "snip"), False))
+    finally:
+        h.remove()
+    assert seen == [False, True]
+    for col in ("l2_norm_heads", "l2_norm_neurons"):
+        assert (alone[col] == both[col]).all(), col
+
+
 def test_zero_masks_are_exact_noops_and_zeroing_changes_logits(model):
     layout = resolve(model)
     ids = _ids()

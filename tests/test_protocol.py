@@ -206,6 +206,7 @@ def test_static_mask_equals_the_train_mean_keep_mask(tmp_path):
         criterion="plainact",
         granularity="per_sequence",
         calibration=None,
+        oracle_batch=8,
     )
     static = catalog.build("static", ctx, SPEC)
     for pool, _U in (("heads", H), ("neurons", F)):

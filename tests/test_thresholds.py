@@ -40,6 +40,7 @@ def _ctx(model, calib=(64, 32, 0)):
         criterion=None,
         granularity="per_token",
         calibration=lambda: _seqs(*calib),
+        oracle_batch=8,
     )
 
 

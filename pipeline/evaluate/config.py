@@ -52,6 +52,7 @@ class EvaluateParams(Section):
     normalize: Literal["minmax", "none"]
     granularity: Literal["per_token", "per_sequence"]
     batch_size: int = at_least(1)
+    oracle_batch_size: int = at_least(1)  # gold sequences per oracle scoring pass (memory, not results)
     max_length: int = at_least(2)
     num_fewshot: int = at_least(0)
     scores_dir: str | None

@@ -45,7 +45,7 @@ class MethodContext:
     criterion: str | None  # the method being built's (the runner sets it per method)
     granularity: str  # per_token | per_sequence, likewise
     calibration: Callable[[], list[list[int]]] | None  # thresholders' calibration token lists
-    oracle_batch: int = 8  # sequences per oracle scoring batch (memory, not results)
+    oracle_batch: int  # gold sequences per oracle scoring pass (evaluate.oracle_batch_size)
     cache: dict[str, Any] = field(default_factory=dict)  # loaded predictors / static scores
 
 

@@ -135,6 +135,7 @@ class Evaluator:
             criterion=None,
             granularity=cfg.granularity,
             calibration=self.calibration_sequences,
+            oracle_batch=cfg.evaluate.oracle_batch_size,
         )
         self._weight_bytes = None
         self._tasks: dict[str, Any] = {}
