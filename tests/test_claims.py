@@ -10,12 +10,13 @@ import pytest
 from pipeline.evaluate import claims
 
 
-def _rec(label, task, accs, s=0.5, pools=("heads",), lls=None):
+def _rec(label, task, accs, s=0.5, pools=("heads",), lls=None, scope="global"):
     rec = {
         "label": label,
         "task": task,
         "sparsity": s,
         "method": label.split("-")[0],
+        "scope": scope,
         "ident": {"mask": {"pools": list(pools)}} if s > 0 else {},
     }
     if lls is not None:
@@ -72,9 +73,10 @@ def test_claims_markdown_files_dense_under_every_pools_setting_and_states_verdic
         _rec("dense", "piqa", good, s=0.0),
     ]
     md = claims.claims_markdown(recs, ["piqa"], None)
-    assert "a contextual predictor beats the static ranking" in md and "| heads | 0.50 |" in md and "A > B" in md
+    assert "a contextual predictor beats the static ranking" in md and "A > B" in md
+    assert "| heads | global | 0.50 |" in md
     idx = claims.index(recs)
-    assert ("heads", "dense", 0.0) in idx
+    assert ("heads", "global", "dense", 0.0) in idx
     claims.save_records(tmp_path / "r.json.gz", recs)
     assert claims.load_records([tmp_path / "r.json.gz"]) == recs
 
@@ -90,7 +92,46 @@ def test_the_thresholder_claims_pair_methods_at_one_sparsity_setting():
     assert "### TEAL's greedy allocation beats uniform TEAL" in md
     assert "### ShadowLLM beats GRIFFIN" not in md  # no griffin records: no section
     section = md.split("### ShadowLLM beats TEAL")[1].split("###")[0]
-    assert "| heads+neurons | 0.40 |" in section
+    assert "| heads+neurons | global | 0.40 |" in section
+
+
+def test_claims_never_pair_records_of_different_scopes():
+    """Runs merged by the research report hold one method at one sparsity under two scopes: each scope gets its
+    own row, A of one scope is never paired with (or overwritten by) the other's."""
+    rng = np.random.default_rng(2)
+    base = (rng.random(400) < 0.6).astype(float)
+    worse = np.where(rng.random(400) < 0.7, base, 0.0)
+    recs = [
+        _rec("shadowllm-plainact", "piqa", base, scope="global"),  # global: A > B
+        _rec("static-plainact", "piqa", worse, scope="global"),
+        _rec("shadowllm-plainact", "piqa", worse, scope="local"),  # local: A < B
+        _rec("static-plainact", "piqa", base, scope="local"),
+        _rec("dense", "piqa", base, s=0.0, scope="none"),
+    ]
+    section = claims.claims_markdown(recs, ["piqa"], None).split("### a contextual predictor")[1].split("###")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| heads |")]
+    assert len(rows) == 2
+    assert "| heads | global | 0.50 |" in rows[0] and "A > B" in rows[0]
+    assert "| heads | local | 0.50 |" in rows[1] and "A < B" in rows[1]
+    assert {("heads", "global", "dense", 0.0), ("heads", "local", "dense", 0.0)} <= set(claims.index(recs))
+
+
+def test_scope_markdown_pairs_each_method_with_itself_under_the_other_scope():
+    rng = np.random.default_rng(3)
+    base = (rng.random(400) < 0.6).astype(float)
+    worse = np.where(rng.random(400) < 0.7, base, 0.0)
+    recs = [
+        _rec("static-plainact", "piqa", worse, scope="local"),
+        _rec("static-plainact", "piqa", base, scope="global"),
+        _rec("shadowllm-plainact", "piqa", base, scope="local"),  # no global point: no row
+        _rec("dense", "piqa", base, s=0.0, scope="none"),
+    ]
+    md = claims.scope_markdown(recs, ["piqa"], None)
+    rows = [line for line in md.splitlines() if line.startswith("| heads |")]
+    assert rows == [rows[0]] and "| heads | static-plainact | 0.50 |" in rows[0] and "local worse" in rows[0]
+    g = claims.accuracy_gap({"piqa": recs[0]}, {"piqa": recs[1]}, ["piqa"])
+    assert f"{100 * g.delta:+.1f} ± {100 * g.se:.1f}" in rows[0]
+    assert claims.scope_markdown([r for r in recs if r["scope"] != "global"], ["piqa"], None) == ""
 
 
 def test_split_tasks_sorts_the_accuracy_tasks_and_finds_the_perplexity_one():

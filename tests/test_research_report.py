@@ -125,6 +125,7 @@ def test_the_report_has_every_pool_setting_the_criteria_the_predictors_and_the_c
     assert "| plainact | shadowllm: ridge | 0.710 / 0.670 |" in md
     assert "| fisher | shadowllm | 0.720 / 0.680 |" in md  # merged from train_tables-fisher.json
     assert "### a contextual predictor beats the static ranking of its criterion" in md
+    assert "| heads | global | 0.50 |" in md and "## Scope:" not in md  # one scope: no scope comparison
     assert "collect: wall 12.0 s" in md
     # evaluation 0-shot (from the records) and calibration 5-shot (the run's params.yaml) are told apart
     assert "evaluation: per-task limit 20, 0-shot" in md
@@ -209,6 +210,39 @@ def test_runs_of_one_calibration_merge_into_one_report_and_others_are_refused(ru
     with pytest.raises(UserError, match=r"calibrated differently .*num_fewshot"):
         research.build(out, "merged", [a, b])
     assert not (out / "report.md").exists()
+
+
+def test_a_local_run_merged_with_a_global_one_gets_its_own_claims_and_the_scope_comparison(run_dir, tmp_path_factory):
+    """Runs 3 + 4 (global) merged with run 5 (local): claims per (pools, scope), never paired across scopes,
+    and each method local − global."""
+    import shutil
+
+    from pipeline.evaluate.claims import load_records
+
+    root = tmp_path_factory.mktemp("scopes")
+    g, loc, out = root / "global", root / "local", root / "merged"
+    (g / "heads").mkdir(parents=True)
+    (loc / "heads").mkdir(parents=True)
+    for d in (g, loc):
+        shutil.copy(run_dir / "params.yaml", d / "params.yaml")
+    shutil.copy(run_dir / "heads" / "records.json.gz", g / "heads" / "records.json.gz")
+    recs = load_records([run_dir / "heads" / "records.json.gz"])
+    local = [
+        dict(r, scope="local", key=r["key"].replace("-global-", "-local-")) for r in recs if r["method"] != "dense"
+    ]
+    for r in local:  # the local static ranking loses every example the global one got right at 50 %
+        if r["label"] == "static-plainact" and r["sparsity"] == 0.5 and r["per_example"]:
+            r["per_example"] = [dict(e, acc=0.0) for e in r["per_example"]]
+    save_records(loc / "heads" / "records.json.gz", local)
+    research.build(out, "merged", [g, loc])
+    md = (out / "report.md").read_text()
+    assert "## heads, global" in md and "## heads, local" in md
+    claim = md.split("### fisher is a better static criterion than plainact")[1].split("###")[0]
+    assert "| heads | global | 0.50 |" in claim and "| heads | local | 0.50 |" in claim
+    scope = md.split("## Scope: local − global, paired")[1]
+    row = next(line for line in scope.splitlines() if line.startswith("| heads | static-plainact | 0.50 |"))
+    assert "local worse" in row
+    assert "| heads | static-fisher | 0.50 | +0.0 ± 0.0 |" in scope  # the same outcomes under both scopes
 
 
 def test_a_run_in_another_dtype_or_without_params_is_not_merged(tmp_path):

@@ -77,13 +77,19 @@ def pools_of(rec: dict[str, Any]) -> str:
     return "+".join(mask["pools"]) if mask else "dense"
 
 
-def index(records: list[dict[str, Any]]) -> dict[tuple[str, str, float], dict[str, dict[str, Any]]]:
-    """(pools, label, sparsity) -> task -> record; the dense point is filed under every pools setting."""
-    by: dict[tuple[str, str, float], dict[str, dict[str, Any]]] = defaultdict(dict)
-    pools = {pools_of(r) for r in records} - {"dense"}
+def setting_of(rec: dict[str, Any]) -> tuple[str, str]:
+    """(pools, scope) of a point record: the mask setting two methods must share to be compared."""
+    return pools_of(rec), rec["scope"]
+
+
+def index(records: list[dict[str, Any]]) -> dict[tuple[str, str, str, float], dict[str, dict[str, Any]]]:
+    """(pools, scope, label, sparsity) -> task -> record; the dense point is filed under every mask setting
+    (records of several scopes, e.g. runs merged by the research report, are never paired across scopes)."""
+    by: dict[tuple[str, str, str, float], dict[str, dict[str, Any]]] = defaultdict(dict)
+    settings = {setting_of(r) for r in records if pools_of(r) != "dense"}
     for r in records:
-        for p in pools if pools_of(r) == "dense" else [pools_of(r)]:
-            by[(p, r["label"], float(r["sparsity"]))][r["task"]] = r
+        for p, sc in settings if pools_of(r) == "dense" else [setting_of(r)]:
+            by[(p, sc, r["label"], float(r["sparsity"]))][r["task"]] = r
     return by
 
 
@@ -172,10 +178,10 @@ def _ratio(g: Gap | None) -> str:
 
 
 def claims_markdown(records: list[dict[str, Any]], tasks: list[str], ppl_task: str | None) -> str:
-    """Markdown: for every claim, pools setting and sparsity, the paired gaps and the verdicts."""
+    """Markdown: for every claim, mask setting (pools, scope) and sparsity, the paired gaps and the verdicts."""
     by = index(records)
-    pools = sorted({k[0] for k in by})
-    sparsities = sorted({k[2] for k in by if k[2] > 0})
+    settings = sorted({k[:2] for k in by})
+    sparsities = sorted({k[3] for k in by if k[3] > 0})
     L = [
         "## Claims, paired (A − B)",
         "",
@@ -186,9 +192,9 @@ def claims_markdown(records: list[dict[str, Any]], tasks: list[str], ppl_task: s
     ]
     for title, a, b in CLAIMS:
         rows = []
-        for p in pools:
+        for p, sc in settings:
             for s in sparsities:
-                ra, rb = by.get((p, a, s)), by.get((p, b, s))
+                ra, rb = by.get((p, sc, a, s)), by.get((p, sc, b, s))
                 if not ra or not rb:
                     continue
                 acc = accuracy_gap(ra, rb, tasks)
@@ -198,7 +204,8 @@ def claims_markdown(records: list[dict[str, Any]], tasks: list[str], ppl_task: s
                     else None
                 )
                 pv = "–" if ppl is None else {"A > B": "A worse", "A < B": "A better"}.get(ppl.verdict, ppl.verdict)
-                rows.append(f"| {p} | {s:.2f} | {_pct(acc)} | {acc.verdict if acc else '–'} | {_ratio(ppl)} | {pv} |")
+                verdict = acc.verdict if acc else "–"
+                rows.append(f"| {p} | {sc} | {s:.2f} | {_pct(acc)} | {verdict} | {_ratio(ppl)} | {pv} |")
         if not rows:
             continue
         L += [
@@ -206,12 +213,45 @@ def claims_markdown(records: list[dict[str, Any]], tasks: list[str], ppl_task: s
             "",
             f"A = `{a}`, B = `{b}`",
             "",
-            "| pools | sparsity | Δ mean acc (points) | accuracy | token ppl A / B | perplexity |",
-            "|---|---|---|---|---|---|",
+            "| pools | scope | sparsity | Δ mean acc (points) | accuracy | token ppl A / B | perplexity |",
+            "|---|---|---|---|---|---|---|",
             *rows,
             "",
         ]
     return "\n".join(L)
+
+
+def scope_markdown(
+    records: list[dict[str, Any]], tasks: list[str], ppl_task: str | None, a: str = "local", b: str = "global"
+) -> str:
+    """Markdown: every method at every pools setting and sparsity evaluated under both scopes `a` and `b`, the
+    paired gap a − b (the same examples and windows; '' when no point has both)."""
+    by = index(records)
+    rows = []
+    for p, label, s in sorted({(k[0], k[2], k[3]) for k in by if k[3] > 0}):
+        ra, rb = by.get((p, a, label, s)), by.get((p, b, label, s))
+        if not ra or not rb:
+            continue
+        acc = accuracy_gap(ra, rb, tasks)
+        ppl = perplexity_gap(ra[ppl_task], rb[ppl_task]) if ppl_task and ppl_task in ra and ppl_task in rb else None
+        pv = "–" if ppl is None else {"A > B": f"{a} worse", "A < B": f"{a} better"}.get(ppl.verdict, ppl.verdict)
+        verdict = "–" if acc is None else {"A > B": f"{a} better", "A < B": f"{a} worse"}.get(acc.verdict, acc.verdict)
+        rows.append(f"| {p} | {label} | {s:.2f} | {_pct(acc)} | {verdict} | {_ratio(ppl)} | {pv} |")
+    if not rows:
+        return ""
+    return "\n".join(
+        [
+            f"## Scope: {a} − {b}, paired",
+            "",
+            f"Each method against itself under the other scope, on the same examples and windows (accuracy points "
+            f"± stderr; token-perplexity ratio {a} / {b}); verdicts as above.",
+            "",
+            f"| pools | method | sparsity | Δ mean acc (points) | accuracy | token ppl {a} / {b} | perplexity |",
+            "|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+        ]
+    )
 
 
 def write_claims(

@@ -19,7 +19,8 @@ What a run directory holds (every piece optional but the records; `scripts/devic
 
 Tables: per (pools, scope), mean accuracy ± stderr and word perplexity of every method at every sparsity; per
 task; the static criteria at 50 % heads-only (the paper's OPT-1.3B table); predictor ρ beside the train mean and
-ridge, with predictor bytes as a share of the model; the paired claims (`pipeline.evaluate.claims`).
+ridge, with predictor bytes as a share of the model; the paired claims (`pipeline.evaluate.claims`), each row
+per (pools, scope); where both scopes ran, every method local − global, paired.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 
 from pipeline.evaluate import report
 from pipeline.evaluate.catalog import is_reference
-from pipeline.evaluate.claims import claims_markdown, load_records, pools_of, split_tasks
+from pipeline.evaluate.claims import claims_markdown, load_records, pools_of, scope_markdown, split_tasks
 from pipeline.evaluate.report import COLUMNS, PPL_METRIC, plot, plot_rows, summary, tidy_rows, write_csv
 from pipeline.io import write_text
 
@@ -317,6 +318,8 @@ def build(run: Path, title: str | None = None, runs: list[Path] | None = None) -
     if tables:
         L += predictor_table(tables)
     L += [claims_markdown(records, tasks, ppl_task), ""]
+    if scope_md := scope_markdown(records, tasks, ppl_task):
+        L += [scope_md, ""]
     write_csv(run / "summary.csv", all_rows, SUMMARY_COLUMNS + [f"{t}/acc" for t in tasks])
     write_csv(run / "results.csv", tidy_rows(records), COLUMNS)
     write_text(run / "report.md", "\n".join(L))
